@@ -1,0 +1,177 @@
+"""The answer format, shared by the teacher check, the judge, training, evaluation and serving.
+
+A model answers with a reasoning block and one final label::
+
+    <think>
+    ...mechanistic reasoning...
+    </think>
+    <answer>upregulated</answer>
+
+Two parsing modes, both reported wherever answers are scored (as lm-evaluation-harness does):
+
+* ``strict``: exact lower-case tags, exactly one ``<answer>`` block whose content is exactly one of the
+  three labels (surrounding whitespace allowed).
+* ``lenient``: case-insensitive tags, markdown emphasis and trailing punctuation, common synonyms
+  ("up-regulated", "not DE", "unchanged", ...), a missing opening ``<think>`` (chat templates that put
+  it in the prompt), repeated answer tags that agree, an "Answer: X" last line, and answer-only output
+  from label-only models.
+
+Text that could mean two labels is unparseable in both modes, with the reason. An unparseable answer is
+never counted as a class: callers keep ``label=None`` and the reason.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+UP = "upregulated"
+DOWN = "downregulated"
+NOT_DE = "not differentially expressed"
+LABELS: tuple[str, str, str] = (UP, DOWN, NOT_DE)
+# Short names used for probability columns and JSON keys.
+SHORT = {UP: "up", DOWN: "down", NOT_DE: "not_de"}
+UNPARSEABLE = "unparseable"
+
+STRICT = "strict"
+LENIENT = "lenient"
+MODES = (STRICT, LENIENT)
+
+_ANSWER_STRICT = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_ANSWER_LENIENT = re.compile(r"<\s*answer\s*>(.*?)<\s*/\s*answer\s*>", re.DOTALL | re.IGNORECASE)
+_THINK_STRICT = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+_THINK_OPEN_LENIENT = re.compile(r"<\s*think\s*>", re.IGNORECASE)
+_THINK_CLOSE_LENIENT = re.compile(r"<\s*/\s*think\s*>", re.IGNORECASE)
+_FINAL_LINE = re.compile(r"^\s*(?:\**\s*)?(?:final\s+answer|answer|prediction)\s*(?:\**\s*)?[:\-]\s*(.+?)\s*$",
+                         re.IGNORECASE)
+
+# Lenient synonyms, matched against the WHOLE normalised answer text (never as substrings), so that
+# "not upregulated" or "upregulated or downregulated" stay unparseable instead of being guessed.
+_SYNONYMS: dict[str, str] = {}
+for _label, _words in {
+    UP: ["upregulated", "up-regulated", "up regulated", "upregulation", "up-regulation", "up",
+         "increased", "increase", "increased expression", "upregulated (increased expression)"],
+    DOWN: ["downregulated", "down-regulated", "down regulated", "downregulation", "down-regulation", "down",
+           "decreased", "decrease", "decreased expression", "downregulated (decreased expression)"],
+    NOT_DE: ["not differentially expressed", "not de", "non-de", "non de", "no change", "unchanged",
+             "not changed", "no significant change", "not significantly changed", "no effect",
+             "not differentially-expressed", "not differentially expressed (no change)"],
+}.items():
+    for _w in _words:
+        _SYNONYMS[_w] = _label
+
+
+@dataclass(frozen=True)
+class ParsedAnswer:
+    """Result of parsing one model output. ``label`` is None exactly when ``error`` says why."""
+
+    label: str | None
+    has_reasoning: bool
+    reasoning: str | None
+    error: str | None
+    mode: str
+
+    @property
+    def ok(self) -> bool:
+        return self.label is not None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def format_answer(label: str, reasoning: str | None = None) -> str:
+    """Canonical text of an answer; what training targets and what the strict parser accepts."""
+    check_label(label)
+    if reasoning is None:
+        return f"<answer>{label}</answer>"
+    return f"<think>\n{reasoning.strip()}\n</think>\n<answer>{label}</answer>"
+
+
+def check_label(label: str) -> str:
+    if label not in LABELS:
+        raise ValueError(f"unknown label {label!r}; expected one of {LABELS}")
+    return label
+
+
+def normalise_label(text: str) -> str | None:
+    """Map free text to a label by whole-string synonym match after stripping markup; None if no match."""
+    t = text.strip().lower()
+    t = re.sub(r"[*_`\"']", "", t)  # markdown emphasis, code and quotes
+    t = re.sub(r"\s+", " ", t).strip()
+    t = t.rstrip(".!;:,").strip()
+    return _SYNONYMS.get(t)
+
+
+def parse_answer(text: str | None, mode: str = STRICT) -> ParsedAnswer:
+    if mode not in MODES:
+        raise ValueError(f"unknown parse mode {mode!r}; expected one of {MODES}")
+    if text is None or not text.strip():
+        return ParsedAnswer(None, False, None, "empty output", mode)
+    return _parse_strict(text) if mode == STRICT else _parse_lenient(text)
+
+
+def parse_both(text: str | None) -> dict[str, ParsedAnswer]:
+    return {m: parse_answer(text, m) for m in MODES}
+
+
+def _fail(error: str, mode: str, reasoning: str | None = None) -> ParsedAnswer:
+    return ParsedAnswer(None, reasoning is not None, reasoning, error, mode)
+
+
+def _parse_strict(text: str) -> ParsedAnswer:
+    thinks = _THINK_STRICT.findall(text)
+    reasoning = thinks[0].strip() if len(thinks) == 1 else None
+    if len(thinks) > 1:
+        return _fail("more than one <think> block", STRICT)
+    if text.count("<think>") != text.count("</think>"):
+        return _fail("unbalanced <think> tags", STRICT)
+    answers = _ANSWER_STRICT.findall(text)
+    if not answers:
+        return _fail("no <answer>...</answer> tag", STRICT, reasoning)
+    if len(answers) > 1:
+        return _fail("more than one <answer> tag", STRICT, reasoning)
+    content = answers[0].strip()
+    if content not in LABELS:
+        return _fail(f"answer {content[:60]!r} is not exactly one of the three labels", STRICT, reasoning)
+    if reasoning is not None and text.find("</think>") > text.find("<answer>"):
+        return _fail("<answer> appears inside the reasoning block", STRICT, reasoning)
+    return ParsedAnswer(content, reasoning is not None and bool(reasoning), reasoning, None, STRICT)
+
+
+def _split_reasoning_lenient(text: str) -> tuple[str | None, str]:
+    """Return (reasoning, rest). A closing </think> without an opening one counts as reasoning."""
+    closes = list(_THINK_CLOSE_LENIENT.finditer(text))
+    if not closes:
+        return None, text
+    last_close = closes[-1]
+    before = text[: last_close.start()]
+    opens = list(_THINK_OPEN_LENIENT.finditer(before))
+    start = opens[0].end() if opens else 0
+    reasoning = before[start:].strip()
+    return (reasoning or None), text[last_close.end():]
+
+
+def _parse_lenient(text: str) -> ParsedAnswer:
+    reasoning, rest = _split_reasoning_lenient(text)
+    answers = _ANSWER_LENIENT.findall(rest) or _ANSWER_LENIENT.findall(text)
+    if answers:
+        labels = [normalise_label(a) for a in answers]
+        if any(lab is None for lab in labels):
+            bad = next(a for a, lab in zip(answers, labels) if lab is None)
+            return _fail(f"answer {bad.strip()[:60]!r} is not a recognised label", LENIENT, reasoning)
+        if len(set(labels)) > 1:
+            return _fail(f"answer tags disagree: {sorted(set(labels))}", LENIENT, reasoning)
+        return ParsedAnswer(labels[0], reasoning is not None, reasoning, None, LENIENT)
+    # No answer tag: answer-only output ("Upregulated."), or an "Answer: X" final line.
+    whole = normalise_label(rest)
+    if whole is not None:
+        return ParsedAnswer(whole, reasoning is not None, reasoning, None, LENIENT)
+    lines = [ln for ln in rest.strip().splitlines() if ln.strip()]
+    if lines:
+        m = _FINAL_LINE.match(lines[-1])
+        if m:
+            label = normalise_label(m.group(1))
+            if label is not None:
+                return ParsedAnswer(label, reasoning is not None, reasoning, None, LENIENT)
+            return _fail(f"final answer line {m.group(1)[:60]!r} is not a recognised label", LENIENT, reasoning)
+    return _fail("no answer tag and no recognisable final answer", LENIENT, reasoning)

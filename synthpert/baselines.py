@@ -1,0 +1,138 @@
+"""Model-free baselines: the bar every model must clear. Nothing here reads a test label.
+
+* ``majority``: always the training set's most frequent class; probabilities = training class rates.
+* ``gene_prior``: class frequencies of the readout gene over training perturbations (pooled over the
+  training lines), smoothed towards the global rate with ``GENE_PRIOR_PSEUDOCOUNT`` pseudo-examples;
+  hard label = argmax.
+* ``gene_prior_balanced``: the same probabilities, hard label = argmax of P(class | gene) / P(class), the
+  Bayes decision under equal class costs (trades accuracy for macro-F1).
+* ``crosscell``: what the OTHER training lines' training rows say about the test
+  perturbation (see ``crosscell_probabilities``). Needs at least one training line other than the test
+  line; otherwise it is reported as unavailable rather than as a number.
+
+Per-gene AUROC of the gene priors is 0.5 by construction (one score per gene): they set the accuracy and
+macro-F1 bar; ``crosscell`` is the per-gene AUROC bar.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .answer import LABELS
+from .evidence import TrainingStats
+
+GENE_PRIOR_PSEUDOCOUNT = 5.0
+CROSS_DE_PSEUDOCOUNT = 20.0  # pseudo-genes pulling a perturbation's DE share towards the global DE rate
+CROSS_UP_PSEUDOCOUNT = 5.0  # pseudo-DE-genes pulling its up share towards the global up share
+
+
+def _balanced_argmax(probs: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    return np.argmax(probs / np.clip(prior, 1e-12, None), axis=1)
+
+
+def majority_probabilities(stats: TrainingStats, n: int) -> np.ndarray:
+    return np.tile(stats.global_rate, (n, 1))
+
+
+def gene_prior_probabilities(stats: TrainingStats, test: pd.DataFrame) -> np.ndarray:
+    prior = stats.global_rate
+    k = GENE_PRIOR_PSEUDOCOUNT
+    out = np.empty((len(test), 3))
+    for i, (c, p, g) in enumerate(zip(test.cell_line, test.perturbation, test.gene)):
+        counts = stats.gene_counts_pooled_loo(c, p, g)  # LOO is a no-op for test rows
+        out[i] = (counts + k * prior) / (counts.sum() + k)
+    return out
+
+
+def crosscell_probabilities(stats: TrainingStats, test: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities from the other training lines only. Fixed formula, nothing fitted:
+
+    With r_de the global DE rate and r_up the global share of up among DE pairs (training rows),
+    for perturbation p over the other lines' training rows (n genes measured, de DE, up up-regulated):
+        q_de(p) = (de + 20 r_de) / (n + 20)        u(p) = (up + 5 r_up) / (de + 5)
+    if the same (p, g) pair was measured in m other lines, with d of them DE and v of those up:
+        P(DE) = (d + q_de(p)) / (m + 1)           P(up | DE) = (v + u(p)) / (d + 1)
+    else P(DE) = q_de(p), P(up | DE) = u(p). P(up) = P(DE) P(up|DE), P(down) = P(DE) (1 - P(up|DE)).
+    A perturbation measured in no other line gets the global rates (no information).
+    Returns (probs, has_info) where has_info marks rows with any cross-cell evidence.
+    """
+    g = stats.global_counts
+    r_de = (g[0] + g[1]) / max(g.sum(), 1)
+    r_up = g[0] / max(g[0] + g[1], 1)
+    out = np.empty((len(test), 3))
+    has_info = np.zeros(len(test), dtype=bool)
+    for i, (c, p, gene) in enumerate(zip(test.cell_line, test.perturbation, test.gene)):
+        pert = np.zeros(3)
+        for line in stats.pert_lines.get(p, ()):
+            if line != c:
+                pert = pert + stats.pert_counts[(line, p)]
+        n, de, up = pert.sum(), pert[0] + pert[1], pert[0]
+        q_de = (de + CROSS_DE_PSEUDOCOUNT * r_de) / (n + CROSS_DE_PSEUDOCOUNT)
+        u = (up + CROSS_UP_PSEUDOCOUNT * r_up) / (de + CROSS_UP_PSEUDOCOUNT)
+        pair = [stats.pair_label[(line, p, gene)] for line in stats.lines
+                if line != c and (line, p, gene) in stats.pair_label]
+        if pair:
+            m = len(pair)
+            d = sum(lab != LABELS[2] for lab in pair)
+            v = sum(lab == LABELS[0] for lab in pair)
+            p_de = (d + q_de) / (m + 1)
+            p_up_de = (v + u) / (d + 1)
+        else:
+            p_de, p_up_de = q_de, u
+        has_info[i] = n > 0
+        out[i] = (p_de * p_up_de, p_de * (1 - p_up_de), 1 - p_de)
+    return out, has_info
+
+
+def baseline_predictions(stats: TrainingStats, test: pd.DataFrame, train_cells: list[str]) -> dict[str, dict]:
+    """{name: {"probs": (n,3) array, "pred": list[label]}} or {name: {"unavailable": reason}}."""
+    prior = stats.global_rate
+    out: dict[str, dict] = {}
+    maj = majority_probabilities(stats, len(test))
+    out["majority"] = {"probs": maj, "pred": [LABELS[int(np.argmax(prior))]] * len(test)}
+    gp = gene_prior_probabilities(stats, test)
+    out["gene_prior"] = {"probs": gp, "pred": [LABELS[i] for i in gp.argmax(axis=1)]}
+    out["gene_prior_balanced"] = {"probs": gp, "pred": [LABELS[i] for i in _balanced_argmax(gp, prior)]}
+    if not any(set(train_cells) - {line} for line in set(test.cell_line)):
+        reason = ("no cross-cell information: the only training line is the test line "
+                  "(train on other lines too to get this baseline)")
+        out["crosscell"] = {"unavailable": reason}
+    else:
+        cc, _ = crosscell_probabilities(stats, test)
+        out["crosscell"] = {"probs": cc, "pred": [LABELS[i] for i in cc.argmax(axis=1)]}
+    return out
+
+
+SEEN_COL = "pert_seen"
+
+
+def seen_strata(test: pd.DataFrame) -> pd.Series:
+    """'seen' when the test perturbation was measured in another training line, else 'unseen'."""
+    return test["pert_seen_in_train_lines"].map(lambda v: "seen" if len(v) else "unseen")
+
+
+def score_predictions(test: pd.DataFrame, pred, probs, n_bootstrap: int = 0, seed: int = 0) -> dict:
+    """Metrics overall and per seen/unseen stratum, for one predictor on ``test`` rows."""
+    from .metrics import stratified_metrics
+
+    frame = test[["label", "gene", "perturbation"]].copy()
+    frame["pred"] = list(pred)
+    prob_cols = None
+    if probs is not None:
+        prob_cols = ["p_up", "p_down", "p_not_de"]
+        frame[prob_cols] = np.asarray(probs, dtype=float)
+    frame[SEEN_COL] = seen_strata(test).to_numpy()
+    return stratified_metrics(frame, "pred", prob_cols, SEEN_COL, n_bootstrap=n_bootstrap, seed=seed)
+
+
+def baseline_report(stats: TrainingStats, test: pd.DataFrame, train_cells: list[str],
+                    n_bootstrap: int = 0, seed: int = 0) -> dict[str, dict]:
+    """{baseline: {"overall": metrics, "seen": ..., "unseen": ...}} or {baseline: {"unavailable": why}}."""
+    out = {}
+    for name, res in baseline_predictions(stats, test, train_cells).items():
+        if "unavailable" in res:
+            out[name] = {"unavailable": res["unavailable"]}
+        else:
+            out[name] = score_predictions(test, res["pred"], res["probs"], n_bootstrap, seed)
+    return out

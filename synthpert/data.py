@@ -1,0 +1,360 @@
+"""PerturbQA data: fetch and verify the CSVs, validate them, build three-class examples and splits.
+
+Label rule: ``not differentially expressed`` when the ``-de`` label is 0, else ``upregulated`` /
+``downregulated`` from the ``-dir`` label (1 = increase, 0 = decrease).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .answer import DOWN, LABELS, NOT_DE, UP
+from .cells import get_cell_line, register_cell_line
+from .config import DataConfig, SubsampleConfig, default_data_dir
+from .errors import SynthpertError
+from .resources import resource_path, sha256_file
+
+REQUIRED_COLUMNS = ("pert", "gene", "label", "split")
+PERTURBQA_LINES = ("k562", "rpe1", "hepg2", "jurkat")
+EXAMPLE_COLUMNS = ["id", "cell_line", "perturbation", "gene", "label", "split",
+                   "pert_seen_in_train_lines", "pair_seen_in_train_lines"]
+
+
+def checksums() -> dict:
+    return json.loads(resource_path("data", "perturbqa_checksums.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fetch
+
+
+def _verify(path: Path, expected: dict) -> str | None:
+    """None if the file matches size and SHA-256, else a description of the mismatch."""
+    size = path.stat().st_size
+    if size != expected["size"]:
+        return f"size {size} != expected {expected['size']}"
+    digest = sha256_file(path)
+    if digest != expected["sha256"]:
+        return f"sha256 {digest[:12]}… != expected {expected['sha256'][:12]}…"
+    return None
+
+
+def fetch(dest: Path | None = None, from_dir: Path | None = None, timeout: float = 60.0,
+          log=print) -> Path:
+    """Download (or copy from ``from_dir``) the eight PerturbQA CSVs into ``dest``, verifying each.
+
+    Files already present and verified are not fetched again. Writes are atomic (temp file + rename),
+    so an interrupted fetch never leaves a truncated CSV behind.
+    """
+    dest = Path(dest or default_data_dir()).expanduser()
+    dest.mkdir(parents=True, exist_ok=True)
+    meta = checksums()
+    for name, expected in meta["files"].items():
+        target = dest / name
+        if target.exists() and _verify(target, expected) is None:
+            log(f"ok       {name} (already present, verified)")
+            continue
+        with tempfile.NamedTemporaryFile(dir=dest, prefix=f".{name}.", delete=False) as tmp:
+            tmp_path = Path(tmp.name)
+        try:
+            if from_dir is not None:
+                src = Path(from_dir).expanduser() / name
+                if not src.exists():
+                    raise SynthpertError(f"{src} not found (--from must be a folder holding PerturbQA's CSVs)")
+                shutil.copyfile(src, tmp_path)
+                how = f"copied from {src}"
+            else:
+                url = f"{meta['base_url']}/{name}"
+                try:
+                    with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp_path, "wb") as f:
+                        shutil.copyfileobj(r, f)
+                except (urllib.error.URLError, OSError, TimeoutError) as e:
+                    raise SynthpertError(
+                        f"could not download {url} ({getattr(e, 'reason', e)}). On a machine without network, "
+                        "copy the CSVs from elsewhere with `synthpert data fetch --from DIR`") from None
+                how = f"downloaded from {url}"
+            problem = _verify(tmp_path, expected)
+            if problem:
+                raise SynthpertError(f"{name} {how} failed verification: {problem}")
+            tmp_path.replace(target)
+            log(f"ok       {name} ({how})")
+        finally:
+            tmp_path.unlink(missing_ok=True)
+    return dest
+
+
+def resolve_source(source: str | Path | None) -> Path:
+    path = Path(source).expanduser() if source else default_data_dir()
+    if not path.is_dir():
+        raise SynthpertError(
+            f"PerturbQA data directory {path} does not exist. Run `synthpert data fetch` (or "
+            "`synthpert data fetch --from DIR` offline), set SYNTHPERT_DATA, or pass --source DIR")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Load and validate one cell line
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    if not path.exists():
+        raise SynthpertError(f"missing file {path}")
+    try:
+        df = pd.read_csv(path, dtype={"pert": str, "gene": str, "split": str})
+    except Exception as e:  # pandas raises many parser error types
+        raise SynthpertError(f"{path} is not a readable CSV: {e}") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise SynthpertError(f"{path} lacks column(s) {missing}; expected columns {list(REQUIRED_COLUMNS)}, "
+                             f"found {list(df.columns)}")
+    df = df[list(REQUIRED_COLUMNS)]
+    if df[["pert", "gene", "split"]].isna().any().any():
+        bad = int(df[["pert", "gene", "split"]].isna().any(axis=1).idxmax()) + 2
+        raise SynthpertError(f"{path}: empty pert/gene/split value (first at line {bad})")
+    labels = pd.to_numeric(df["label"], errors="coerce")
+    bad = ~labels.isin([0, 1])
+    if bad.any():
+        i = int(bad.to_numpy().nonzero()[0][0])
+        raise SynthpertError(f"{path}: label must be 0 or 1, found {df['label'].iloc[i]!r} at line {i + 2}")
+    df["label"] = labels.astype(int)
+    splits = set(df["split"].unique())
+    if not splits <= {"train", "test"}:
+        raise SynthpertError(f"{path}: split must be 'train' or 'test', found {sorted(splits - {'train', 'test'})}")
+    dup = df.duplicated(["pert", "gene"])
+    if dup.any():
+        row = df[dup].iloc[0]
+        raise SynthpertError(f"{path}: pair ({row.pert}, {row.gene}) appears more than once")
+    return df
+
+
+@dataclass
+class CellData:
+    key: str
+    rows: pd.DataFrame  # pert, gene, label (three-class string), split
+
+
+def load_cell_line(source: Path, key: str) -> CellData:
+    """Read ``{key}-de.csv`` and ``{key}-dir.csv`` and join them into three-class labels."""
+    key = get_cell_line(key).key
+    de = _read_csv(source / f"{key}-de.csv")
+    d = _read_csv(source / f"{key}-dir.csv")
+    merged = de.merge(d[["pert", "gene", "label", "split"]], on=["pert", "gene"], how="left",
+                      suffixes=("", "_dir"), indicator=True)
+    positives = merged["label"] == 1
+    missing_dir = positives & (merged["_merge"] == "left_only")
+    if missing_dir.any():
+        r = merged[missing_dir].iloc[0]
+        raise SynthpertError(f"{key}: ({r.pert}, {r.gene}) is DE in {key}-de.csv but has no row in {key}-dir.csv "
+                             f"({int(missing_dir.sum())} such pairs)")
+    orphan = d.merge(de[de.label == 1][["pert", "gene"]], on=["pert", "gene"], how="left", indicator=True)
+    orphan = orphan[orphan["_merge"] == "left_only"]
+    if len(orphan):
+        r = orphan.iloc[0]
+        raise SynthpertError(f"{key}: ({r.pert}, {r.gene}) has a direction in {key}-dir.csv but is not DE in "
+                             f"{key}-de.csv ({len(orphan)} such pairs)")
+    split_mismatch = positives & (merged["split_dir"] != merged["split"])
+    if split_mismatch.any():
+        r = merged[split_mismatch].iloc[0]
+        raise SynthpertError(f"{key}: ({r.pert}, {r.gene}) has split {r.split!r} in -de but {r.split_dir!r} in -dir")
+    label = np.where(~positives, NOT_DE, np.where(merged["label_dir"] == 1, UP, DOWN))
+    rows = pd.DataFrame({"pert": merged["pert"], "gene": merged["gene"], "label": label, "split": merged["split"]})
+    return CellData(key, rows)
+
+
+def available_lines(source: Path) -> list[str]:
+    return sorted(p.name[: -len("-de.csv")] for p in source.glob("*-de.csv")
+                  if (source / p.name.replace("-de.csv", "-dir.csv")).exists())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Build examples
+
+
+def register_extra_lines(cfg: DataConfig) -> None:
+    for key, extra in cfg.extra_cell_lines.items():
+        register_cell_line(key, extra.name, extra.description)
+
+
+def _source_for(cfg: DataConfig, key: str, default: Path) -> Path:
+    extra = cfg.extra_cell_lines.get(key)
+    return resolve_source(extra.source) if extra and extra.source else default
+
+
+def setting_name(cfg: DataConfig) -> str:
+    train, test = set(cfg.train_cells), set(cfg.test_cells)
+    if not test & train:
+        return "unseen-cell" + ("-published" if cfg.protocol == "published" else "")
+    if train == test and len(train) == 1:
+        return "within-cell"
+    if test <= train:
+        return "multi-line"
+    raise SynthpertError("test_cells must be either all among train_cells (within-cell / multi-line) or none of "
+                         f"them (unseen-cell); got train={cfg.train_cells} test={cfg.test_cells}")
+
+
+def load_lines(cfg: DataConfig) -> dict[str, CellData]:
+    register_extra_lines(cfg)
+    source = resolve_source(cfg.source)
+    keys = list(dict.fromkeys([*cfg.train_cells, *cfg.test_cells]))
+    return {k: load_cell_line(_source_for(cfg, get_cell_line(k).key, source), k)
+            for k in (get_cell_line(k).key for k in keys)}
+
+
+def _to_examples(cell: str, rows: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({
+        "id": cell + ":" + rows["pert"] + ":" + rows["gene"],
+        "cell_line": cell,
+        "perturbation": rows["pert"].to_numpy(),
+        "gene": rows["gene"].to_numpy(),
+        "label": rows["label"].to_numpy(),
+        "split": rows["split"].to_numpy(),
+    })
+
+
+def _annotate_seen(df: pd.DataFrame, train_parts: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Add the training lines (other than the example's own) where its perturbation / pair was measured."""
+    pert_sets = {k: set(v["perturbation"]) for k, v in train_parts.items()}
+    pair_sets = {k: set(zip(v["perturbation"], v["gene"])) for k, v in train_parts.items()}
+    perts = df["perturbation"].to_numpy()
+    genes = df["gene"].to_numpy()
+    cells = df["cell_line"].to_numpy()
+    pert_seen, pair_seen = [], []
+    for c, p, g in zip(cells, perts, genes):
+        pert_seen.append([k for k in train_parts if k != c and p in pert_sets[k]])
+        pair_seen.append([k for k in train_parts if k != c and (p, g) in pair_sets[k]])
+    df = df.copy()
+    df["pert_seen_in_train_lines"] = pert_seen
+    df["pair_seen_in_train_lines"] = pair_seen
+    return df
+
+
+def subsample(df: pd.DataFrame, cfg: SubsampleConfig | None, seed: int) -> pd.DataFrame:
+    """Seeded, deterministic subsample; the result keeps the input's row order."""
+    if cfg is None or df.empty:
+        return df
+    rng = np.random.default_rng(seed)
+    parts = []
+    if cfg.balance or cfg.per_class_cap:
+        counts = df["label"].value_counts()
+        cap = int(counts.min()) if cfg.balance else None
+        if cfg.per_class_cap:
+            cap = min(cap, cfg.per_class_cap) if cap is not None else cfg.per_class_cap
+        if cfg.balance and cfg.n is not None:
+            cap = min(cap, -(-cfg.n // len(counts)))
+        for label in LABELS:
+            idx = np.flatnonzero(df["label"].to_numpy() == label)
+            if len(idx) > cap:
+                idx = rng.choice(idx, size=cap, replace=False)
+            parts.append(idx)
+        keep = np.sort(np.concatenate(parts))
+        df = df.iloc[keep]
+    size = None
+    if cfg.n is not None:
+        size = min(cfg.n, len(df))
+    elif cfg.fraction is not None:
+        size = max(1, round(cfg.fraction * len(df)))
+    if size is not None and size < len(df):
+        keep = np.sort(rng.choice(len(df), size=size, replace=False))
+        df = df.iloc[keep]
+    return df.reset_index(drop=True)
+
+
+def _val_perturbations(train: pd.DataFrame, fraction: float, seed: int) -> set[tuple[str, str]]:
+    """Hold out whole perturbations (per cell line), as PerturbQA's test split does."""
+    if fraction <= 0:
+        return set()
+    rng = np.random.default_rng(seed)
+    held: set[tuple[str, str]] = set()
+    for cell, part in train.groupby("cell_line", sort=True):
+        perts = np.array(sorted(part["perturbation"].unique()))
+        n = int(round(fraction * len(perts)))
+        if n:
+            held.update((cell, p) for p in rng.choice(perts, size=n, replace=False))
+    return held
+
+
+def build_frames(cfg: DataConfig, lines: dict[str, CellData] | None = None) -> dict[str, pd.DataFrame]:
+    """Return {'train', 'validation', 'test'} DataFrames of examples (columns EXAMPLE_COLUMNS)."""
+    setting = setting_name(cfg)
+    lines = lines or load_lines(cfg)
+    train_cells = [get_cell_line(k).key for k in cfg.train_cells]
+    test_cells = [get_cell_line(k).key for k in cfg.test_cells]
+    published = cfg.protocol == "published"
+    train_parts = {k: _to_examples(k, lines[k].rows if published else lines[k].rows[lines[k].rows.split == "train"])
+                   for k in train_cells}
+    test_parts = [_to_examples(k, lines[k].rows if published else lines[k].rows[lines[k].rows.split == "test"])
+                  for k in test_cells]
+    train = pd.concat(train_parts.values(), ignore_index=True)
+    test = pd.concat(test_parts, ignore_index=True)
+    if setting != "unseen-cell-published":
+        overlap = set(zip(test.cell_line, test.perturbation)) & set(zip(train.cell_line, train.perturbation))
+        if overlap:  # PerturbQA splits by perturbation; a user's CSV might not
+            raise SynthpertError(f"{len(overlap)} test perturbation(s) also occur in training rows of the same "
+                                 f"line, e.g. {sorted(overlap)[0]}: the split must be by perturbation")
+    held = _val_perturbations(train, cfg.val_fraction, cfg.seed)
+    is_val = np.array([(c, p) in held for c, p in zip(train.cell_line, train.perturbation)], dtype=bool)
+    val, train = train[is_val], train[~is_val]
+    # "Seen" is measured against what a model actually trains on (train minus validation).
+    seen_basis = {k: train[train.cell_line == k] for k in train_cells}
+    frames = {
+        "train": subsample(_annotate_seen(train, seen_basis), cfg.train_subsample, cfg.seed),
+        "validation": subsample(_annotate_seen(val, seen_basis), cfg.val_subsample, cfg.seed + 1),
+        "test": subsample(_annotate_seen(test, seen_basis), cfg.test_subsample, cfg.seed + 2),
+    }
+    return {k: v[EXAMPLE_COLUMNS].reset_index(drop=True) for k, v in frames.items()}
+
+
+def summarise(frames: dict[str, pd.DataFrame], cfg: DataConfig) -> dict:
+    out = {"setting": setting_name(cfg), "train_cells": cfg.train_cells, "test_cells": cfg.test_cells,
+           "protocol": cfg.protocol, "seed": cfg.seed, "splits": {}}
+    for name, df in frames.items():
+        counts = df["label"].value_counts().to_dict()
+        out["splits"][name] = {
+            "n": len(df),
+            "perturbations": int(df["perturbation"].nunique()) if len(df) else 0,
+            "by_class": {lab: int(counts.get(lab, 0)) for lab in LABELS},
+            "by_cell_line": {k: int(v) for k, v in df["cell_line"].value_counts().sort_index().items()},
+            "pert_seen_in_train_lines": int((df["pert_seen_in_train_lines"].map(len) > 0).sum()) if len(df) else 0,
+        }
+    return out
+
+
+def build(cfg: DataConfig, out_dir: Path | None = None, lines: dict[str, CellData] | None = None):
+    """Build the DatasetDict; save it (and summary.json) to ``out_dir`` when given."""
+    from datasets import Dataset, DatasetDict
+
+    frames = build_frames(cfg, lines)
+    dd = DatasetDict({k: Dataset.from_pandas(v, preserve_index=False) for k, v in frames.items()})
+    summary = summarise(frames, cfg)
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        dd.save_to_disk(str(out_dir / "dataset"))
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        (out_dir / "data_config.json").write_text(cfg.model_dump_json(indent=2))
+    return dd, summary
+
+
+def load_built(path: Path, split: str | None = None):
+    """Load a dataset written by ``build`` (the run folder or its ``dataset`` subfolder)."""
+    from datasets import load_from_disk
+
+    path = Path(path)
+    target = path / "dataset" if (path / "dataset").is_dir() else path
+    if not target.is_dir():
+        raise SynthpertError(f"no built dataset at {path}; run `synthpert data build` first")
+    dd = load_from_disk(str(target))
+    if split is None:
+        return dd
+    if split not in dd:
+        raise SynthpertError(f"dataset at {path} has no split {split!r}; it has {list(dd)}")
+    return dd[split]

@@ -1,0 +1,144 @@
+"""Observed evidence from the TRAINING split only: shared by the baselines, the evidence teacher and the
+evidence context in teacher and student prompts.
+
+Leakage rule (science.md, trap 6): a training example's evidence is computed with its whole perturbation
+left out of its own cell line's counts, so training prompts look exactly like test prompts (where the
+test perturbation is, by PerturbQA's split, absent from that line's training data). Other training lines
+keep the perturbation: at test time those lines' data about it is legitimately available.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from .answer import DOWN, LABELS, NOT_DE, UP
+
+_IDX = {lab: i for i, lab in enumerate(LABELS)}
+
+
+@dataclass(frozen=True)
+class PairEvidence:
+    """What the training data says about (cell line, perturbation, gene), leakage rule applied."""
+
+    cell_line: str
+    perturbation: str
+    gene: str
+    gene_counts_here: np.ndarray  # (up, down, not_de) of this gene over training knockdowns in this line
+    gene_counts_other: dict[str, np.ndarray]  # same, per other training line
+    pert_counts_other: dict[str, np.ndarray]  # this perturbation's effect over all genes, per other line
+    pair_labels_other: dict[str, str]  # the same (pert, gene) pair's label in other lines
+
+
+class TrainingStats:
+    """Counts over training rows (columns cell_line, perturbation, gene, label) for fast lookups."""
+
+    def __init__(self, train: pd.DataFrame):
+        self.lines: list[str] = sorted(train["cell_line"].unique()) if len(train) else []
+        codes = train["label"].map(_IDX).to_numpy()
+        onehot = np.eye(3, dtype=np.int64)[codes] if len(train) else np.zeros((0, 3), np.int64)
+        self.global_counts = onehot.sum(axis=0) if len(train) else np.zeros(3, np.int64)
+        self.gene_counts: dict[tuple[str, str], np.ndarray] = {}
+        self.pert_counts: dict[tuple[str, str], np.ndarray] = {}
+        self.pair_label: dict[tuple[str, str, str], str] = {}
+        self.pert_lines: dict[str, list[str]] = defaultdict(list)
+        cells, perts, genes = (train[c].to_numpy() for c in ("cell_line", "perturbation", "gene"))
+        labels = train["label"].to_numpy()
+        frame = pd.DataFrame({"c": cells, "p": perts, "g": genes, "u": onehot[:, 0], "d": onehot[:, 1],
+                              "n": onehot[:, 2]})
+        for (c, g), row in frame.groupby(["c", "g"], sort=False)[["u", "d", "n"]].sum().iterrows():
+            self.gene_counts[(c, g)] = row.to_numpy()
+        for (c, p), row in frame.groupby(["c", "p"], sort=False)[["u", "d", "n"]].sum().iterrows():
+            self.pert_counts[(c, p)] = row.to_numpy()
+            self.pert_lines[p].append(c)
+        self.pair_label = dict(zip(zip(cells, perts, genes), labels))
+        self.gene_counts_pooled: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(3, np.int64))
+        for (c, g), v in self.gene_counts.items():
+            self.gene_counts_pooled[g] = self.gene_counts_pooled[g] + v
+
+    @property
+    def global_rate(self) -> np.ndarray:
+        total = self.global_counts.sum()
+        return self.global_counts / total if total else np.full(3, 1 / 3)
+
+    def gene_counts_loo(self, cell: str, pert: str, gene: str) -> np.ndarray:
+        """This gene's counts in ``cell`` with the perturbation's own row removed (if it is a training row)."""
+        counts = self.gene_counts.get((cell, gene), np.zeros(3, np.int64)).copy()
+        own = self.pair_label.get((cell, pert, gene))
+        if own is not None:
+            counts[_IDX[own]] -= 1
+        return counts
+
+    def gene_counts_pooled_loo(self, cell: str, pert: str, gene: str) -> np.ndarray:
+        counts = self.gene_counts_pooled.get(gene, np.zeros(3, np.int64)).copy()
+        own = self.pair_label.get((cell, pert, gene))
+        if own is not None:
+            counts[_IDX[own]] -= 1
+        return counts
+
+    def evidence(self, cell: str, pert: str, gene: str) -> PairEvidence:
+        others = [c for c in self.lines if c != cell]
+        return PairEvidence(
+            cell_line=cell, perturbation=pert, gene=gene,
+            gene_counts_here=self.gene_counts_loo(cell, pert, gene),
+            gene_counts_other={c: self.gene_counts[(c, gene)] for c in others if (c, gene) in self.gene_counts},
+            pert_counts_other={c: self.pert_counts[(c, pert)] for c in others if (c, pert) in self.pert_counts},
+            pair_labels_other={c: self.pair_label[(c, pert, gene)] for c in others
+                               if (c, pert, gene) in self.pair_label},
+        )
+
+
+def _rate_phrase(counts: np.ndarray) -> str:
+    n = int(counts.sum())
+    if n == 0:
+        return "no training knockdowns measured it"
+    up, down = int(counts[0]), int(counts[1])
+    return (f"changed in {up + down} of {n} training knockdowns ({100 * (up + down) / n:.0f}%): "
+            f"up {up}, down {down}")
+
+
+def render_evidence(ev: PairEvidence, names: dict[str, str] | None = None) -> str:
+    """Plain-text evidence block for prompts. Deterministic, so prompts (and caches) are stable."""
+    names = names or {}
+    nm = lambda c: names.get(c, c)  # noqa: E731
+    lines = [f"- {ev.gene} in {nm(ev.cell_line)}: {_rate_phrase(ev.gene_counts_here)}."]
+    for c, counts in sorted(ev.gene_counts_other.items()):
+        lines.append(f"- {ev.gene} in {nm(c)}: {_rate_phrase(counts)}.")
+    if ev.pert_counts_other:
+        for c, counts in sorted(ev.pert_counts_other.items()):
+            n = int(counts.sum())
+            de = int(counts[0] + counts[1])
+            lines.append(f"- Knockdown of {ev.perturbation} in {nm(c)} changed {de} of {n} measured genes "
+                         f"({100 * de / max(n, 1):.0f}%; up {int(counts[0])}, down {int(counts[1])}).")
+    else:
+        lines.append(f"- Knockdown of {ev.perturbation} was not measured in another training cell line.")
+    for c, lab in sorted(ev.pair_labels_other.items()):
+        lines.append(f"- In {nm(c)}, knocking down {ev.perturbation} left {ev.gene} {lab}.")
+    return "\n".join(lines)
+
+
+def evidence_label_hint(ev: PairEvidence) -> str:
+    """A short qualitative summary (used by the offline evidence teacher)."""
+    c = ev.gene_counts_here
+    n = c.sum()
+    if n == 0:
+        return "no data"
+    share = (c[0] + c[1]) / n
+    if share < 0.1:
+        return "rarely responsive"
+    direction = UP if c[0] >= c[1] else DOWN
+    return f"often responsive, mostly {direction}" if share >= 0.3 else f"sometimes responsive, mostly {direction}"
+
+
+__all__ = ["TrainingStats", "PairEvidence", "render_evidence", "evidence_label_hint", "UP", "DOWN", "NOT_DE"]
+
+
+def evidence_text(stats: TrainingStats, cell: str, pert: str, gene: str) -> str:
+    """The evidence block a prompt shows for one triple (leakage rule applied), with display names."""
+    from .cells import all_cell_lines
+
+    names = {k: v.name for k, v in all_cell_lines().items()}
+    return render_evidence(stats.evidence(cell, pert, gene), names)

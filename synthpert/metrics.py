@@ -1,0 +1,164 @@
+"""Honest metrics for three-class perturbation predictions.
+
+Every score set reports accuracy, macro-F1, balanced accuracy, per-class precision/recall/F1, the
+confusion matrix and the unparseable rate, plus PerturbQA's own metric: AUROC computed within each readout
+gene (genes whose labels are all one class are skipped) and averaged over genes, for the DE task
+(score = P(up) + P(down)) and the direction task (score = P(up) / (P(up) + P(down)), truly DE pairs only).
+
+Unparseable predictions count as wrong (they are a fourth predicted class that matches no gold label).
+When only hard labels exist, probabilities are one-hot and the output says so: AUROC from hard labels is
+a much weaker statistic than AUROC from scores.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .answer import LABELS, SHORT, UNPARSEABLE
+
+PRED_CLASSES = (*LABELS, UNPARSEABLE)
+_IDX = {lab: i for i, lab in enumerate(PRED_CLASSES)}
+
+
+def _codes(labels) -> np.ndarray:
+    out = np.empty(len(labels), dtype=np.int64)
+    for i, lab in enumerate(labels):
+        out[i] = _IDX[UNPARSEABLE if lab is None else lab]
+    return out
+
+
+def _confusion(y_true: np.ndarray, y_pred: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """3 x 4 matrix: rows gold label, columns predicted label (last column: unparseable)."""
+    k = len(PRED_CLASSES)
+    flat = np.bincount(y_true * k + y_pred, weights=weights, minlength=3 * k)[: 3 * k]
+    return flat.reshape(3, k)
+
+
+def _from_confusion(cm: np.ndarray) -> dict:
+    total = cm.sum()
+    tp = np.diag(cm[:, :3])
+    support = cm.sum(axis=1)
+    predicted = cm[:, :3].sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(predicted > 0, tp / predicted, 0.0)
+        recall = np.where(support > 0, tp / support, 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    present = support > 0
+    return {
+        "accuracy": float(tp.sum() / total) if total else float("nan"),
+        "macro_f1": float(f1[present].mean()) if present.any() else float("nan"),
+        "balanced_accuracy": float(recall[present].mean()) if present.any() else float("nan"),
+        "precision": precision, "recall": recall, "f1": f1, "support": support,
+        "unparseable_rate": float(cm[:, 3].sum() / total) if total else float("nan"),
+    }
+
+
+def per_gene_auroc(genes, y_true, scores) -> tuple[float, int]:
+    """Mean over genes of the within-gene AUROC (ties get half credit). Returns (mean, n_genes_used)."""
+    df = pd.DataFrame({"g": np.asarray(genes), "y": np.asarray(y_true, dtype=bool),
+                       "s": np.asarray(scores, dtype=float)})
+    if df.empty:
+        return float("nan"), 0
+    df["r"] = df.groupby("g")["s"].rank(method="average")
+    agg = df.groupby("g").agg(n=("y", "size"), npos=("y", "sum"))
+    agg["rank_pos"] = df[df.y].groupby("g")["r"].sum()
+    agg = agg[(agg.npos > 0) & (agg.npos < agg.n)]
+    if agg.empty:
+        return float("nan"), 0
+    nneg = agg.n - agg.npos
+    auc = (agg.rank_pos - agg.npos * (agg.npos + 1) / 2) / (agg.npos * nneg)
+    return float(auc.mean()), int(len(auc))
+
+
+def probabilities_from_labels(pred_labels) -> np.ndarray:
+    """One-hot rows for hard labels; an unparseable prediction gets a uniform row (it carries no signal)."""
+    probs = np.full((len(pred_labels), 3), 1 / 3)
+    for i, lab in enumerate(pred_labels):
+        if lab in LABELS:
+            probs[i] = 0.0
+            probs[i, LABELS.index(lab)] = 1.0
+    return probs
+
+
+def auroc_metrics(genes, y_true_labels, probs: np.ndarray) -> dict:
+    y = np.asarray(y_true_labels)
+    p_up, p_down = probs[:, 0], probs[:, 1]
+    is_de = y != LABELS[2]
+    de_auc, de_genes = per_gene_auroc(genes, is_de, p_up + p_down)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        direction = np.where(p_up + p_down > 0, p_up / (p_up + p_down), 0.5)
+    genes = np.asarray(genes)
+    dir_auc, dir_genes = per_gene_auroc(genes[is_de], y[is_de] == LABELS[0], direction[is_de])
+    return {"auroc_de_per_gene": de_auc, "auroc_de_genes": de_genes,
+            "auroc_dir_per_gene": dir_auc, "auroc_dir_genes": dir_genes}
+
+
+def compute_metrics(y_true, y_pred, probs: np.ndarray | None = None, genes=None, perturbations=None,
+                    n_bootstrap: int = 0, seed: int = 0, ci: float = 0.95) -> dict:
+    """All metrics for one set of predictions.
+
+    ``y_pred`` holds labels or None/"unparseable". ``probs`` is an (n, 3) array in LABELS order; without it
+    probabilities come from the hard labels and ``probabilities`` says "hard_labels". ``genes`` enables
+    the per-gene AUROC; ``perturbations`` enables bootstrap intervals that resample perturbations.
+    """
+    y_true = list(y_true)
+    y_pred = [UNPARSEABLE if p is None else p for p in y_pred]
+    if len(y_true) != len(y_pred):
+        raise ValueError("y_true and y_pred differ in length")
+    t, p = _codes(y_true), _codes(y_pred)
+    if (t == _IDX[UNPARSEABLE]).any():
+        raise ValueError("gold labels must be one of the three classes")
+    cm = _confusion(t, p)
+    base = _from_confusion(cm)
+    out: dict = {
+        "n": len(y_true),
+        "accuracy": base["accuracy"],
+        "macro_f1": base["macro_f1"],
+        "balanced_accuracy": base["balanced_accuracy"],
+        "unparseable_rate": base["unparseable_rate"],
+        "per_class": {SHORT[lab]: {"precision": float(base["precision"][i]), "recall": float(base["recall"][i]),
+                                   "f1": float(base["f1"][i]), "support": int(base["support"][i])}
+                      for i, lab in enumerate(LABELS)},
+        "confusion_matrix": {"rows_gold": [SHORT[x] for x in LABELS],
+                             "cols_pred": [SHORT.get(x, x) for x in PRED_CLASSES],
+                             "counts": cm.astype(int).tolist()},
+        "probabilities": "scores" if probs is not None else "hard_labels",
+    }
+    if genes is not None:
+        pr = np.asarray(probs, dtype=float) if probs is not None else probabilities_from_labels(y_pred)
+        out.update(auroc_metrics(genes, y_true, pr))
+    if n_bootstrap and perturbations is not None and len(y_true):
+        out["ci"] = bootstrap_ci(t, p, np.asarray(perturbations), n_bootstrap, seed, ci)
+    return out
+
+
+def bootstrap_ci(t: np.ndarray, p: np.ndarray, perturbations: np.ndarray, n_bootstrap: int, seed: int,
+                 ci: float) -> dict:
+    """Percentile intervals from resampling PERTURBATIONS with replacement (pairs of one perturbation are
+    correlated, so resampling pairs would give intervals that are too narrow)."""
+    codes, pert_idx = np.unique(perturbations, return_inverse=True)
+    rng = np.random.default_rng(seed)
+    stats = {"accuracy": [], "macro_f1": [], "balanced_accuracy": []}
+    for _ in range(n_bootstrap):
+        mult = np.bincount(rng.integers(0, len(codes), len(codes)), minlength=len(codes))
+        m = _from_confusion(_confusion(t, p, weights=mult[pert_idx].astype(float)))
+        for k in stats:
+            stats[k].append(m[k])
+    lo, hi = (1 - ci) / 2, 1 - (1 - ci) / 2
+    return {k: [float(np.nanquantile(v, lo)), float(np.nanquantile(v, hi))] for k, v in stats.items()} | {
+        "level": ci, "n_bootstrap": n_bootstrap, "unit": "perturbation"}
+
+
+def stratified_metrics(frame: pd.DataFrame, pred_col: str = "pred", prob_cols=None, strata_col: str | None = None,
+                       **kw) -> dict:
+    """Metrics overall and for each value of ``strata_col`` (e.g. "seen"/"unseen")."""
+    def one(df):
+        probs = df[list(prob_cols)].to_numpy(float) if prob_cols else None
+        return compute_metrics(df["label"].tolist(), df[pred_col].tolist(), probs, genes=df["gene"].to_numpy(),
+                               perturbations=df["perturbation"].to_numpy(), **kw)
+    out = {"overall": one(frame)}
+    if strata_col is not None:
+        for value, part in frame.groupby(strata_col, sort=True):
+            out[str(value)] = one(part)
+    return out

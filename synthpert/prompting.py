@@ -1,0 +1,69 @@
+"""Prompt templates (files in prompts/) and the messages every stage sends.
+
+Templates are Jinja2 text files; each rendering records the template's name and SHA-256 so outputs can
+say exactly which prompt produced them. The student prompt built here is the one training, evaluation
+and serving all use, so a model is always asked the question the way it was trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import jinja2
+
+from .cells import get_cell_line
+from .errors import SynthpertError
+from .resources import resource_dir, sha256_text
+
+STUDENT_SYSTEM = "student_system.txt"
+STUDENT_USER = "student_user.j2"
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    text: str
+
+    @property
+    def sha256(self) -> str:
+        return sha256_text(self.text)
+
+    def render(self, **variables) -> str:
+        env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False,
+                                 trim_blocks=True, lstrip_blocks=True)
+        try:
+            return env.from_string(self.text).render(**variables).strip()
+        except jinja2.UndefinedError as e:
+            raise SynthpertError(f"prompt template {self.name}: {e.message}") from None
+
+
+@lru_cache(maxsize=None)
+def load_template(name: str) -> Template:
+    path = resource_dir("prompts") / name
+    if not path.exists():
+        available = sorted(p.name for p in resource_dir("prompts").iterdir())
+        raise SynthpertError(f"no prompt template named {name!r} in prompts/ (available: {', '.join(available)})")
+    return Template(name, path.read_text())
+
+
+def triple_variables(cell_line: str, perturbation: str, gene: str, evidence: str | None = None) -> dict:
+    if not perturbation or not perturbation.strip():
+        raise SynthpertError("perturbation gene symbol is empty")
+    if not gene or not gene.strip():
+        raise SynthpertError("readout gene symbol is empty")
+    line = get_cell_line(cell_line)
+    return {"cell_line": line.key, "cell_name": line.name, "cell_description": line.description,
+            "perturbation": perturbation.strip(), "gene": gene.strip(), "evidence": evidence}
+
+
+def student_messages(cell_line: str, perturbation: str, gene: str, evidence: str | None = None) -> list[dict]:
+    """System + user messages of the question a student model answers (no label, ever)."""
+    variables = triple_variables(cell_line, perturbation, gene, evidence)
+    return [{"role": "system", "content": load_template(STUDENT_SYSTEM).render(**variables)},
+            {"role": "user", "content": load_template(STUDENT_USER).render(**variables)}]
+
+
+def student_prompt_hash() -> str:
+    """Hash of the student templates together: recorded by training, evaluation and serving."""
+    return sha256_text(load_template(STUDENT_SYSTEM).sha256 + load_template(STUDENT_USER).sha256)

@@ -1,0 +1,149 @@
+"""Typed records passed between stages as plain JSONL lines.
+
+* ``Example``: one (cell line, perturbation, gene) triple with its three-class label, as ``data build``
+  writes it (also the columns of the saved ``datasets.DatasetDict``).
+* ``TraceRecord``: what the teacher writes, the judge annotates and training reads. The raw model output
+  is always kept next to the parsed fields, so nothing paid for is ever thrown away.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .answer import LABELS, format_answer
+from .errors import SynthpertError
+
+JUDGE_RATINGS: tuple[str, ...] = ("excellent", "good", "average", "bad", "terrible")
+
+
+def _check_label(v: str) -> str:
+    if v not in LABELS:
+        raise ValueError(f"label must be one of {LABELS}, got {v!r}")
+    return v
+
+
+class Example(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    cell_line: str
+    perturbation: str
+    gene: str
+    label: str
+    split: str  # PerturbQA's own split of the row ("train" / "test")
+    pert_seen_in_train_lines: list[str] = Field(default_factory=list)
+    pair_seen_in_train_lines: list[str] = Field(default_factory=list)
+
+    _v_label = field_validator("label")(classmethod(lambda cls, v: _check_label(v)))
+
+    @staticmethod
+    def make_id(cell_line: str, perturbation: str, gene: str) -> str:
+        return f"{cell_line}:{perturbation}:{gene}"
+
+
+class Usage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+    cached_tokens: int = 0
+
+    def __add__(self, other: "Usage") -> "Usage":
+        return Usage(**{k: getattr(self, k) + getattr(other, k) for k in type(self).model_fields})
+
+
+class JudgeVerdict(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    judge: str  # model name, or "rules" for the offline rules judge
+    rating: str | None  # one of JUDGE_RATINGS, None when the judge's output could not be parsed
+    justification: str = ""
+    raw_text: str = ""
+    parse_error: str | None = None
+    prompt_hash: str | None = None
+    usage: Usage = Field(default_factory=Usage)
+    cost_usd: float = 0.0
+
+
+class TraceRecord(BaseModel):
+    """One teacher output for one training triple (one sample when several are drawn)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str  # f"{example_id}#{sample_index}"
+    example_id: str
+    cell_line: str
+    perturbation: str
+    gene: str
+    label: str
+    mode: Literal["rationalise", "predict", "evidence"] = "rationalise"
+    sample_index: int = 0
+    teacher: str  # model name, or "evidence" for the offline evidence teacher
+    prompt_name: str = ""
+    prompt_hash: str = ""
+    messages: list[dict] = Field(default_factory=list)
+    sampling: dict = Field(default_factory=dict)
+    raw_text: str = ""
+    reasoning: str | None = None
+    parsed_label: str | None = None
+    parse_error: str | None = None
+    usage: Usage = Field(default_factory=Usage)
+    cost_usd: float = 0.0
+    cache_key: str | None = None
+    judge: JudgeVerdict | None = None
+    kept: bool | None = None
+    reject_reason: str | None = None
+
+    _v_label = field_validator("label")(classmethod(lambda cls, v: _check_label(v)))
+
+    def assistant_text(self, label_only: bool = False) -> str:
+        """Canonical training target: the trace's reasoning and the OBSERVED label, in the answer format.
+
+        Only traces whose parsed answer equals the label are kept, so this never rewrites an answer.
+        """
+        if label_only:
+            return format_answer(self.label)
+        if not self.reasoning:
+            raise SynthpertError(f"trace {self.id} has no reasoning to train on")
+        return format_answer(self.label, self.reasoning)
+
+
+def write_jsonl(path: Path, records: Iterable[BaseModel | dict], append: bool = False) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with open(path, "a" if append else "w", encoding="utf-8") as f:
+        for r in records:
+            f.write((r.model_dump_json() if isinstance(r, BaseModel) else json.dumps(r)) + "\n")
+            n += 1
+    return n
+
+
+def read_jsonl(path: Path, model: type[BaseModel] | None = None) -> Iterator:
+    """Yield records; a torn last line (process killed mid-write) is skipped, any other bad line is an error."""
+    path = Path(path)
+    if not path.exists():
+        raise SynthpertError(f"file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) and not line.endswith("\n"):
+                return  # the writer was killed mid-line; everything before it is intact
+            raise SynthpertError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        if model is None:
+            yield obj
+        else:
+            try:
+                yield model.model_validate(obj)
+            except Exception as e:  # pydantic.ValidationError: name the file and line
+                raise SynthpertError(f"{path}:{i}: not a valid {model.__name__}: {e}") from None
