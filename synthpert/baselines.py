@@ -39,7 +39,7 @@ def gene_prior_probabilities(stats: TrainingStats, test: pd.DataFrame) -> np.nda
     prior = stats.global_rate
     k = GENE_PRIOR_PSEUDOCOUNT
     out = np.empty((len(test), 3))
-    for i, (c, p, g) in enumerate(zip(test.cell_line, test.perturbation, test.gene)):
+    for i, (c, p, g) in enumerate(zip(test.cell_line.tolist(), test.perturbation.tolist(), test.gene.tolist())):
         counts = stats.gene_counts_pooled_loo(c, p, g)  # LOO is a no-op for test rows
         out[i] = (counts + k * prior) / (counts.sum() + k)
     return out
@@ -48,7 +48,7 @@ def gene_prior_probabilities(stats: TrainingStats, test: pd.DataFrame) -> np.nda
 def crosscell_probabilities(stats: TrainingStats, test: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities from the other training lines only. Fixed formula, nothing fitted:
 
-    With r_de the global DE rate and r_up the global share of up among DE pairs (training rows),
+    With r_de the DE rate and r_up the share of up among DE pairs over the other lines' training rows,
     for perturbation p over the other lines' training rows (n genes measured, de DE, up up-regulated):
         q_de(p) = (de + 20 r_de) / (n + 20)        u(p) = (up + 5 r_up) / (de + 5)
     if the same (p, g) pair was measured in m other lines, with d of them DE and v of those up:
@@ -57,12 +57,14 @@ def crosscell_probabilities(stats: TrainingStats, test: pd.DataFrame) -> tuple[n
     A perturbation measured in no other line gets the global rates (no information).
     Returns (probs, has_info) where has_info marks rows with any cross-cell evidence.
     """
-    g = stats.global_counts
-    r_de = (g[0] + g[1]) / max(g.sum(), 1)
-    r_up = g[0] / max(g[0] + g[1], 1)
+    rates = {}
+    for c in set(test.cell_line):
+        g = stats.counts_excluding(c)
+        rates[c] = ((g[0] + g[1]) / max(g.sum(), 1), g[0] / max(g[0] + g[1], 1))
     out = np.empty((len(test), 3))
     has_info = np.zeros(len(test), dtype=bool)
-    for i, (c, p, gene) in enumerate(zip(test.cell_line, test.perturbation, test.gene)):
+    for i, (c, p, gene) in enumerate(zip(test.cell_line.tolist(), test.perturbation.tolist(), test.gene.tolist())):
+        r_de, r_up = rates[c]
         pert = np.zeros(3)
         for line in stats.pert_lines.get(p, ()):
             if line != c:

@@ -10,7 +10,6 @@ import importlib
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -45,9 +44,9 @@ def _root(version: bool = typer.Option(False, "--version", help="Print the versi
 
 @data_app.command("fetch")
 def data_fetch(
-    dest: Optional[Path] = typer.Option(None, "--dest", help="Target folder (default: $SYNTHPERT_DATA or "
+    dest: Path | None = typer.Option(None, "--dest", help="Target folder (default: $SYNTHPERT_DATA or "
                                         "~/.cache/synthpert/perturbqa)."),
-    from_dir: Optional[Path] = typer.Option(None, "--from", help="Copy from a local folder instead of downloading."),
+    from_dir: Path | None = typer.Option(None, "--from", help="Copy from a local folder instead of downloading."),
 ) -> None:
     """Download PerturbQA's CSVs (CC BY 4.0) and verify their size and SHA-256."""
     from .data import fetch
@@ -56,7 +55,7 @@ def data_fetch(
     typer.echo(f"PerturbQA CSVs ready in {out}")
 
 
-def _data_config(config: Optional[Path], overrides: list[str], **cli) -> "DataConfig":  # noqa: F821
+def _data_config(config: Path | None, overrides: list[str], **cli) -> DataConfig:  # noqa: F821
     """Data settings from an optional YAML (its `data:` section or the whole file) + CLI flags + overrides."""
     from .config import DataConfig, deep_merge, parse_overrides, read_yaml, validate_config
 
@@ -80,12 +79,12 @@ def _data_config(config: Optional[Path], overrides: list[str], **cli) -> "DataCo
 @data_app.command("build")
 def data_build(
     out: Path = typer.Option(..., "--out", help="Folder to write dataset/ and summary.json into."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML with data settings."),
-    source: Optional[str] = typer.Option(None, "--source", help="Folder with PerturbQA CSVs."),
-    train_cells: Optional[str] = typer.Option(None, "--train-cells", help="Comma-separated, e.g. k562,hepg2."),
-    test_cells: Optional[str] = typer.Option(None, "--test-cells", help="Comma-separated, e.g. rpe1."),
-    protocol: Optional[str] = typer.Option(None, "--protocol", help="'split' (default) or 'published'."),
-    seed: Optional[int] = typer.Option(None, "--seed"),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML with data settings."),
+    source: str | None = typer.Option(None, "--source", help="Folder with PerturbQA CSVs."),
+    train_cells: str | None = typer.Option(None, "--train-cells", help="Comma-separated, e.g. k562,hepg2."),
+    test_cells: str | None = typer.Option(None, "--test-cells", help="Comma-separated, e.g. rpe1."),
+    protocol: str | None = typer.Option(None, "--protocol", help="'split' (default) or 'published'."),
+    seed: int | None = typer.Option(None, "--seed"),
     overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. train_subsample.n=1500"),
 ) -> None:
     """Build train / validation / test examples from the CSVs and save them as a datasets.DatasetDict."""
@@ -99,11 +98,11 @@ def data_build(
 
 @app.command("baselines")
 def baselines_cmd(
-    source: Optional[str] = typer.Option(None, "--source", help="Folder with PerturbQA CSVs."),
+    source: str | None = typer.Option(None, "--source", help="Folder with PerturbQA CSVs."),
     train_cells: str = typer.Option("k562", "--train-cells", help="Comma-separated training lines."),
     test_cells: str = typer.Option("k562", "--test-cells", help="Comma-separated test lines."),
     protocol: str = typer.Option("split", "--protocol", help="'split' (default) or 'published'."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML with data settings (optional)."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML with data settings (optional)."),
     bootstrap: int = typer.Option(0, "--bootstrap", help="Bootstrap resamples of perturbations for CIs."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
@@ -136,18 +135,17 @@ def main() -> None:
     except KeyboardInterrupt:
         _echo_err("interrupted; finished work is saved and a rerun resumes")
         sys.exit(130)
-    except Exception as e:  # click's usage errors come through here in non-standalone mode
-        import click
-
-        if isinstance(e, click.exceptions.Exit):
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            _echo_err("aborted")
-            sys.exit(130)
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        _echo_err("aborted")
+        sys.exit(130)
+    except typer.TyperException as e:  # usage errors: bad option, missing argument
+        show = getattr(e, "show", None)
+        if show is None:
+            raise
+        show()
+        sys.exit(getattr(e, "exit_code", 2))
     sys.exit(rc if isinstance(rc, int) else 0)
 
 

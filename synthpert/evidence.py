@@ -55,9 +55,15 @@ class TrainingStats:
             self.pert_counts[(c, p)] = row.to_numpy()
             self.pert_lines[p].append(c)
         self.pair_label = dict(zip(zip(cells, perts, genes), labels))
+        self.line_counts: dict[str, np.ndarray] = {
+            c: onehot[cells == c].sum(axis=0) for c in self.lines}
         self.gene_counts_pooled: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(3, np.int64))
         for (c, g), v in self.gene_counts.items():
             self.gene_counts_pooled[g] = self.gene_counts_pooled[g] + v
+
+    def counts_excluding(self, line: str) -> np.ndarray:
+        """Class counts over the training rows of every line except ``line``."""
+        return self.global_counts - self.line_counts.get(line, 0)
 
     @property
     def global_rate(self) -> np.ndarray:
@@ -103,7 +109,7 @@ def _rate_phrase(counts: np.ndarray) -> str:
 def render_evidence(ev: PairEvidence, names: dict[str, str] | None = None) -> str:
     """Plain-text evidence block for prompts. Deterministic, so prompts (and caches) are stable."""
     names = names or {}
-    nm = lambda c: names.get(c, c)  # noqa: E731
+    nm = lambda c: names.get(c, c)
     lines = [f"- {ev.gene} in {nm(ev.cell_line)}: {_rate_phrase(ev.gene_counts_here)}."]
     for c, counts in sorted(ev.gene_counts_other.items()):
         lines.append(f"- {ev.gene} in {nm(c)}: {_rate_phrase(counts)}.")
@@ -133,7 +139,7 @@ def evidence_label_hint(ev: PairEvidence) -> str:
     return f"often responsive, mostly {direction}" if share >= 0.3 else f"sometimes responsive, mostly {direction}"
 
 
-__all__ = ["TrainingStats", "PairEvidence", "render_evidence", "evidence_label_hint", "UP", "DOWN", "NOT_DE"]
+__all__ = ["DOWN", "NOT_DE", "UP", "PairEvidence", "TrainingStats", "evidence_label_hint", "render_evidence"]
 
 
 def evidence_text(stats: TrainingStats, cell: str, pert: str, gene: str) -> str:

@@ -68,7 +68,7 @@ def per_gene_auroc(genes, y_true, scores) -> tuple[float, int]:
         return float("nan"), 0
     nneg = agg.n - agg.npos
     auc = (agg.rank_pos - agg.npos * (agg.npos + 1) / 2) / (agg.npos * nneg)
-    return float(auc.mean()), int(len(auc))
+    return float(auc.mean()), len(auc)
 
 
 def probabilities_from_labels(pred_labels) -> np.ndarray:

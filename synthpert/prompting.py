@@ -8,7 +8,7 @@ and serving all use, so a model is always asked the question the way it was trai
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import jinja2
 
@@ -38,7 +38,7 @@ class Template:
             raise SynthpertError(f"prompt template {self.name}: {e.message}") from None
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_template(name: str) -> Template:
     path = resource_dir("prompts") / name
     if not path.exists():

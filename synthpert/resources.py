@@ -7,7 +7,7 @@ They live at the repository top level so they are easy to read and diff. A wheel
 from __future__ import annotations
 
 import hashlib
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from .errors import SynthpertError
@@ -15,7 +15,7 @@ from .errors import SynthpertError
 _PKG = Path(__file__).resolve().parent
 
 
-@lru_cache(maxsize=None)
+@cache
 def resource_dir(kind: str) -> Path:
     """Directory of a shipped resource kind: 'prompts', 'data' or 'configs'."""
     for candidate in (_PKG / "_resources" / kind, _PKG.parent / kind):

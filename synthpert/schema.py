@@ -54,7 +54,7 @@ class Usage(BaseModel):
     reasoning_tokens: int = 0
     cached_tokens: int = 0
 
-    def __add__(self, other: "Usage") -> "Usage":
+    def __add__(self, other: Usage) -> Usage:
         return Usage(**{k: getattr(self, k) + getattr(other, k) for k in type(self).model_fields})
 
 

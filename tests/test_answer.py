@@ -1,0 +1,107 @@
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from synthpert.answer import (
+    DOWN,
+    LABELS,
+    LENIENT,
+    NOT_DE,
+    STRICT,
+    UP,
+    format_answer,
+    parse_answer,
+    parse_both,
+)
+
+
+@pytest.mark.parametrize("label", LABELS)
+def test_canonical_format_parses_in_both_modes(label):
+    text = format_answer(label, "Loss of X relieves repression of Y.")
+    for mode in (STRICT, LENIENT):
+        p = parse_answer(text, mode)
+        assert p.label == label and p.has_reasoning and p.error is None
+        assert p.reasoning == "Loss of X relieves repression of Y."
+
+
+@pytest.mark.parametrize("text,label", [
+    ("<think>r</think>\n<ANSWER> Up-regulated </ANSWER>", UP),
+    ("<think>r</think><answer>**Downregulated**.</answer>", DOWN),
+    ("<think>r</think><answer>not DE</answer>", NOT_DE),
+    ("<think>r</think><answer>unchanged</answer>", NOT_DE),
+    ("reasoning without opening tag</think>\n<answer>upregulated</answer>", UP),
+    ("Upregulated.", UP),
+    ("  **not differentially expressed**  ", NOT_DE),
+    ("<think>r</think>\nSome discussion.\nFinal answer: downregulated", DOWN),
+    ("<think>r</think><answer>up</answer> then again <answer>upregulated</answer>", UP),
+])
+def test_lenient_accepts_common_variants_strict_rejects_them(text, label):
+    assert parse_answer(text, LENIENT).label == label
+    assert parse_answer(text, STRICT).label is None
+    assert parse_answer(text, STRICT).error
+
+
+def test_missing_open_think_tag_is_reasoning_in_lenient():
+    p = parse_answer("Because MYC drives it.</think><answer>upregulated</answer>", LENIENT)
+    assert p.has_reasoning and p.reasoning == "Because MYC drives it."
+
+
+@pytest.mark.parametrize("text,reason", [
+    ("", "empty"),
+    ("<think>r</think>", "no <answer>"),
+    ("<answer>upregulated</answer><answer>downregulated</answer>", "more than one"),
+    ("<answer>upregulated or downregulated</answer>", "not exactly"),
+    ("<answer>not upregulated</answer>", "not exactly"),
+    ("<think>a</think><think>b</think><answer>upregulated</answer>", "more than one <think>"),
+])
+def test_strict_failures_name_the_reason(text, reason):
+    p = parse_answer(text, STRICT)
+    assert p.label is None and reason in p.error
+
+
+@pytest.mark.parametrize("text", [
+    "<answer>upregulated</answer><answer>downregulated</answer>",
+    "<answer>upregulated or downregulated</answer>",
+    "<answer>not upregulated</answer>",
+    "<answer>maybe up</answer>",
+    "It could be upregulated, or downregulated.",
+    "upregulated downregulated",
+    "The answer is unclear.",
+    "Final answer: up or down",
+])
+def test_ambiguous_text_is_unparseable_in_both_modes(text):
+    for p in parse_both(text).values():
+        assert p.label is None and p.error
+
+
+def test_unknown_mode_and_label_raise():
+    with pytest.raises(ValueError):
+        parse_answer("x", "fuzzy")
+    with pytest.raises(ValueError):
+        format_answer("sideways")
+
+
+@given(st.sampled_from(LABELS), st.text(alphabet=st.characters(blacklist_characters="<>"), min_size=1,
+                                         max_size=200).filter(lambda s: s.strip()))
+@settings(max_examples=200, deadline=None)
+def test_roundtrip_any_reasoning(label, reasoning):
+    text = format_answer(label, reasoning)
+    for mode in (STRICT, LENIENT):
+        assert parse_answer(text, mode).label == label
+
+
+@given(st.text(max_size=300))
+@settings(max_examples=300, deadline=None)
+def test_parser_never_crashes_and_never_invents_a_label(text):
+    for mode in (STRICT, LENIENT):
+        p = parse_answer(text, mode)
+        assert (p.label is None) == (p.error is not None)
+        assert p.label in (None, *LABELS)
+
+
+@given(st.lists(st.sampled_from(LABELS), min_size=2, max_size=4, unique=True), st.text(max_size=40))
+@settings(max_examples=100, deadline=None)
+def test_disagreeing_answer_tags_never_parse(labels, filler):
+    text = filler.replace("<", "").replace(">", "") + "".join(f"<answer>{lab}</answer>" for lab in labels)
+    for mode in (STRICT, LENIENT):
+        assert parse_answer(text, mode).label is None

@@ -1,0 +1,49 @@
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "transformers", "trl", "peft", "vllm", "fastapi", "datasets")
+
+
+def test_help_imports_no_heavy_library():
+    code = ("import sys; from synthpert.cli import app; from typer.testing import CliRunner; "
+            "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", f"--help imported heavy modules: {out.stdout}"
+
+
+def test_config_typo_gets_did_you_mean(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data:\n  train_cels: [k562]\n")
+    out = subprocess.run([sys.executable, "-m", "synthpert.cli", "data", "build", "--out", str(tmp_path / "o"),
+                          "--config", str(cfg)], capture_output=True, text=True)
+    assert out.returncode == 2 and "did you mean 'train_cells'" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_wheel_ships_prompts_data_configs_and_finds_them(tmp_path):
+    """A non-editable install must find prompts/, data/ and configs/ (they live outside the package dir)."""
+    pytest.importorskip("hatchling")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(ROOT)], check=True, capture_output=True)
+    wheel = next((tmp_path / "dist").glob("synthpert-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    for needed in ("synthpert/_resources/prompts/student_user.j2", "synthpert/_resources/data/cell_lines.yaml",
+                   "synthpert/_resources/data/perturbqa_checksums.json"):
+        assert needed in names
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True)
+    code = ("import synthpert, synthpert.resources as r; from synthpert.prompting import student_messages; "
+            "assert str(synthpert.__file__).startswith(%r); print(r.resource_dir('prompts')); "
+            "print(student_messages('rpe1', 'A', 'B')[1]['content'][:40])" % str(target))
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "_resources" in out.stdout and "Analyze the regulatory effect" in out.stdout

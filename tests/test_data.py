@@ -1,0 +1,155 @@
+import json
+import shutil
+
+import pandas as pd
+import pytest
+from _paths import PERTURBQA
+
+from synthpert.answer import DOWN, NOT_DE, UP
+from synthpert.config import DataConfig, SubsampleConfig
+from synthpert.data import build, build_frames, fetch, load_cell_line, load_lines
+from synthpert.errors import SynthpertError
+
+ALL = ["k562", "rpe1", "hepg2", "jurkat"]
+
+
+@pytest.fixture(scope="module")
+def lines():
+    return load_lines(DataConfig(source=str(PERTURBQA), train_cells=ALL, test_cells=["k562"]))
+
+
+def cfg(**kw):
+    kw.setdefault("source", str(PERTURBQA))
+    return DataConfig(**kw)
+
+
+def test_k562_three_class_counts_match_the_csvs(lines):
+    test = build_frames(cfg(val_fraction=0.0), lines)["test"]
+    assert test["label"].value_counts().to_dict() == {NOT_DE: 20093, UP: 2530, DOWN: 589}
+    de = pd.read_csv(PERTURBQA / "k562-de.csv")
+    d = pd.read_csv(PERTURBQA / "k562-dir.csv")
+    assert len(test) == (de.split == "test").sum()
+    assert (test.label != NOT_DE).sum() == ((de.split == "test") & (de.label == 1)).sum()
+    assert (test.label == UP).sum() == ((d.split == "test") & (d.label == 1)).sum()
+
+
+def test_within_cell_split_is_by_perturbation_and_validation_too(lines):
+    fr = build_frames(cfg(val_fraction=0.1, seed=3), lines)
+    tr, va, te = (set(fr[k].perturbation) for k in ("train", "validation", "test"))
+    assert not tr & te and not tr & va and not va & te
+    assert len(va) == round(0.1 * (len(tr) + len(va)))
+    assert fr["train"].pert_seen_in_train_lines.map(len).sum() == 0  # only one training line
+    again = build_frames(cfg(val_fraction=0.1, seed=3), lines)
+    assert again["validation"].id.tolist() == fr["validation"].id.tolist()
+
+
+def test_multi_line_marks_perturbations_seen_elsewhere(lines):
+    fr = build_frames(cfg(train_cells=ALL, test_cells=["k562"], val_fraction=0.0), lines)
+    te = fr["test"]
+    share = (te.pert_seen_in_train_lines.map(len) > 0).mean()
+    assert 0.9 < share < 0.99  # science.md: ~95% of K562 test perturbations are trained elsewhere
+    rpe1_train = set(fr["train"].query("cell_line == 'rpe1'").perturbation)
+    for p, seen in zip(te.perturbation.tolist(), te.pert_seen_in_train_lines.tolist()):
+        assert ("rpe1" in seen) == (p in rpe1_train)
+        assert "k562" not in seen
+    pairs = set(zip(fr["train"].cell_line, fr["train"].perturbation, fr["train"].gene))
+    row = te[te.pair_seen_in_train_lines.map(len) > 0].iloc[0]
+    assert all((c, row.perturbation, row.gene) in pairs for c in row.pair_seen_in_train_lines)
+
+
+def test_unseen_cell_and_published_protocol(lines):
+    split = build_frames(cfg(train_cells=["k562"], test_cells=["rpe1"], val_fraction=0.0), lines)
+    assert set(split["test"].cell_line) == {"rpe1"} and set(split["test"].split) == {"test"}
+    pub = build_frames(cfg(train_cells=["k562"], test_cells=["rpe1"], protocol="published", val_fraction=0.0), lines)
+    assert len(pub["test"]) == len(lines["rpe1"].rows) and len(pub["train"]) == len(lines["k562"].rows)
+    with pytest.raises(Exception, match="published"):
+        cfg(train_cells=["k562"], test_cells=["k562"], protocol="published")
+
+
+def test_subsample_is_seeded_balanced_and_capped(lines):
+    fr = build_frames(cfg(train_subsample=SubsampleConfig(n=300, balance=True), seed=1), lines)
+    counts = fr["train"].label.value_counts()
+    assert counts.to_dict() == {UP: 100, DOWN: 100, NOT_DE: 100}
+    fr2 = build_frames(cfg(train_subsample=SubsampleConfig(n=300, balance=True), seed=1), lines)
+    assert fr["train"].id.tolist() == fr2["train"].id.tolist()
+    fr3 = build_frames(cfg(train_subsample=SubsampleConfig(n=300, balance=True), seed=2), lines)
+    assert fr["train"].id.tolist() != fr3["train"].id.tolist()
+    capped = build_frames(cfg(test_subsample=SubsampleConfig(per_class_cap=50)), lines)["test"]
+    assert capped.label.value_counts().max() == 50
+    frac = build_frames(cfg(test_subsample=SubsampleConfig(fraction=0.1)), lines)["test"]
+    assert len(frac) == round(0.1 * 23212)
+
+
+def test_build_saves_datasetdict_and_summary(tmp_path, lines):
+    dd, summary = build(cfg(train_subsample=SubsampleConfig(n=60, balance=True)), tmp_path, lines)
+    assert set(dd) == {"train", "validation", "test"}
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["splits"]["test"]["by_class"] == {UP: 2530, DOWN: 589, NOT_DE: 20093}
+    assert saved["splits"]["train"]["n"] == 60
+    from synthpert.data import load_built
+    back = load_built(tmp_path, "test")
+    assert back[0]["id"].startswith("k562:") and isinstance(back[0]["pert_seen_in_train_lines"], list)
+
+
+# --------------------------------------------------------------------------------------------- bad input
+
+def _write_line(d, key, de_rows, dir_rows):
+    pd.DataFrame(de_rows, columns=["pert", "gene", "label", "split"]).to_csv(d / f"{key}-de.csv", index=False)
+    pd.DataFrame(dir_rows, columns=["pert", "gene", "label", "split"]).to_csv(d / f"{key}-dir.csv", index=False)
+
+
+GOOD_DE = [("A", "X", 1, "train"), ("A", "Y", 0, "train"), ("B", "X", 0, "test"), ("B", "Y", 1, "test")]
+GOOD_DIR = [("A", "X", 1, "train"), ("B", "Y", 0, "test")]
+
+
+def test_unknown_cell_line_lists_available():
+    with pytest.raises(SynthpertError, match="unknown cell line 'hela'.*k562"):
+        load_lines(cfg(train_cells=["hela"], test_cells=["hela"]))
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda de, d: (de, d[:1]), "no row in"),
+    (lambda de, d: ([(*de[0][:2], 2, de[0][3]), *de[1:]], d), "label must be 0 or 1"),
+    (lambda de, d: (de, d + [("A", "Y", 1, "train")]), "not DE"),
+    (lambda de, d: (de + [de[0]], d), "more than once"),
+    (lambda de, d: ([(*r[:3], "dev") for r in de], d), "split must be"),
+])
+def test_malformed_csvs_get_clear_errors(tmp_path, mutate, message):
+    de, d = mutate(list(GOOD_DE), list(GOOD_DIR))
+    _write_line(tmp_path, "k562", de, d)
+    with pytest.raises(SynthpertError, match=message):
+        load_cell_line(tmp_path, "k562")
+
+
+def test_wrong_columns_and_missing_file(tmp_path):
+    pd.DataFrame({"a": [1]}).to_csv(tmp_path / "k562-de.csv", index=False)
+    with pytest.raises(SynthpertError, match="lacks column"):
+        load_cell_line(tmp_path, "k562")
+    with pytest.raises(SynthpertError, match="missing file"):
+        load_cell_line(tmp_path, "rpe1")
+
+
+def test_users_own_screen_goes_through_the_same_build(tmp_path):
+    _write_line(tmp_path, "myscreen", GOOD_DE, GOOD_DIR)
+    c = DataConfig(source=str(tmp_path), train_cells=["myscreen"], test_cells=["myscreen"], val_fraction=0,
+                   extra_cell_lines={"myscreen": {"name": "MyCells", "description": "Primary T cells."}})
+    fr = build_frames(c)
+    assert fr["train"].label.tolist() == [UP, NOT_DE]
+    assert fr["test"].label.tolist() == [NOT_DE, DOWN]
+    from synthpert.prompting import student_messages
+    assert "MyCells" in student_messages("myscreen", "A", "X")[1]["content"]
+
+
+def test_fetch_from_local_copy_verifies_checksums(tmp_path):
+    out = fetch(tmp_path / "copy", from_dir=PERTURBQA, log=lambda *_: None)
+    assert sorted(p.name for p in out.glob("*.csv")) == sorted(
+        f"{k}-{s}.csv" for k in ALL for s in ("de", "dir"))
+    bad = tmp_path / "bad"
+    shutil.copytree(PERTURBQA, bad)
+    (bad / "rpe1-dir.csv").chmod(0o644)
+    with open(bad / "rpe1-dir.csv", "a") as f:
+        f.write("X,Y,1,train\n")
+    with pytest.raises(SynthpertError, match="rpe1-dir.csv.*failed verification"):
+        fetch(tmp_path / "copy2", from_dir=bad, log=lambda *_: None)
+    assert not (tmp_path / "copy2" / "rpe1-dir.csv").exists()  # nothing unverified is left behind
+    assert not list((tmp_path / "copy2").glob(".*"))

@@ -1,0 +1,82 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+
+from synthpert.answer import DOWN, LABELS, NOT_DE, UP
+from synthpert.metrics import compute_metrics, per_gene_auroc
+
+
+def _sklearn_per_gene(genes, y, s):
+    vals = []
+    for g in sorted(set(genes)):
+        m = np.asarray(genes) == g
+        if len(set(np.asarray(y)[m])) == 2:
+            vals.append(roc_auc_score(np.asarray(y)[m], np.asarray(s)[m]))
+    return float(np.mean(vals)), len(vals)
+
+
+def test_per_gene_auroc_small_hand_case():
+    genes = ["A"] * 4 + ["B"] * 3 + ["C"] * 2
+    y = [1, 0, 1, 0, 1, 0, 0, 0, 0]  # gene C has one class only: skipped
+    s = [0.9, 0.1, 0.4, 0.5, 0.3, 0.3, 0.2, 0.7, 0.1]
+    mean, n = per_gene_auroc(genes, y, s)
+    assert n == 2
+    assert mean == pytest.approx(_sklearn_per_gene(genes, y, s)[0])
+    assert mean == pytest.approx((0.75 + 0.75) / 2)  # A: 3 of 4 pairs ordered; B: one tie -> half credit
+
+
+@given(st.integers(0, 10_000))
+@settings(max_examples=40, deadline=None)
+def test_per_gene_auroc_matches_sklearn_on_random_cases(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 80))
+    genes = rng.choice(list("ABCDE"), n)
+    y = rng.integers(0, 2, n)
+    s = rng.choice([0.1, 0.2, 0.5, 0.9], n) if seed % 2 else rng.random(n)
+    ours, k = per_gene_auroc(genes, y, s)
+    if k == 0:
+        assert np.isnan(ours)
+    else:
+        ref, kr = _sklearn_per_gene(genes, y, s)
+        assert k == kr and ours == pytest.approx(ref)
+
+
+def test_hard_label_metrics_match_sklearn_and_unparseable_counts_as_wrong():
+    rng = np.random.default_rng(0)
+    y = list(rng.choice(LABELS, 200, p=[0.2, 0.1, 0.7]))
+    pred = list(rng.choice([*LABELS, None], 200, p=[0.2, 0.2, 0.5, 0.1]))
+    m = compute_metrics(y, pred)
+    filled = ["unparseable" if p is None else p for p in pred]
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, filled))
+    assert m["macro_f1"] == pytest.approx(f1_score(y, filled, labels=list(LABELS), average="macro"))
+    assert m["balanced_accuracy"] == pytest.approx(
+        np.mean([np.mean([f == t for t, f in zip(y, filled) if t == lab]) for lab in LABELS]))
+    assert m["unparseable_rate"] == pytest.approx(sum(p is None for p in pred) / 200)
+    assert np.array(m["confusion_matrix"]["counts"]).sum() == 200
+    assert m["probabilities"] == "hard_labels"
+
+
+def test_direction_auroc_uses_only_de_pairs_and_scores():
+    y = [UP, DOWN, NOT_DE, UP, DOWN, NOT_DE]
+    genes = ["G"] * 6
+    probs = np.array([[0.6, 0.1, 0.3], [0.2, 0.5, 0.3], [0.9, 0.0, 0.1],
+                      [0.3, 0.2, 0.5], [0.1, 0.4, 0.5], [0.0, 0.0, 1.0]])
+    m = compute_metrics(y, [LABELS[i] for i in probs.argmax(1)], probs, genes=genes)
+    de_ref = roc_auc_score([1, 1, 0, 1, 1, 0], probs[:, 0] + probs[:, 1])
+    assert m["auroc_de_per_gene"] == pytest.approx(de_ref)
+    assert m["auroc_dir_per_gene"] == pytest.approx(1.0)  # NOT_DE row 2 has P(up)=0.9 but is excluded
+    assert m["probabilities"] == "scores"
+
+
+def test_bootstrap_resamples_perturbations():
+    rng = np.random.default_rng(1)
+    perts = np.repeat([f"p{i}" for i in range(30)], 20)
+    y = list(rng.choice(LABELS, len(perts)))
+    pred = [t if rng.random() < 0.6 else NOT_DE for t in y]
+    m = compute_metrics(y, pred, perturbations=perts, n_bootstrap=200, seed=0)
+    lo, hi = m["ci"]["accuracy"]
+    assert lo < m["accuracy"] < hi and m["ci"]["unit"] == "perturbation"
+    m2 = compute_metrics(y, pred, perturbations=perts, n_bootstrap=200, seed=0)
+    assert m2["ci"] == m["ci"]
