@@ -1,7 +1,73 @@
-"""CLI commands of the evaluate stage (placeholder until that stage lands)."""
+"""CLI commands of the evaluate stage: `synthpert eval` and `synthpert serve`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
 
 import typer
 
 
+def eval_cmd(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML with eval settings (its `eval:` "
+                                          "section or the whole file)."),
+    dataset: Optional[Path] = typer.Option(None, "--dataset", help="Folder written by `synthpert data build`."),
+    split: Optional[str] = typer.Option(None, "--split", help="train / validation / test (default test)."),
+    out: Path = typer.Option(..., "--out", help="Output folder (predictions.jsonl, metrics.json, report.md)."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="transformers (default), vllm or openai."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model folder, or model name with --backend openai."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="LoRA adapter folder (omit for zero-shot)."),
+    n: Optional[int] = typer.Option(None, "--n", help="Seeded subsample of the split."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the subsample and bootstrap."),
+    evidence: Optional[bool] = typer.Option(None, "--evidence/--no-evidence", help="Evidence context in the "
+                                            "prompt (default: as the adapter was trained)."),
+    base_url: Optional[str] = typer.Option(None, "--base-url", help="openai backend: endpoint URL."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard earlier predictions in --out."),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. inference.max_new_tokens=256"),
+) -> None:
+    """Evaluate a model (+ adapter) on a built dataset: resumable predictions, metrics beside the baselines,
+    report.md and figures."""
+    from .evaluate import load_eval_config, run_eval
+
+    flags = {"dataset": str(dataset) if dataset else None, "split": split, "n": n, "seed": seed,
+             "evidence": evidence, "inference.backend": backend, "inference.model": model,
+             "inference.adapter": adapter, "inference.base_url": base_url}
+    cfg = load_eval_config(config, overrides, **flags)
+    summary = run_eval(cfg, out_dir=out, overwrite=overwrite)
+    typer.echo(json.dumps(summary, indent=2))
+    typer.echo(f"report: {Path(summary['out']) / 'report.md'}")
+
+
+def serve_cmd(
+    model: str = typer.Option(..., "--model", help="Base (or merged) model folder."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="LoRA adapter folder."),
+    backend: str = typer.Option("transformers", "--backend", help="transformers or vllm."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (default: this machine only)."),
+    port: int = typer.Option(8000, "--port"),
+    api_key_env: str = typer.Option("SYNTHPERT_API_KEY", "--api-key-env", help="Env var whose value, when set, "
+                                    "is the required Bearer key."),
+    evidence_from: Optional[str] = typer.Option(None, "--evidence-from", help="Built dataset folder providing the "
+                                                "evidence context (for models trained with it)."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens"),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides of serve/inference settings, e.g. "
+                                          "max_batch=32 inference.temperature=0.7"),
+) -> None:
+    """Serve a model: POST /v1/predict, /v1/predict/batch, OpenAI-compatible /v1/chat/completions, GET /health."""
+    from .config import parse_overrides, validate_config
+    from .serve import ServeSettings, serve
+
+    extra = parse_overrides(overrides)
+    inference = {"max_new_tokens": max_new_tokens, **extra.pop("inference", {})}
+    settings = validate_config(ServeSettings, {"host": host, "port": port, "api_key_env": api_key_env,
+                                               "evidence_dataset": evidence_from, **extra}, origin="serve settings")
+    from .inference import InferenceConfig
+
+    validate_config(InferenceConfig, {"backend": backend, "model": model, "adapter": adapter, **inference},
+                    origin="inference settings")
+    serve(model, adapter, backend, settings, **inference)
+
+
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("eval")(eval_cmd)
+    app.command("serve")(serve_cmd)

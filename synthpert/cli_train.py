@@ -1,7 +1,84 @@
-"""CLI commands of the train stage (placeholder until that stage lands)."""
+"""CLI commands of the train stage: `synthpert model tiny`, `synthpert train`, `synthpert merge`.
+
+Heavy libraries are imported inside the commands only (`synthpert --help` must stay fast).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import typer
 
+model_app = typer.Typer(help="Build local models (the tiny offline model for tests and the quickstart).",
+                        no_args_is_help=True)
+
+
+@model_app.command("tiny")
+def model_tiny(
+    out: Path = typer.Option(..., "--out", help="Folder to write the model and tokenizer into."),
+    source: str | None = typer.Option(None, "--source", help="Folder with PerturbQA CSVs for the gene "
+                                         "vocabulary (default: $SYNTHPERT_DATA / download cache, else built-in)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the random weights and the tokenizer corpus."),
+    layers: int = typer.Option(2, "--layers"),
+    hidden: int = typer.Option(128, "--hidden", help="Hidden size; hidden/heads must be 32, 64, 80, 96, 112 or 128."),
+    heads: int = typer.Option(4, "--heads"),
+    vocab_size: int = typer.Option(2048, "--vocab-size"),
+) -> None:
+    """Build a tiny random Qwen2-architecture model with a locally trained tokenizer (no network)."""
+    from .tiny import build_tiny_model
+
+    path = build_tiny_model(out, source=source, seed=seed, layers=layers, hidden=hidden, heads=heads,
+                            vocab_size=vocab_size)
+    typer.echo(f"tiny model written to {path} (load it with from_pretrained({str(path)!r}))")
+
+
+def train_cmd(
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML with training settings "
+                                          "(its `train:` section or the whole file), e.g. configs/train_tiny.yaml."),
+    data: Path | None = typer.Option(None, "--data", help="Kept traces JSONL (judge output), or a built "
+                                        "dataset folder for mode=label_only. Default: the config's data_path."),
+    out: Path | None = typer.Option(None, "--out", help="Run folder (default: the config's output_dir)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in the run folder."),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. lora.r=16 optim.lr=2e-4"),
+) -> None:
+    """LoRA SFT (TRL SFTTrainer + PEFT) of a student model on kept reasoning traces."""
+    from .train import load_train_config, run_train
+
+    cfg = load_train_config(config, overrides or [])
+    if resume:
+        cfg = cfg.model_copy(update={"resume": True})
+    source = data or cfg.data_path
+    if source is None:
+        from .errors import SynthpertError
+
+        raise SynthpertError("give the training data with --data (a kept-traces JSONL, or a built dataset "
+                             "folder for mode=label_only), or `data_path` in the config")
+    out_dir = out or (Path(cfg.output_dir) if cfg.output_dir else None)
+    if out_dir is None:
+        from .errors import SynthpertError
+
+        raise SynthpertError("give the run folder with --out (or `output_dir` in the config)")
+    summary = run_train(cfg, source, out_dir)
+    typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+def merge_cmd(
+    adapter: Path = typer.Option(..., "--adapter", help="Run folder or adapter folder written by `synthpert train`."),
+    out: Path = typer.Option(..., "--out", help="Folder for the merged model (+ tokenizer)."),
+    base: str | None = typer.Option(None, "--base", help="Base model id or path (default: the adapter's)."),
+    tolerance: float = typer.Option(1e-3, "--tolerance", help="Max allowed |logit difference| merged vs "
+                                    "base+adapter (fp32; use ~0.1 for bf16 models)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+) -> None:
+    """Merge a LoRA adapter into its base model for serving, checking logit parity on a few prompts."""
+    from .merge import merge_adapter
+
+    report = merge_adapter(adapter, out, base=base, tolerance=tolerance, dtype=dtype)
+    typer.echo(json.dumps(report, indent=2))
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.add_typer(model_app, name="model")
+    app.command("train")(train_cmd)
+    app.command("merge")(merge_cmd)

@@ -28,6 +28,8 @@ class StrictModel(BaseModel):
 class SubsampleConfig(StrictModel):
     """How many examples to keep from one split. Deterministic for a given seed."""
 
+    genes: int | None = Field(None, ge=1, description="first keep every row of this many randomly chosen readout "
+                              "genes (so per-gene AUROC is measurable on a sample)")
     n: int | None = Field(None, ge=1, description="keep this many examples (after balancing)")
     fraction: float | None = Field(None, gt=0, le=1, description="keep this fraction of the split")
     balance: bool = Field(False, description="equal numbers per class (as far as the rarest class allows)")
@@ -164,8 +166,10 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], origin
         if e["type"] == "extra_forbidden":
             owner = _model_at(model, e["loc"])
             valid = list(owner.model_fields) if owner else []
-            guess = difflib.get_close_matches(str(e["loc"][-1]), valid, n=1)
-            hint = f" (did you mean '{guess[0]}'?)" if guess else (f" (valid keys: {', '.join(valid)})" if valid else "")
+            key = str(e["loc"][-1])
+            guess = difflib.get_close_matches(key, valid, n=1) or difflib.get_close_matches(key, valid, n=1, cutoff=0.4)
+            listing = f"valid keys: {', '.join(valid)}" if valid else ""
+            hint = f" (did you mean '{guess[0]}'? {listing})" if guess else (f" ({listing})" if listing else "")
             lines.append(f"  - unknown key '{loc}'{hint}")
         else:
             lines.append(f"  - {loc or '(top level)'}: {e['msg']}")

@@ -259,6 +259,11 @@ def subsample(df: pd.DataFrame, cfg: SubsampleConfig | None, seed: int) -> pd.Da
         return df
     rng = np.random.default_rng(seed)
     parts = []
+    if cfg.genes is not None:
+        genes = np.array(sorted(df["gene"].unique()))
+        if cfg.genes < len(genes):
+            chosen = rng.choice(genes, size=cfg.genes, replace=False)
+            df = df[df["gene"].isin(set(chosen.tolist()))]
     if cfg.balance or cfg.per_class_cap:
         counts = df["label"].value_counts()
         cap = int(counts.min()) if cfg.balance else None
@@ -351,7 +356,9 @@ def summarise(frames: dict[str, pd.DataFrame], cfg: DataConfig) -> dict:
 def build(cfg: DataConfig, out_dir: Path | None = None, lines: dict[str, CellData] | None = None):
     """Build the DatasetDict; save it (and summary.json) to ``out_dir`` when given."""
     from datasets import Dataset, DatasetDict
+    from datasets.utils.logging import disable_progress_bar
 
+    disable_progress_bar()  # saving takes well under a second; its bars only clutter the run log
     frames = build_frames(cfg, lines)
     dd = DatasetDict({k: Dataset.from_pandas(v, preserve_index=False) for k, v in frames.items()})
     summary = summarise(frames, cfg)

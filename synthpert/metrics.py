@@ -22,9 +22,11 @@ _IDX = {lab: i for i, lab in enumerate(PRED_CLASSES)}
 
 
 def _codes(labels) -> np.ndarray:
+    """Class codes; anything that is not one of the labels (None, NaN from a pandas column, an error string)
+    is unparseable, never silently mapped to a class."""
     out = np.empty(len(labels), dtype=np.int64)
     for i, lab in enumerate(labels):
-        out[i] = _IDX[UNPARSEABLE if lab is None else lab]
+        out[i] = _IDX[lab] if isinstance(lab, str) and lab in _IDX else _IDX[UNPARSEABLE]
     return out
 
 

@@ -122,10 +122,12 @@ class Manifest:
         self.data["updated_at"] = datetime.now(timezone.utc).isoformat()
         totals = {"cost_usd": 0.0, "prompt_tokens": 0, "completion_tokens": 0}
         for st in self.data["stages"].values():
-            s = st.get("summary", {})
-            totals["cost_usd"] += float(s.get("cost_usd", 0) or 0)
+            engine = st.get("summary", {}).get("engine")  # generate / judge: the request engine's totals
+            if not isinstance(engine, dict):
+                continue
+            totals["cost_usd"] += float(engine.get("cost_usd_total", 0) or 0)
             for k in ("prompt_tokens", "completion_tokens"):
-                totals[k] += int(s.get("usage", {}).get(k, 0) or 0)
+                totals[k] += int(engine.get("usage_total", {}).get(k, 0) or 0)
         self.data["totals"] = totals
         write_json_atomic(self.path, self.data)
 

@@ -76,6 +76,10 @@ def test_subsample_is_seeded_balanced_and_capped(lines):
     assert fr["train"].id.tolist() != fr3["train"].id.tolist()
     capped = build_frames(cfg(test_subsample=SubsampleConfig(per_class_cap=50)), lines)["test"]
     assert capped.label.value_counts().max() == 50
+    by_gene = build_frames(cfg(test_subsample=SubsampleConfig(genes=30)), lines)["test"]
+    full = build_frames(cfg(), lines)["test"]
+    assert by_gene.gene.nunique() == 30
+    assert len(by_gene) == full.gene.isin(set(by_gene.gene)).sum()  # every pair of the chosen genes
     frac = build_frames(cfg(test_subsample=SubsampleConfig(fraction=0.1)), lines)["test"]
     assert len(frac) == round(0.1 * 23212)
 

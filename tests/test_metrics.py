@@ -80,3 +80,15 @@ def test_bootstrap_resamples_perturbations():
     assert lo < m["accuracy"] < hi and m["ci"]["unit"] == "perturbation"
     m2 = compute_metrics(y, pred, perturbations=perts, n_bootstrap=200, seed=0)
     assert m2["ci"] == m["ci"]
+
+
+def test_missing_predictions_from_a_dataframe_count_as_unparseable():
+    import pandas as pd
+
+    from synthpert.baselines import score_predictions
+
+    test = pd.DataFrame({"label": [UP, DOWN, NOT_DE, NOT_DE], "gene": list("ABAB"), "perturbation": list("ppqq"),
+                         "pert_seen_in_train_lines": [[], ["rpe1"], [], ["rpe1"]]})
+    res = score_predictions(test, [UP, None, NOT_DE, float("nan")], None)
+    assert res["overall"]["unparseable_rate"] == 0.5 and res["overall"]["accuracy"] == 0.5
+    assert res["seen"]["n"] + res["unseen"]["n"] == 4

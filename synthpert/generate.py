@@ -1,0 +1,317 @@
+"""The teacher: reasoning traces for training triples, written through the response engine (client.py).
+
+Modes:
+
+* ``rationalise`` (SynthPert's recipe): the teacher is told the observed outcome and writes the
+  mechanistic reasoning that leads to it (prompts/teacher_rationalise.j2);
+* ``predict``: the label-blind question, ``samples`` samples per triple; only samples whose parsed answer
+  equals the observed label are usable (rejection sampling; the others are kept, marked rejected);
+* ``evidence``: the OFFLINE evidence teacher, a heuristic for machines without an API. It writes the
+  reasoning from the training data itself (synthpert.evidence; leakage rule applied) through
+  prompts/teacher_evidence.j2. It runs through the same engine, cache and records as an API teacher, so
+  the judge, training and evaluation cannot tell the difference.
+
+Output: ``<out>/traces.jsonl`` (one synthpert.schema.TraceRecord per sample, raw text always kept, parse
+failures kept and counted), ``<out>/summary.json``, ``<out>/cache.sqlite`` (every response, so a rerun
+resumes and never pays twice).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+from pydantic import Field
+
+from .answer import LABELS, LENIENT, parse_answer
+from .client import ChatEngine, ChatRequest, ChatResult, ClientConfig, SamplingConfig
+from .config import DataConfig, SubsampleConfig
+from .errors import SynthpertError
+from .schema import TraceRecord, Usage
+
+log = logging.getLogger("synthpert.generate")
+
+OFFLINE_EVIDENCE_MODEL = "offline-evidence-teacher"  # engine model name of the offline heuristic
+PROMPTS = {"rationalise": "teacher_rationalise.j2", "predict": "teacher_predict.j2",
+           "evidence": "teacher_rationalise.j2"}
+EVIDENCE_TEMPLATE = "teacher_evidence.j2"
+
+
+class TeacherConfig(ClientConfig):
+    """The teacher: where it runs (ClientConfig fields) and what it is asked."""
+
+    mode: Literal["rationalise", "predict", "evidence"] = Field(
+        "rationalise", description="rationalise: told the label; predict: label-blind with rejection sampling; "
+        "evidence: the OFFLINE evidence heuristic (no API, no cost)")
+    samples: int = Field(1, ge=1, le=64, description="samples per triple (predict mode: e.g. 4)")
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_completion_tokens=2048))
+    split: str = Field("train", description="split of the built dataset to write traces for")
+    subsample: SubsampleConfig | None = Field(None, description="which triples to send (seeded), e.g. n: 500")
+    seed: int = 0
+    evidence_context: bool = Field(False, description="show the teacher observed training evidence (leakage-safe)")
+    system_prompt: str | None = Field("teacher_system.txt", description="system prompt file in prompts/ (null: none)")
+    prompt: str | None = Field(None, description="user prompt template in prompts/ (default: per mode)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dataset and evidence
+
+
+def data_config_for(dataset_path: Path) -> DataConfig:
+    """The DataConfig a dataset was built with (``data_config.json`` next to ``dataset/``)."""
+    dataset_path = Path(dataset_path)
+    for folder in (dataset_path, dataset_path.parent):
+        f = folder / "data_config.json"
+        if f.exists():
+            try:
+                return DataConfig.model_validate_json(f.read_text())
+            except Exception as e:  # pydantic.ValidationError: a hand-edited file
+                raise SynthpertError(f"{f} is not a valid data config: {e}") from None
+    raise SynthpertError(f"no data_config.json in {dataset_path}; evidence needs the config the dataset was built "
+                         "with: rebuild it with `synthpert data build`")
+
+
+def load_examples(dataset_path: Path, split: str, subsample: SubsampleConfig | None, seed: int) -> pd.DataFrame:
+    from .data import load_built, register_extra_lines, subsample as do_subsample
+
+    try:
+        register_extra_lines(data_config_for(dataset_path))  # a user's own cell lines must resolve in prompts
+    except SynthpertError:
+        pass
+    df = load_built(Path(dataset_path), split).to_pandas()
+    if df.empty:
+        raise SynthpertError(f"split {split!r} of {dataset_path} is empty")
+    return do_subsample(df, subsample, seed)
+
+
+class EvidenceSource:
+    """TrainingStats of the dataset's training lines, built lazily (it reads every training row)."""
+
+    def __init__(self, dataset_path: Path):
+        self.dataset_path = Path(dataset_path)
+        self._stats = None
+
+    @property
+    def stats(self):
+        if self._stats is None:
+            from .report import training_stats
+
+            self._stats = training_stats(data_config_for(self.dataset_path))
+        return self._stats
+
+    def text(self, cell: str, pert: str, gene: str) -> str:
+        from .evidence import evidence_text
+
+        return evidence_text(self.stats, cell, pert, gene)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Requests
+
+
+def _messages(cfg: TeacherConfig, row, evidence: str | None) -> tuple[list[dict], str, str]:
+    from .prompting import load_template, triple_variables
+
+    name = cfg.prompt or PROMPTS[cfg.mode]
+    variables = triple_variables(row.cell_line, row.perturbation, row.gene, evidence)
+    variables["label"] = row.label if cfg.mode != "predict" else None
+    user = load_template(name)
+    messages = []
+    prompt_hash = user.sha256
+    if cfg.system_prompt:
+        system = load_template(cfg.system_prompt)
+        messages.append({"role": "system", "content": system.render(**variables)})
+        from .resources import sha256_text
+
+        prompt_hash = sha256_text(system.sha256 + user.sha256)
+    messages.append({"role": "user", "content": user.render(**variables)})
+    return messages, name, prompt_hash
+
+
+def build_requests(cfg: TeacherConfig, df: pd.DataFrame,
+                   evidence: EvidenceSource | None) -> tuple[list[ChatRequest], dict]:
+    """One request per triple (n samples each). Returns the requests and {request id: prompt info}."""
+    sampling = cfg.sampling.to_dict()
+    if cfg.samples > 1:
+        sampling["n"] = cfg.samples
+    key_extra = None
+    if cfg.mode == "evidence":
+        from .prompting import load_template
+
+        sampling = {"n": cfg.samples} if cfg.samples > 1 else {}
+        key_extra = {"evidence_template": load_template(EVIDENCE_TEMPLATE).sha256}
+    reqs, info = [], {}
+    use_evidence = cfg.evidence_context or cfg.mode == "evidence"
+    for row in df.itertuples(index=False):
+        ev_text = evidence.text(row.cell_line, row.perturbation, row.gene) if use_evidence else None
+        messages, name, phash = _messages(cfg, row, ev_text)
+        model = OFFLINE_EVIDENCE_MODEL if cfg.mode == "evidence" else None
+        reqs.append(ChatRequest(id=row.id, messages=messages, sampling=sampling, model=model, key_extra=key_extra,
+                                context=row))
+        info[row.id] = {"prompt_name": name, "prompt_hash": phash}
+    return reqs, info
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The offline evidence teacher
+
+
+def _counts_phrase(counts, subject: str) -> tuple[str, float, str | None]:
+    n = int(counts.sum())
+    if n == 0:
+        return f"no training knockdown measured {subject}", 0.0, None
+    up, down = int(counts[0]), int(counts[1])
+    share = (up + down) / n
+    direction = None if up + down == 0 else (LABELS[0] if up >= down else LABELS[1])
+    return (f"{subject} changed in {up + down} of {n} training knockdowns ({100 * share:.0f}%; up {up}, down {down})",
+            share, direction)
+
+
+def evidence_reasoning(stats, row, names: dict[str, str]) -> str:
+    """Render prompts/teacher_evidence.j2 for one training triple (label-conditioned, leakage-safe)."""
+    from .prompting import load_template
+
+    ev = stats.evidence(row.cell_line, row.perturbation, row.gene)
+    here, share, direction = _counts_phrase(ev.gene_counts_here, row.gene)
+    other = "; ".join(f"in {names.get(c, c)}, {_counts_phrase(v, row.gene)[0]}"
+                      for c, v in sorted(ev.gene_counts_other.items()))
+    if ev.pert_counts_other:
+        parts = []
+        for c, v in sorted(ev.pert_counts_other.items()):
+            n, de = int(v.sum()), int(v[0] + v[1])
+            parts.append(f"in {names.get(c, c)} its knockdown changed {de} of {n} measured genes "
+                         f"({100 * de / max(n, 1):.0f}%; up {int(v[0])}, down {int(v[1])})")
+        pert_other = "; ".join(parts)
+        breadth = max(float((v[0] + v[1]) / max(v.sum(), 1)) for v in ev.pert_counts_other.values())
+        breadth_phrase = (f"{row.perturbation} knockdown has broad effects elsewhere, changing up to "
+                          f"{100 * breadth:.0f}% of measured genes" if breadth >= 0.1 else
+                          f"{row.perturbation} knockdown has narrow effects in the other lines measured")
+    else:
+        pert_other = f"{row.perturbation} knockdown was not measured in another training cell line"
+        breadth_phrase = f"there is no measurement of {row.perturbation} knockdown in another line to go by"
+    pair_other = "; ".join(f"in {names.get(c, c)}, {row.gene} was {lab}"
+                           for c, lab in sorted(ev.pair_labels_other.items()))
+    variables = {"perturbation": row.perturbation, "gene": row.gene,
+                 "cell_name": names.get(row.cell_line, row.cell_line),
+                 "label": row.label, "gene_here": here, "gene_other": other, "pert_other": pert_other,
+                 "pair_other": pair_other, "pert_breadth_phrase": breadth_phrase, "gene_responsive": share >= 0.05,
+                 "direction_agrees": direction == row.label}
+    reasoning = load_template(EVIDENCE_TEMPLATE).render(**variables)
+    return f"<think>\n{reasoning}\n</think>\n<answer>{row.label}</answer>"
+
+
+def evidence_backend(evidence: EvidenceSource):
+    from .cells import all_cell_lines
+
+    names = {k: v.name for k, v in all_cell_lines().items()}
+    return lambda req, i: evidence_reasoning(evidence.stats, req.context, names)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Records and the run
+
+
+def _split_usage(usage: Usage, n: int) -> list[Usage]:
+    """Share one request's usage over its n samples so per-trace figures add up to the bill exactly."""
+    parts = []
+    for i in range(n):
+        parts.append(Usage(**{k: v // n + (v % n if i == 0 else 0) for k, v in usage.model_dump().items()}))
+    return parts
+
+
+def to_records(cfg: TeacherConfig, req: ChatRequest, res: ChatResult, info: dict) -> list[TraceRecord]:
+    row = req.context
+    teacher = "evidence" if cfg.mode == "evidence" else res.model
+    usages = _split_usage(res.usage, len(res.texts))
+    out = []
+    for i, text in enumerate(res.texts):
+        parsed = parse_answer(text, LENIENT)
+        rec = TraceRecord(
+            id=f"{row.id}#{i}", example_id=row.id, cell_line=row.cell_line, perturbation=row.perturbation,
+            gene=row.gene, label=row.label, mode=cfg.mode, sample_index=i, teacher=teacher,
+            prompt_name=info["prompt_name"], prompt_hash=info["prompt_hash"], messages=req.messages,
+            sampling=req.sampling, raw_text=text or "", reasoning=parsed.reasoning, parsed_label=parsed.label,
+            parse_error=parsed.error, usage=usages[i], cost_usd=res.cost_usd / max(len(res.texts), 1),
+            cache_key=res.keys[min(i, len(res.keys) - 1)])
+        if cfg.mode == "predict" and parsed.label != row.label:
+            rec.kept = False  # rejection sampling: the raw sample is kept, marked unusable
+            rec.reject_reason = f"rejection sampling: answer {parsed.label or 'unparseable'} != label {row.label}"
+        out.append(rec)
+    return out
+
+
+def write_jsonl_atomic(path: Path, records) -> int:
+    """Write to a temporary file and rename: readers never see a half-written file, whatever kills us."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    n = 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(r.model_dump_json() + "\n")
+            n += 1
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return n
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def engine_for(cfg: ClientConfig, out_dir: Path, local=None, description: str = "requests") -> ChatEngine:
+    cache = Path(cfg.cache_path) if cfg.cache_path else Path(out_dir) / "cache.sqlite"
+    return ChatEngine(cfg, cache, local=local, description=description)
+
+
+def _class_counts(records: list[TraceRecord], pred) -> dict:
+    return {lab: sum(1 for r in records if r.label == lab and pred(r)) for lab in LABELS}
+
+
+def run_generate(cfg: TeacherConfig, dataset_path: str | Path, out_dir: str | Path, dry_run: bool = False) -> dict:
+    """Write traces for the dataset's ``cfg.split``; returns the summary (also in <out>/summary.json)."""
+    out_dir = Path(out_dir)
+    df = load_examples(Path(dataset_path), cfg.split, cfg.subsample, cfg.seed)
+    needs_evidence = cfg.evidence_context or cfg.mode == "evidence"
+    evidence = EvidenceSource(Path(dataset_path)) if needs_evidence else None
+    local = evidence_backend(evidence) if cfg.mode == "evidence" else None
+    requests, info = build_requests(cfg, df, evidence)
+    engine = engine_for(cfg, out_dir, local=local, description=f"teacher ({cfg.mode})")
+    if dry_run:
+        return {"dry_run": True, "mode": cfg.mode, "examples": len(df), **engine.estimate(requests)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run = engine.run(requests)
+    records: list[TraceRecord] = []
+    for req in requests:
+        res = run.results.get(req.id)
+        if res is not None:
+            records.extend(to_records(cfg, req, res, info[req.id]))
+    write_jsonl_atomic(out_dir / "traces.jsonl", records)
+    parse_failures = sum(1 for r in records if r.parsed_label is None)
+    matches = sum(1 for r in records if r.parsed_label == r.label)
+    summary = {
+        "complete": run.stats.completed == len(requests),
+        "mode": cfg.mode, "offline_heuristic": cfg.mode == "evidence",
+        "teacher": "evidence" if cfg.mode == "evidence" else cfg.model,
+        "base_url": None if cfg.mode == "evidence" else cfg.base_url,
+        "prompt_name": (cfg.prompt or PROMPTS[cfg.mode]),
+        "prompt_hash": next(iter(info.values()))["prompt_hash"] if info else None,
+        "evidence_template_hash": (requests[0].key_extra["evidence_template"]
+                                   if cfg.mode == "evidence" and requests else None),
+        "evidence_context": needs_evidence, "sampling": requests[0].sampling if requests else {},
+        "examples": len(df), "examples_done": run.stats.completed, "traces": len(records),
+        "parse_failures": parse_failures, "answer_matches_label": matches,
+        "by_class": {"examples": {lab: int((df["label"] == lab).sum()) for lab in LABELS},
+                     "traces": _class_counts(records, lambda r: True),
+                     "answer_matches_label": _class_counts(records, lambda r: r.parsed_label == r.label)},
+        "engine": run.stats.to_dict(),
+        "cost_usd_this_run": round(run.stats.cost_new, 6), "cost_usd_total": round(run.stats.cost_total, 6),
+        "traces_path": str(out_dir / "traces.jsonl"),
+    }
+    write_json_atomic(out_dir / "summary.json", summary)
+    return summary

@@ -1,0 +1,246 @@
+"""The judge: rates each trace's reasoning and keeps a trace only if the rating meets the threshold AND
+its parsed answer equals the observed label.
+
+* ``llm``: any OpenAI-compatible model with the rubric in prompts/judge.j2 (reasoning only; five levels
+  excellent / good / average / bad / terrible; a short justification). Use a different model family from
+  the teacher where you can: a judge favours its own family's style (see README).
+* ``rules``: the OFFLINE rules judge, a heuristic: strict answer format, answer equals label, mentions
+  both genes and the cell line, length bounds. It can only certify form, so it rates at most "good".
+
+Both go through the same engine (cache, accounting) and write the same outputs: ``kept.jsonl``,
+``rejected.jsonl`` (TraceRecords with the verdict attached) and ``summary.json`` (keep rate overall, per
+class and per rating, judge parse failures, cost).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from .answer import LABELS, STRICT, parse_answer
+from .client import ChatRequest, ClientConfig, SamplingConfig
+from .errors import SynthpertError
+from .generate import engine_for, write_json_atomic, write_jsonl_atomic
+from .schema import JUDGE_RATINGS, JudgeVerdict, TraceRecord, read_jsonl
+
+RULES_JUDGE_MODEL = "offline-rules-judge"
+RANK = {r: i for i, r in enumerate(reversed(JUDGE_RATINGS))}  # terrible=0 ... excellent=4
+
+
+class JudgeConfig(ClientConfig):
+    """The judge: where it runs (ClientConfig fields), the rubric and the keep rule."""
+
+    kind: Literal["llm", "rules"] = Field("llm", description="llm: a model with the rubric; rules: the OFFLINE "
+                                          "rules heuristic (no API, no cost)")
+    threshold: Literal["excellent", "good", "average", "bad", "terrible"] = Field(
+        "good", description="keep traces rated at least this (SynthPert's main run kept only 'excellent')")
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.0,
+                                                                            max_completion_tokens=512))
+    system_prompt: str | None = Field("judge_system.txt", description="system prompt file in prompts/ (null: none)")
+    prompt: str = Field("judge.j2", description="rubric template in prompts/")
+    judge_mismatched: bool = Field(False, description="also pay to judge traces whose answer != label (they "
+                                   "cannot be kept; useful only to study the judge)")
+    min_chars: int = Field(200, ge=0, description="rules judge: shortest acceptable reasoning")
+    max_chars: int = Field(20000, ge=1, description="rules judge: longest acceptable reasoning")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Verdict parsing
+
+_RATING_LINE = re.compile(r"rating\s*[\"']?\s*[:=\-]\s*[\"'*_\s]*(excellent|good|average|bad|terrible)\b",
+                          re.IGNORECASE)
+_JUST_LINE = re.compile(r"justification\s*[\"']?\s*[:=\-]\s*[\"'*_\s]*(.+)", re.IGNORECASE | re.DOTALL)
+_WORD = re.compile(r"\b(excellent|good|average|bad|terrible)\b", re.IGNORECASE)
+
+
+def parse_verdict(text: str | None) -> tuple[str | None, str, str | None]:
+    """(rating, justification, error). Accepts 'Rating: X' lines (markdown allowed), a JSON object with a
+    'rating' field, or a reply that is just one rating word. Anything ambiguous is unparseable."""
+    if not text or not text.strip():
+        return None, "", "empty judge output"
+    t = re.sub(r"<think>.*?</think>", "", text, flags=re.DOTALL | re.IGNORECASE).strip()
+    obj = _json_object(t)
+    if obj is not None and isinstance(obj.get("rating"), str) and obj["rating"].strip().lower() in JUDGE_RATINGS:
+        return obj["rating"].strip().lower(), str(obj.get("justification", "")).strip(), None
+    ratings = {m.lower() for m in _RATING_LINE.findall(t)}
+    just = _JUST_LINE.search(t)
+    justification = just.group(1).strip().splitlines()[0].strip(" *\"'") if just else ""
+    if len(ratings) == 1:
+        return ratings.pop(), justification, None
+    if len(ratings) > 1:
+        return None, justification, f"conflicting ratings {sorted(ratings)}"
+    words = {w.lower() for w in _WORD.findall(t)}
+    if len(t.split()) <= 3 and len(words) == 1:
+        return words.pop(), justification, None
+    return None, justification, "no 'Rating: <level>' line in the judge output"
+
+
+def _json_object(text: str) -> dict | None:
+    m = re.search(r"\{.*\}", text, re.DOTALL)
+    if not m:
+        return None
+    try:
+        obj = json.loads(m.group(0))
+    except json.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The offline rules judge
+
+
+def rules_verdict(trace: TraceRecord, cfg: JudgeConfig) -> str:
+    """A verdict in the LLM judge's reply format, so both go through the same parser and outputs."""
+    from .cells import get_cell_line
+
+    strict = parse_answer(trace.raw_text, STRICT)
+    failures, soft = [], []
+    if not strict.ok or not strict.has_reasoning:
+        failures.append(f"format: {strict.error or 'no reasoning block'}")
+    if trace.parsed_label != trace.label:
+        failures.append(f"answer {trace.parsed_label or 'unparseable'} != label {trace.label}")
+    reasoning = trace.reasoning or ""
+    try:
+        cell_names = {trace.cell_line.lower(), get_cell_line(trace.cell_line).name.lower()}
+    except SynthpertError:
+        cell_names = {trace.cell_line.lower()}
+    low = reasoning.lower()
+    for what, names in (("perturbation", {trace.perturbation.lower()}), ("gene", {trace.gene.lower()}),
+                        ("cell line", cell_names)):
+        if not any(re.search(rf"(?<![a-z0-9]){re.escape(n)}(?![a-z0-9])", low) for n in names):
+            soft.append(f"does not mention the {what}")
+    if len(reasoning) < cfg.min_chars:
+        soft.append(f"reasoning shorter than {cfg.min_chars} characters ({len(reasoning)})")
+    if len(reasoning) > cfg.max_chars:
+        soft.append(f"reasoning longer than {cfg.max_chars} characters ({len(reasoning)})")
+    if failures:
+        return "Rating: terrible\nJustification: " + "; ".join(failures + soft)
+    if soft:
+        return "Rating: bad\nJustification: " + "; ".join(soft)
+    return ("Rating: good\nJustification: format ok, answer equals label, mentions both genes and the cell line, "
+            f"{len(reasoning)} characters (rules heuristic: form only, not biology)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run
+
+
+def _judge_messages(cfg: JudgeConfig, trace: TraceRecord) -> tuple[list[dict], str]:
+    from .prompting import load_template, triple_variables
+    from .resources import sha256_text
+
+    variables = triple_variables(trace.cell_line, trace.perturbation, trace.gene)
+    variables.update(reasoning=trace.reasoning or "", answer=trace.parsed_label or "(no parseable answer)")
+    user = load_template(cfg.prompt)
+    messages, phash = [], user.sha256
+    if cfg.system_prompt:
+        system = load_template(cfg.system_prompt)
+        messages.append({"role": "system", "content": system.render(**variables)})
+        phash = sha256_text(system.sha256 + user.sha256)
+    messages.append({"role": "user", "content": user.render(**variables)})
+    return messages, phash
+
+
+def _precheck(cfg: JudgeConfig, trace: TraceRecord) -> str | None:
+    """Reasons to reject without paying a judge: the keep rule could never be met."""
+    if trace.kept is False and trace.reject_reason:
+        return trace.reject_reason  # e.g. rejection sampling in predict mode
+    if not trace.reasoning:
+        return f"no reasoning to judge ({trace.parse_error or 'empty'})"
+    if trace.parsed_label != trace.label and not cfg.judge_mismatched:
+        return f"answer {trace.parsed_label or 'unparseable'} != label {trace.label}"
+    return None
+
+
+def run_judge(cfg: JudgeConfig, traces_path: str | Path, out_dir: str | Path, dry_run: bool = False) -> dict:
+    out_dir = Path(out_dir)
+    traces = list(read_jsonl(Path(traces_path), TraceRecord))
+    if not traces:
+        raise SynthpertError(f"{traces_path} holds no traces")
+    ids = [t.id for t in traces]
+    if len(set(ids)) != len(ids):
+        raise SynthpertError(f"{traces_path}: trace id {next(i for i in ids if ids.count(i) > 1)!r} appears twice")
+    if cfg.kind == "rules" and RANK[cfg.threshold] > RANK["good"]:
+        raise SynthpertError(f"the rules judge rates at most 'good' (it checks form, not biology); threshold "
+                             f"{cfg.threshold!r} would keep nothing. Use judge.threshold=good or an LLM judge")
+    by_id = {t.id: t for t in traces}
+    pre = {t.id: _precheck(cfg, t) for t in traces}
+    requests, phash = [], None
+    model = RULES_JUDGE_MODEL if cfg.kind == "rules" else None
+    sampling = {} if cfg.kind == "rules" else cfg.sampling.to_dict()
+    key_extra = {"rules": [cfg.min_chars, cfg.max_chars, "v1"]} if cfg.kind == "rules" else None
+    for t in traces:
+        if pre[t.id] is None:
+            messages, phash = _judge_messages(cfg, t)
+            requests.append(ChatRequest(id=t.id, messages=messages, sampling=sampling, model=model,
+                                        key_extra=key_extra, context=t))
+    local = (lambda req, i: rules_verdict(req.context, cfg)) if cfg.kind == "rules" else None
+    engine = engine_for(cfg, out_dir, local=local, description=f"judge ({cfg.kind})")
+    if dry_run:
+        return {"dry_run": True, "traces": len(traces), "to_judge": len(requests),
+                "rejected_without_judging": len(traces) - len(requests), **engine.estimate(requests)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run = engine.run(requests)
+    judge_name = "rules" if cfg.kind == "rules" else cfg.model
+    kept, rejected, unjudged = [], [], 0
+    rating_counts, rating_kept, parse_failures = Counter(), Counter(), 0
+    for t in traces:
+        rec = by_id[t.id].model_copy(deep=True)
+        if pre[t.id] is not None:
+            rec.kept, rec.reject_reason = False, pre[t.id]
+            rejected.append(rec)
+            continue
+        res = run.results.get(t.id)
+        if res is None:  # not judged (interrupted / budget / failed): reported, left for a rerun
+            unjudged += 1
+            continue
+        text = res.texts[0] if res.texts else None
+        rating, justification, error = parse_verdict(text)
+        rec.judge = JudgeVerdict(judge=judge_name, rating=rating, justification=justification, raw_text=text or "",
+                                 parse_error=error, prompt_hash=phash, usage=res.usage, cost_usd=res.cost_usd)
+        rating_counts[rating or "unparseable"] += 1
+        if rating is None:
+            parse_failures += 1
+            rec.kept, rec.reject_reason = False, f"judge output unparseable: {error}"
+        elif RANK[rating] < RANK[cfg.threshold]:
+            rec.kept, rec.reject_reason = False, f"rated {rating} (threshold {cfg.threshold})"
+        elif rec.parsed_label != rec.label:
+            rec.kept, rec.reject_reason = False, f"answer {rec.parsed_label or 'unparseable'} != label {rec.label}"
+        else:
+            rec.kept, rec.reject_reason = True, None
+            rating_kept[rating] += 1
+        (kept if rec.kept else rejected).append(rec)
+    write_jsonl_atomic(out_dir / "kept.jsonl", kept)
+    write_jsonl_atomic(out_dir / "rejected.jsonl", rejected)
+    total = len(traces)
+    per_class = {}
+    for lab in LABELS:
+        n = sum(1 for t in traces if t.label == lab)
+        k = sum(1 for t in kept if t.label == lab)
+        per_class[lab] = {"traces": n, "kept": k, "keep_rate": round(k / n, 4) if n else None}
+    summary = {
+        "complete": unjudged == 0 and run.stats.completed == len(requests),
+        "judge": judge_name, "kind": cfg.kind, "offline_heuristic": cfg.kind == "rules",
+        "base_url": None if cfg.kind == "rules" else cfg.base_url, "threshold": cfg.threshold,
+        "prompt_hash": phash, "traces": total, "judged": sum(rating_counts.values()), "unjudged": unjudged,
+        "kept": len(kept), "rejected": len(rejected), "keep_rate": round(len(kept) / total, 4),
+        "per_class": per_class,
+        "per_rating": {r: {"n": rating_counts.get(r, 0), "kept": rating_kept.get(r, 0)}
+                       for r in (*JUDGE_RATINGS, "unparseable")},
+        "rejected_without_judging": sum(1 for v in pre.values() if v is not None),
+        "judge_parse_failures": parse_failures,
+        "teacher_parse_failures": sum(1 for t in traces if t.parsed_label is None),
+        "answer_mismatch": sum(1 for t in traces if t.parsed_label != t.label),
+        "engine": run.stats.to_dict(),
+        "cost_usd_this_run": round(run.stats.cost_new, 6), "cost_usd_total": round(run.stats.cost_total, 6),
+        "teacher_cost_usd": round(sum(t.cost_usd for t in traces), 6),
+        "kept_path": str(out_dir / "kept.jsonl"), "rejected_path": str(out_dir / "rejected.jsonl"),
+    }
+    write_json_atomic(out_dir / "summary.json", summary)
+    return summary

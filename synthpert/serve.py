@@ -1,0 +1,400 @@
+"""`synthpert serve`: the local perturbation-reasoning endpoint (FastAPI + uvicorn).
+
+Endpoints:
+
+* ``POST /v1/predict`` ``{cell_line, perturbation, gene, n_samples?, return_reasoning?}`` ->
+  ``{label, label_strict, probabilities, probability_method, reasoning, model, adapter, ...}``
+* ``POST /v1/predict/batch`` ``{items: [...], n_samples?, return_reasoning?}`` -> ``{predictions: [...]}``
+* ``POST /v1/chat/completions`` and ``GET /v1/models``: OpenAI-compatible, for tools that speak that API
+  (no streaming). The prompt is rendered with the chat template stored beside the adapter.
+* ``GET /health``
+
+Both backends run in-process: the model (transformers) or a ``vllm.LLM`` engine with the adapter as a
+``LoRARequest`` sits behind an async micro-batcher, which gathers concurrent requests into one batched
+call. (vLLM's own OpenAI server, ``python -m vllm.entrypoints.openai.api_server --model BASE
+--enable-lora --lora-modules NAME=ADAPTER``, is the alternative for chat-only serving at scale; it knows
+nothing of /v1/predict.)
+
+Security defaults: binds 127.0.0.1; when the environment variable named by ``api_key_env`` (default
+SYNTHPERT_API_KEY) is set, every endpoint but /health needs ``Authorization: Bearer <key>``; request
+bodies, batch sizes, n_samples and max_tokens are capped; errors are JSON ``{"error": {...}}`` and never
+carry a traceback or the key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from .config import StrictModel
+from .errors import SynthpertError
+
+log = logging.getLogger("synthpert.serve")
+
+Symbol = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+
+
+class ServeSettings(StrictModel):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key_env: str = Field("SYNTHPERT_API_KEY", description="NAME of the env var holding the key; unset = no auth")
+    max_batch: int = Field(64, ge=1, description="items per /v1/predict/batch request")
+    max_n_samples: int = Field(8, ge=1)
+    max_tokens: int = Field(1024, ge=1, description="cap on max_tokens of chat completions")
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    max_messages: int = Field(64, ge=1)
+    batch_window_ms: float = Field(5.0, ge=0, description="how long the batcher waits to fill a batch")
+    served_name: str | None = Field(None, description="model id for /v1/models (default: adapter or model folder name)")
+    evidence_dataset: str | None = Field(None, description="built dataset folder whose training rows provide the "
+                                         "evidence context (for models trained with it)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Request / response bodies
+
+
+class PredictItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    cell_line: Symbol
+    perturbation: Symbol
+    gene: Symbol
+
+    @field_validator("cell_line")
+    @classmethod
+    def _known_line(cls, v: str) -> str:
+        from .cells import get_cell_line
+
+        try:
+            return get_cell_line(v).key
+        except SynthpertError as e:
+            raise ValueError(str(e)) from None
+
+
+class PredictRequest(PredictItem):
+    n_samples: int = Field(1, ge=1)
+    return_reasoning: bool = False
+
+
+class BatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[PredictItem] = Field(..., min_length=1)
+    n_samples: int = Field(1, ge=1)
+    return_reasoning: bool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: str = Field(..., pattern="^(system|user|assistant)$")
+    content: str = Field(..., max_length=100_000)
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # other OpenAI fields are accepted and ignored
+
+    model: str
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1)
+    seed: int | None = None
+    stream: bool = False
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+
+def _error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Micro-batcher: concurrent requests with the same settings share one batched model call
+
+
+class Batcher:
+    def __init__(self, run_batch, max_items: int, window_s: float):
+        self.run_batch = run_batch  # (key, items) -> results, called in a worker thread
+        self.max_items = max_items
+        self.window_s = window_s
+        self.queue: asyncio.Queue | None = None
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.queue = asyncio.Queue()
+        self.task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            try:
+                await self.task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    async def submit(self, key, items: list) -> list:
+        fut = asyncio.get_running_loop().create_future()
+        await self.queue.put((key, items, fut))
+        return await fut
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self.queue.get()
+            pending = [first]
+            if self.window_s:
+                await asyncio.sleep(self.window_s)
+            while not self.queue.empty() and sum(len(p[1]) for p in pending) < self.max_items * 4:
+                pending.append(self.queue.get_nowait())
+            groups: dict[Any, list] = {}
+            for key, items, fut in pending:
+                groups.setdefault(key, []).append((items, fut))
+            for key, entries in groups.items():
+                # Split into model calls of at most max_items; keep each request's items together.
+                chunk: list = []
+                for entry in entries:
+                    if chunk and sum(len(e[0]) for e in chunk) + len(entry[0]) > self.max_items:
+                        await self._run(loop, key, chunk)
+                        chunk = []
+                    chunk.append(entry)
+                if chunk:
+                    await self._run(loop, key, chunk)
+
+    async def _run(self, loop, key, entries: list) -> None:
+        flat = [it for items, _ in entries for it in items]
+        try:
+            results = await loop.run_in_executor(None, self.run_batch, key, flat)
+        except Exception as e:  # handed to each waiting request; the handler turns it into a safe 500
+            for _, fut in entries:
+                if not fut.done():
+                    fut.set_exception(e)
+            return
+        i = 0
+        for items, fut in entries:
+            if not fut.done():
+                fut.set_result(results[i:i + len(items)])
+            i += len(items)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# App
+
+
+def served_model_name(predictor, settings: ServeSettings) -> str:
+    if settings.served_name:
+        return settings.served_name
+    cfg = predictor.cfg
+    return Path(cfg.adapter).name if cfg.adapter else Path(cfg.model or "model").name
+
+
+def create_app(predictor, settings: ServeSettings | None = None, evidence_stats=None):
+    """The FastAPI app around a loaded ``Predictor`` (its backend is transformers or vllm)."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+
+    from .inference import Triple
+
+    settings = settings or ServeSettings()
+    name = served_model_name(predictor, settings)
+    api_key = os.environ.get(settings.api_key_env) or None
+    backend = predictor.backend
+    created = int(time.time())
+
+    def run_batch(key, items):
+        kind = key[0]
+        if kind == "predict":
+            _, n = key
+            return predictor.predict(items, n_samples=n)
+        _, n, max_tokens, temperature, top_p, seed = key
+        queries = [backend.prepare(m) for m in items]
+        gens = backend.generate(queries, n=n, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                seed=seed)
+        return [(q, g) for q, g in zip(queries, gens)]
+
+    batcher = Batcher(run_batch, max_items=max(settings.max_batch, 1), window_s=settings.batch_window_ms / 1000)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title="synthpert", version=_version(), lifespan=lifespan, debug=False,
+                  docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
+            return JSONResponse(_error_body(f"request body larger than {settings.max_body_bytes} bytes",
+                                            "invalid_request_error", code="request_too_large"), status_code=413)
+        if api_key is not None and request.url.path != "/health":
+            auth = request.headers.get("authorization", "")
+            token = auth[7:] if auth.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), api_key.encode()):
+                return JSONResponse(_error_body("missing or invalid API key (Authorization: Bearer ...)",
+                                                "authentication_error", code="invalid_api_key"), status_code=401)
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(request: Request, exc: RequestValidationError):
+        errs = exc.errors()
+        first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+        text = f"field '{param}': {msg}" if param else msg
+        if len(errs) > 1:
+            text += f" (and {len(errs) - 1} more problem(s))"
+        return JSONResponse(_error_body(text, "invalid_request_error", param), status_code=422)
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(request: Request, exc: ApiError):
+        return JSONResponse(_error_body(exc.message, exc.kind, exc.param), status_code=exc.status)
+
+    @app.exception_handler(SynthpertError)
+    async def on_user_error(request: Request, exc: SynthpertError):
+        return JSONResponse(_error_body(_scrub(str(exc), api_key), "invalid_request_error"), status_code=422)
+
+    @app.exception_handler(Exception)
+    async def on_internal(request: Request, exc: Exception):
+        ref = uuid.uuid4().hex[:12]
+        log.error("internal error %s on %s: %s", ref, request.url.path, _scrub(repr(exc), api_key), exc_info=exc)
+        return JSONResponse(_error_body(f"internal server error (reference {ref})", "server_error"), status_code=500)
+
+    def check_n(n: int, param: str) -> None:
+        if n > settings.max_n_samples:
+            raise ApiError(422, f"field '{param}': at most {settings.max_n_samples} samples per request", param)
+
+    def triple(item: PredictItem):
+        from .schema import Example
+
+        ev = None
+        if evidence_stats is not None:
+            from .evidence import evidence_text
+
+            ev = evidence_text(evidence_stats, item.cell_line, item.perturbation, item.gene)
+        return Triple(Example.make_id(item.cell_line, item.perturbation, item.gene), item.cell_line,
+                      item.perturbation, item.gene, None, ev)
+
+    def answer(p, return_reasoning: bool) -> dict:
+        return {"cell_line": p.cell_line, "perturbation": p.perturbation, "gene": p.gene,
+                "label": p.label_lenient, "label_strict": p.label_strict,
+                "unparseable_reason": p.unparseable_reason_lenient, "probabilities": p.probabilities,
+                "probability_method": p.probability_method,
+                "reasoning": (p.reasoning if p.reasoning is not None else p.raw_text) if return_reasoning else None,
+                "completion_tokens": p.completion_tokens, "model": name, "adapter": predictor.cfg.adapter}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": name, "backend": backend.name}
+
+    @app.post("/v1/predict")
+    async def predict(req: PredictRequest):
+        check_n(req.n_samples, "n_samples")
+        [p] = await batcher.submit(("predict", req.n_samples), [triple(req)])
+        return answer(p, req.return_reasoning)
+
+    @app.post("/v1/predict/batch")
+    async def predict_batch(req: BatchRequest):
+        check_n(req.n_samples, "n_samples")
+        if len(req.items) > settings.max_batch:
+            raise ApiError(422, f"field 'items': at most {settings.max_batch} items per batch request "
+                                f"(got {len(req.items)})", "items")
+        preds = await batcher.submit(("predict", req.n_samples), [triple(i) for i in req.items])
+        return {"predictions": [answer(p, req.return_reasoning) for p in preds], "model": name}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created,
+                                             "owned_by": "synthpert"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest):
+        if req.model != name:
+            raise ApiError(404, f"model '{req.model}' not found; this server serves '{name}'", "model",
+                           kind="not_found_error")
+        if req.stream:
+            raise ApiError(400, "field 'stream': streaming is not supported; send stream=false", "stream")
+        check_n(req.n, "n")
+        if len(req.messages) > settings.max_messages:
+            raise ApiError(422, f"field 'messages': at most {settings.max_messages} messages", "messages")
+        max_tokens = req.max_completion_tokens or req.max_tokens or predictor.cfg.max_new_tokens
+        if max_tokens > settings.max_tokens:
+            raise ApiError(422, f"field 'max_tokens': at most {settings.max_tokens}", "max_tokens")
+        temperature = predictor.cfg.temperature if req.temperature is None else req.temperature
+        top_p = 1.0 if req.top_p is None else req.top_p
+        seed = predictor.cfg.seed if req.seed is None else req.seed
+        messages = [{"role": m.role, "content": m.content} for m in req.messages]
+        [(q, gens)] = await batcher.submit(("chat", req.n, max_tokens, temperature, top_p, seed), [messages])
+        completion = sum(g.completion_tokens for g in gens)
+        prompt = len(q.prompt_ids or [])
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": name,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": g.text},
+                             "finish_reason": g.finish_reason or "stop", "logprobs": None}
+                            for i, g in enumerate(gens)],
+                "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                          "total_tokens": prompt + completion}}
+
+    return app
+
+
+def _scrub(text: str, key: str | None) -> str:
+    return text.replace(key, "***") if key else text
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def load_predictor(model: str, adapter: str | None = None, backend: str = "transformers", **inference):
+    from .inference import InferenceConfig, Predictor, make_backend
+
+    cfg = InferenceConfig.model_validate({"backend": backend, "model": model, "adapter": adapter, **inference})
+    if cfg.backend == "openai":
+        raise SynthpertError("serve runs a local model: use --backend transformers or vllm")
+    return Predictor(make_backend(cfg))
+
+
+def serve(model: str, adapter: str | None = None, backend: str = "transformers",
+          settings: ServeSettings | None = None, **inference) -> None:
+    """Load the model and run uvicorn until interrupted."""
+    import uvicorn
+
+    settings = settings or ServeSettings()
+    stats = None
+    if settings.evidence_dataset:
+        from .evaluate import dataset_config
+        from .report import training_stats
+
+        stats = training_stats(dataset_config(Path(settings.evidence_dataset)))
+    predictor = load_predictor(model, adapter, backend, **inference)
+    app = create_app(predictor, settings, stats)
+    if settings.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("binding %s: the endpoint is reachable from other machines%s", settings.host,
+                    "" if os.environ.get(settings.api_key_env) else f" and has NO API key (set {settings.api_key_env})")
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    finally:
+        predictor.backend.close()

@@ -1,0 +1,80 @@
+"""The transformers backend: batching changes nothing, PEFT and merged weights agree, records are complete."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+TRIPLES = [("k562", "MYC", "GAPDH", "upregulated"), ("k562", "TP53", "CDKN1A", "downregulated"),
+           ("rpe1", "ATF4", "DDIT3", "not differentially expressed")]
+
+
+def _triples():
+    from synthpert.inference import Triple
+
+    return [Triple(f"{c}:{p}:{g}", c, p, g, lab) for c, p, g, lab in TRIPLES]
+
+
+@pytest.fixture(scope="module")
+def peft_backend(tiny_model_dir, tiny_adapter_dir):
+    from synthpert.inference import InferenceConfig, make_backend
+
+    return make_backend(InferenceConfig(model=str(tiny_model_dir), adapter=str(tiny_adapter_dir), max_new_tokens=12,
+                                        batch_size=3))
+
+
+def test_records_batched_equal_one_by_one(peft_backend):
+    from synthpert.inference import Predictor
+
+    pred = Predictor(peft_backend)
+    batched = pred.predict(_triples())
+    single = [pred.predict([t])[0] for t in _triples()]
+    for b, s in zip(batched, single):
+        assert b.raw_text == s.raw_text  # left padding does not change greedy output
+        assert b.answer_logprobs == pytest.approx(s.answer_logprobs, abs=1e-4)
+        assert b.probability_method == "answer_logprob"
+        assert sum(b.probabilities.values()) == pytest.approx(1)
+        assert b.gold in ("upregulated", "downregulated", "not differentially expressed")
+        assert b.prompt_tokens > 50 and 0 < b.completion_tokens <= 12
+        assert (b.label_strict is None) == (b.unparseable_reason_strict is not None)
+
+
+def test_merged_model_matches_peft_adapter(peft_backend, tiny_model_dir, tiny_adapter_dir):
+    from synthpert.inference import InferenceConfig, make_backend
+
+    merged = make_backend(InferenceConfig(model=str(tiny_model_dir), adapter=str(tiny_adapter_dir), merge_adapter=True))
+    base = make_backend(InferenceConfig(model=str(tiny_model_dir)))
+    queries = [peft_backend.prepare(m) for m in _messages()]
+    texts = ["<think>\nThe knockdown removes a ribosomal protein.\n</think>\n"] * len(queries)
+    a = peft_backend.answer_logprobs(queries, texts)
+    b = merged.answer_logprobs(queries, texts)
+    c = base.answer_logprobs([base.prepare(m) for m in _messages()], texts)
+    assert max(abs(x - y) for r, s in zip(a, b) for x, y in zip(r, s)) < 1e-3
+    assert max(abs(x - y) for r, s in zip(a, c) for x, y in zip(r, s)) > 1e-2  # the adapter does something
+
+
+def test_adapter_chat_template_is_used(peft_backend, tiny_adapter_dir):
+    from synthpert.resources import sha256_text
+
+    saved = (tiny_adapter_dir / "chat_template.jinja")
+    if saved.exists():
+        assert peft_backend.chat_template_hash() == sha256_text(saved.read_text())
+    assert peft_backend.describe()["adapter_version"]
+
+
+def test_missing_vllm_or_folder_gives_clear_errors(tmp_path):
+    from synthpert.errors import SynthpertError
+    from synthpert.inference import InferenceConfig, adapter_rank, make_backend, vllm_lora_rank
+
+    with pytest.raises(SynthpertError, match="does not exist"):
+        make_backend(InferenceConfig(model=str(tmp_path / "nope")))
+    with pytest.raises(SynthpertError, match="adapter_config.json"):
+        adapter_rank(tmp_path)
+    assert vllm_lora_rank(16) == 16 and vllm_lora_rank(17) == 32 and vllm_lora_rank(2) == 8
+
+
+def _messages():
+    from synthpert.prompting import student_messages
+
+    return [student_messages(c, p, g) for c, p, g, _ in TRIPLES]

@@ -1,0 +1,96 @@
+"""End to end: a smaller quickstart through `synthpert run`, interrupted and resumed."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _small_config(tmp_path: Path) -> Path:
+    cfg = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    cfg["name"] = "e2e"
+    cfg["data"]["train_subsample"] = {"n": 90, "balance": True}
+    cfg["eval_sets"] = {"k562_test": {"test_cells": ["k562"], "n": 24},
+                        "rpe1_unseen": {"test_cells": ["rpe1"], "n": 24}}
+    cfg["train"]["save_steps"] = 4
+    cfg["train"]["optim"]["epochs"] = 2
+    cfg["eval"]["n_bootstrap"] = 20
+    cfg["eval"]["figures"] = False
+    cfg["eval"]["inference"]["max_new_tokens"] = 48
+    path = tmp_path / "e2e.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _run(cfg: Path, runs: Path, env: dict, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "synthpert.cli", "run", str(cfg), "--runs-dir", str(runs), *extra],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_quickstart_pipeline_interrupted_and_resumed(tmp_path, perturbqa_dir):
+    cfg = _small_config(tmp_path)
+    runs = tmp_path / "runs"
+    env = {**os.environ, "SYNTHPERT_DATA": str(perturbqa_dir), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+    # 1. Interrupt (Ctrl-C) once training has written a checkpoint.
+    proc = subprocess.Popen([sys.executable, "-m", "synthpert.cli", "run", str(cfg), "--runs-dir", str(runs)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    ckpt_dir = runs / "e2e" / "train" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list(ckpt_dir.glob("checkpoint-*")):
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read()
+    proc.send_signal(signal.SIGINT)
+    out1 = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0
+    run_dir = runs / "e2e"
+    assert (run_dir / "generate" / "stage.json").exists() and (run_dir / "judge" / "stage.json").exists()
+    assert not (run_dir / "train" / "stage.json").exists(), out1
+    traces_mtime = (run_dir / "generate" / "traces.jsonl").stat().st_mtime
+
+    # 2. Rerun: finished stages are skipped, training resumes from its checkpoint, the run completes.
+    r2 = _run(cfg, runs, env)
+    assert r2.returncode == 0, r2.stdout + r2.stderr
+    for stage in ("data", "base_model", "generate", "judge"):
+        assert f"[{stage}] up to date, skipped" in r2.stdout
+    assert "[train] resuming" in r2.stdout
+    assert (run_dir / "generate" / "traces.jsonl").stat().st_mtime == traces_mtime
+    train_summary = json.loads((run_dir / "train" / "stage.json").read_text())["summary"]
+    assert train_summary["resumed_from"] and train_summary["last_logged_loss"] < train_summary["first_logged_loss"]
+
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["config"]["name"] == "e2e" and manifest["versions"]["torch"]
+    assert set(manifest["stages"]) == {"data", "base_model", "generate", "judge", "train", "eval"}
+    assert manifest["counts"]["traces_generated"] == 90 and manifest["counts"]["examples_trained"] > 0
+    for name in ("k562_test", "rpe1_unseen"):
+        metrics = json.loads((run_dir / "eval" / name / "result" / "metrics.json").read_text())
+        assert metrics["n_predicted"] == 24
+        report = (run_dir / "eval" / name / "result" / "report.md").read_text()
+        assert "majority" in report and "gene_prior" in report
+    assert "report" not in r2.stderr.lower() or r2.returncode == 0
+
+    # 3. A third run does nothing; changing an eval setting reruns only the evaluation.
+    r3 = _run(cfg, runs, env)
+    assert r3.returncode == 0 and r3.stdout.count("up to date, skipped") == 6
+    r4 = _run(cfg, runs, env, "eval.n_bootstrap=10")
+    assert r4.returncode == 0, r4.stdout + r4.stderr
+    assert "[train] up to date, skipped" in r4.stdout and "[eval] running" in r4.stdout
+
+
+def test_run_config_errors_are_clear(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ntrain:\n  base_model: tiny\n  lora: {rank: 8}\n")
+    r = subprocess.run([sys.executable, "-m", "synthpert.cli", "run", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown key 'train.lora.rank'" in r.stderr and "did you mean 'r'" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "synthpert.cli", "run", str(tmp_path / "nope.yaml")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "config file not found" in r.stderr
