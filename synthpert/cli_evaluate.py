@@ -4,25 +4,24 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 
 def eval_cmd(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML with eval settings (its `eval:` "
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML with eval settings (its `eval:` "
                                           "section or the whole file)."),
-    dataset: Optional[Path] = typer.Option(None, "--dataset", help="Folder written by `synthpert data build`."),
-    split: Optional[str] = typer.Option(None, "--split", help="train / validation / test (default test)."),
+    dataset: Path | None = typer.Option(None, "--dataset", help="Folder written by `synthpert data build`."),
+    split: str | None = typer.Option(None, "--split", help="train / validation / test (default test)."),
     out: Path = typer.Option(..., "--out", help="Output folder (predictions.jsonl, metrics.json, report.md)."),
-    backend: Optional[str] = typer.Option(None, "--backend", help="transformers (default), vllm or openai."),
-    model: Optional[str] = typer.Option(None, "--model", help="Model folder, or model name with --backend openai."),
-    adapter: Optional[str] = typer.Option(None, "--adapter", help="LoRA adapter folder (omit for zero-shot)."),
-    n: Optional[int] = typer.Option(None, "--n", help="Seeded subsample of the split."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the subsample and bootstrap."),
-    evidence: Optional[bool] = typer.Option(None, "--evidence/--no-evidence", help="Evidence context in the "
+    backend: str | None = typer.Option(None, "--backend", help="transformers (default), vllm or openai."),
+    model: str | None = typer.Option(None, "--model", help="Model folder, or model name with --backend openai."),
+    adapter: str | None = typer.Option(None, "--adapter", help="LoRA adapter folder (omit for zero-shot)."),
+    n: int | None = typer.Option(None, "--n", help="Seeded subsample of the split."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed of the subsample and bootstrap."),
+    evidence: bool | None = typer.Option(None, "--evidence/--no-evidence", help="Evidence context in the "
                                             "prompt (default: as the adapter was trained)."),
-    base_url: Optional[str] = typer.Option(None, "--base-url", help="openai backend: endpoint URL."),
+    base_url: str | None = typer.Option(None, "--base-url", help="openai backend: endpoint URL."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard earlier predictions in --out."),
     overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. inference.max_new_tokens=256"),
 ) -> None:
@@ -41,13 +40,13 @@ def eval_cmd(
 
 def serve_cmd(
     model: str = typer.Option(..., "--model", help="Base (or merged) model folder."),
-    adapter: Optional[str] = typer.Option(None, "--adapter", help="LoRA adapter folder."),
+    adapter: str | None = typer.Option(None, "--adapter", help="LoRA adapter folder."),
     backend: str = typer.Option("transformers", "--backend", help="transformers or vllm."),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (default: this machine only)."),
     port: int = typer.Option(8000, "--port"),
     api_key_env: str = typer.Option("SYNTHPERT_API_KEY", "--api-key-env", help="Env var whose value, when set, "
                                     "is the required Bearer key."),
-    evidence_from: Optional[str] = typer.Option(None, "--evidence-from", help="Built dataset folder providing the "
+    evidence_from: str | None = typer.Option(None, "--evidence-from", help="Built dataset folder providing the "
                                                 "evidence context (for models trained with it)."),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens"),
     overrides: list[str] = typer.Argument(None, help="key=value overrides of serve/inference settings, e.g. "

@@ -25,8 +25,8 @@ from pydantic import Field
 from .answer import LABELS, LENIENT, SHORT, STRICT
 from .config import DataConfig, StrictModel, deep_merge, parse_overrides, read_yaml, validate_config
 from .errors import SynthpertError
-from .inference import (HARD_LABEL, Backend, InferenceConfig, Prediction, Predictor, Triple, adapter_version,
-                        library_versions)
+from .inference import HARD_LABEL, Backend, InferenceConfig, Prediction, Predictor, Triple, adapter_version
+from .runs import library_versions
 from .schema import read_jsonl
 
 PREDICTIONS = "predictions.jsonl"
@@ -292,10 +292,11 @@ def verdict(m: dict) -> dict:
         mv = model.get(metric)
         if mv is None or best is None or (isinstance(mv, float) and math.isnan(mv)):
             continue
-        genes_key = metric.replace("_per_gene", "_genes")
-        if genes_key in model and model[genes_key] < MIN_AUROC_GENES:
+        if metric.endswith("_per_gene") and model.get(metric.replace("_per_gene", "_genes"), 0) < MIN_AUROC_GENES:
             continue  # an average over a handful of genes says nothing; the table still shows it with its count
-        res[metric] = {"model": mv, "best_baseline": best_name, "baseline": best, "beats": bool(mv > best)}
+        majority = m["baselines"].get("majority", {}).get("overall", {}).get(metric)
+        res[metric] = {"model": mv, "best_baseline": best_name, "baseline": best, "beats": bool(mv > best),
+                       "majority": majority, "beats_majority": None if majority is None else bool(mv > majority)}
     return res
 
 
@@ -364,12 +365,18 @@ def write_report(out: Path, metrics: dict, run: dict, figures: list[str]) -> Pat
     lines.append(f"- prompt template sha256 `{run['prompt_sha256'][:16]}…`, chat template sha256 "
                  f"`{(run['backend_info'].get('chat_template_sha256') or 'n/a')[:16]}…`")
     lines += ["", "## Verdict", ""]
+    if not v:
+        lines.append("No headline metric could be compared (too few examples or genes in this sample).")
     if v:
         beats = [k for k, x in v.items() if x["beats"]]
         loses = [k for k, x in v.items() if not x["beats"]]
         for k, x in v.items():
+            vs_majority = ""
+            if x.get("majority") is not None and x["best_baseline"] != "majority":
+                vs_majority = (f"; vs majority {x['majority']:.3f} → "
+                               f"{'beats it' if x['beats_majority'] else 'does not beat it'}")
             lines.append(f"- {k}: model {x['model']:.3f} vs best baseline {x['best_baseline']} {x['baseline']:.3f} "
-                         f"→ {'**beats it**' if x['beats'] else '**does not beat it**'}")
+                         f"→ {'**beats it**' if x['beats'] else '**does not beat it**'}{vs_majority}")
         lines.append("")
         if not loses:
             lines.append("The model beats every trivial baseline on every headline metric.")

@@ -18,9 +18,7 @@ resumes and never pays twice).
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
 from typing import Literal
 
@@ -31,6 +29,7 @@ from .answer import LABELS, LENIENT, parse_answer
 from .client import ChatEngine, ChatRequest, ChatResult, ClientConfig, SamplingConfig
 from .config import DataConfig, SubsampleConfig
 from .errors import SynthpertError
+from .runs import write_json_atomic, write_jsonl_atomic
 from .schema import TraceRecord, Usage
 
 log = logging.getLogger("synthpert.generate")
@@ -242,26 +241,6 @@ def to_records(cfg: TeacherConfig, req: ChatRequest, res: ChatResult, info: dict
             rec.reject_reason = f"rejection sampling: answer {parsed.label or 'unparseable'} != label {row.label}"
         out.append(rec)
     return out
-
-
-def write_jsonl_atomic(path: Path, records) -> int:
-    """Write to a temporary file and rename: readers never see a half-written file, whatever kills us."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(r.model_dump_json() + "\n")
-            n += 1
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return n
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def engine_for(cfg: ClientConfig, out_dir: Path, local=None, description: str = "requests") -> ChatEngine:

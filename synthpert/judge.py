@@ -25,7 +25,8 @@ from pydantic import Field
 from .answer import LABELS, STRICT, parse_answer
 from .client import ChatRequest, ClientConfig, SamplingConfig
 from .errors import SynthpertError
-from .generate import engine_for, write_json_atomic, write_jsonl_atomic
+from .generate import engine_for
+from .runs import write_json_atomic, write_jsonl_atomic
 from .schema import JUDGE_RATINGS, JudgeVerdict, TraceRecord, read_jsonl
 
 RULES_JUDGE_MODEL = "offline-rules-judge"

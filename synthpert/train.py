@@ -24,9 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import platform
 import random
-import subprocess
 import time
 from collections import Counter
 from pathlib import Path
@@ -36,6 +34,7 @@ from pydantic import Field, model_validator
 
 from .config import StrictModel, deep_merge, dump_config, parse_overrides, read_yaml, validate_config
 from .errors import SynthpertError
+from .runs import git_revision, library_versions
 from .resources import resource_dir, sha256_text
 
 log = logging.getLogger("synthpert.train")
@@ -589,33 +588,6 @@ def _restore_signal(cb) -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 # Manifest
-
-
-def git_revision() -> str | None:
-    here = Path(__file__).resolve().parent
-    try:
-        rev = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5).stdout.strip()
-        if not rev:
-            return None
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return rev + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def library_versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in ("synthpert", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers",
-                 "bitsandbytes", "liger-kernel", "deepspeed"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 def read_manifest(run_dir: str | Path) -> dict:

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+
 
 
 def _small_config(tmp_path: Path) -> Path:
@@ -36,6 +36,7 @@ def _run(cfg: Path, runs: Path, env: dict, *extra: str) -> subprocess.CompletedP
                           capture_output=True, text=True, env=env, timeout=600)
 
 
+@pytest.mark.slow
 def test_quickstart_pipeline_interrupted_and_resumed(tmp_path, perturbqa_dir):
     cfg = _small_config(tmp_path)
     runs = tmp_path / "runs"
@@ -94,3 +95,11 @@ def test_run_config_errors_are_clear(tmp_path):
     r = subprocess.run([sys.executable, "-m", "synthpert.cli", "run", str(tmp_path / "nope.yaml")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "config file not found" in r.stderr
+
+
+@pytest.mark.parametrize("name", ["quickstart.yaml", "synthpert-k562.yaml", "unseen-rpe1.yaml"])
+def test_shipped_run_configs_validate(name):
+    from synthpert.pipeline import load_run_config
+
+    cfg, _ = load_run_config(ROOT / "configs" / name)
+    assert cfg.name == name.removesuffix(".yaml") and cfg.eval_sets
