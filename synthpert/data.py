@@ -49,10 +49,11 @@ def _verify(path: Path, expected: dict) -> str | None:
 
 
 def fetch(dest: Path | None = None, from_dir: Path | None = None, timeout: float = 60.0,
-          log=print) -> Path:
+          log=print, base_url: str | None = None) -> Path:
     """Download (or copy from ``from_dir``) the eight PerturbQA CSVs into ``dest``, verifying each.
 
-    Files already present and verified are not fetched again. Writes are atomic (temp file + rename),
+    ``base_url`` replaces the recorded GitHub location (a mirror). Files already present and verified are
+    not fetched again. Writes are atomic (temp file + rename),
     so an interrupted fetch never leaves a truncated CSV behind.
     """
     dest = Path(dest or default_data_dir()).expanduser()
@@ -73,7 +74,7 @@ def fetch(dest: Path | None = None, from_dir: Path | None = None, timeout: float
                 shutil.copyfile(src, tmp_path)
                 how = f"copied from {src}"
             else:
-                url = f"{meta['base_url']}/{name}"
+                url = f"{(base_url or meta['base_url']).rstrip('/')}/{name}"
                 try:
                     with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp_path, "wb") as f:
                         shutil.copyfileobj(r, f)
@@ -367,7 +368,10 @@ def build(cfg: DataConfig, out_dir: Path | None = None, lines: dict[str, CellDat
         out_dir.mkdir(parents=True, exist_ok=True)
         dd.save_to_disk(str(out_dir / "dataset"))
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        (out_dir / "data_config.json").write_text(cfg.model_dump_json(indent=2))
+        # Record where the CSVs were actually read from, so later stages (evidence, baselines) find them
+        # without the environment variable or default that located them here.
+        resolved = cfg.model_copy(update={"source": str(resolve_source(cfg.source).resolve())})
+        (out_dir / "data_config.json").write_text(resolved.model_dump_json(indent=2))
     return dd, summary
 
 

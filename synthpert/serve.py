@@ -377,12 +377,27 @@ def load_predictor(model: str, adapter: str | None = None, backend: str = "trans
     return Predictor(make_backend(cfg))
 
 
+def check_evidence_setting(adapter: str | None, evidence_dataset: str | None) -> None:
+    """Serve the question the way the adapter was trained: with the evidence block iff it was trained with it."""
+    from .evaluate import adapter_manifest
+
+    trained_with = bool(adapter_manifest(adapter).get("evidence")) if adapter else False
+    if trained_with and not evidence_dataset:
+        raise SynthpertError(f"the adapter {adapter} was trained with the evidence context in its prompt: pass "
+                             "--evidence-from DATASET_DIR (the `synthpert data build` folder it was trained on) so "
+                             "the endpoint asks the question the way the model learned it")
+    if evidence_dataset and adapter and not trained_with:
+        raise SynthpertError(f"--evidence-from was given but the adapter {adapter} was trained without the evidence "
+                             "context: drop --evidence-from")
+
+
 def serve(model: str, adapter: str | None = None, backend: str = "transformers",
           settings: ServeSettings | None = None, **inference) -> None:
     """Load the model and run uvicorn until interrupted."""
     import uvicorn
 
     settings = settings or ServeSettings()
+    check_evidence_setting(adapter, settings.evidence_dataset)
     stats = None
     if settings.evidence_dataset:
         from .evaluate import dataset_config

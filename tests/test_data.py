@@ -157,3 +157,28 @@ def test_fetch_from_local_copy_verifies_checksums(tmp_path):
         fetch(tmp_path / "copy2", from_dir=bad, log=lambda *_: None)
     assert not (tmp_path / "copy2" / "rpe1-dir.csv").exists()  # nothing unverified is left behind
     assert not list((tmp_path / "copy2").glob(".*"))
+
+
+def test_fetch_downloads_over_http_and_rejects_a_corrupt_mirror(tmp_path):
+    """The real download path (urllib over HTTP), against a local server standing in for GitHub."""
+    import functools
+    import http.server
+    import threading
+
+    mirror = tmp_path / "mirror"
+    shutil.copytree(PERTURBQA, mirror)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(mirror))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        out = fetch(tmp_path / "dl", base_url=url, log=lambda *_: None)
+        assert (out / "k562-de.csv").read_bytes() == (PERTURBQA / "k562-de.csv").read_bytes()
+        (mirror / "hepg2-de.csv").chmod(0o644)
+        (mirror / "hepg2-de.csv").write_text("pert,gene,label,split\n")
+        with pytest.raises(SynthpertError, match="hepg2-de.csv.*failed verification: size"):
+            fetch(tmp_path / "dl2", base_url=url, log=lambda *_: None)
+        with pytest.raises(SynthpertError, match="could not download"):
+            fetch(tmp_path / "dl3", base_url=url + "/missing", log=lambda *_: None)
+    finally:
+        server.shutdown()

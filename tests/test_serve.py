@@ -171,3 +171,21 @@ def test_internal_error_leaks_no_traceback_or_key(predictor, monkeypatch):
             assert leak not in r.text
         # the server survives it
         assert httpx.get(f"{srv.url}/health").status_code == 200
+
+
+def test_serve_refuses_an_evidence_mismatch(tmp_path):
+    import json
+
+    from synthpert.errors import SynthpertError
+    from synthpert.serve import check_evidence_setting
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "manifest.json").write_text(json.dumps({"evidence": True}))
+    with pytest.raises(SynthpertError, match="--evidence-from"):
+        check_evidence_setting(str(adapter), None)
+    check_evidence_setting(str(adapter), "some/dataset")
+    (adapter / "manifest.json").write_text(json.dumps({"evidence": False}))
+    with pytest.raises(SynthpertError, match="drop --evidence-from"):
+        check_evidence_setting(str(adapter), "some/dataset")
+    check_evidence_setting(str(adapter), None)
