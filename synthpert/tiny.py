@@ -66,7 +66,12 @@ def _gene_symbols(source: str | Path | None, limit: int = 4000, seed: int = 0) -
     import csv
 
     folder = Path(source).expanduser() if source else None
-    files = sorted(folder.glob("*-de.csv")) if folder and folder.is_dir() else []
+    # Only the cell lines' own files: other CSVs that happen to sit in the folder (PerturbQA's k562_set-*)
+    # would change the corpus, and so the tokenizer, of a model that must be the same everywhere.
+    from .data import PERTURBQA_LINES
+
+    files = [folder / f"{k}-de.csv" for k in PERTURBQA_LINES] if folder and folder.is_dir() else []
+    files = [f for f in files if f.exists()]
     perts: set[str] = set()
     genes: set[str] = set()
     for f in files:  # plain csv: 4x faster than pandas for two columns of 700k rows

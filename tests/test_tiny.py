@@ -73,3 +73,19 @@ def test_cli_builds_with_builtin_vocabulary_and_rejects_bad_head_dim(tmp_path):
     assert info["vocab_source"] == "built-in gene list" and info["vocab_size"] <= 600
     with pytest.raises(SynthpertError, match="head_dim 30"):
         build_tiny_model(tmp_path / "bad", hidden=120, heads=4)
+
+
+def test_tokenizer_ignores_other_csvs_in_the_data_folder(tmp_path, perturbqa_dir):
+    """The same seed gives the same tokenizer whether or not PerturbQA's k562_set-* files sit beside the lines."""
+    import shutil
+
+    from synthpert.tiny import build_tiny_model
+
+    only_lines = tmp_path / "lines"
+    only_lines.mkdir()
+    for f in perturbqa_dir.glob("*.csv"):
+        if not f.name.startswith("k562_set"):
+            shutil.copy(f, only_lines / f.name)
+    a = build_tiny_model(tmp_path / "a", source=only_lines, seed=0)
+    b = build_tiny_model(tmp_path / "b", source=perturbqa_dir, seed=0)
+    assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
