@@ -89,36 +89,26 @@ def load_examples(cfg: EvalConfig) -> pd.DataFrame:
 
 
 def adapter_manifest(adapter: str | Path | None) -> dict:
-    """Training metadata saved beside the adapter (whatever of it exists)."""
+    """The manifest `synthpert train` writes beside the adapter; {} for adapters trained elsewhere."""
+    from .train import MANIFEST
+
     if not adapter:
         return {}
-    for name in ("synthpert_train.json", "train_manifest.json", "manifest.json", "run.json"):
-        p = Path(adapter) / name
-        if p.exists():
-            try:
-                return json.loads(p.read_text())
-            except json.JSONDecodeError:
-                return {}
-    return {}
-
-
-def _find_key(obj, keys: tuple[str, ...]):
-    if isinstance(obj, dict):
-        for k in keys:
-            if k in obj and isinstance(obj[k], bool):
-                return obj[k]
-        for v in obj.values():
-            found = _find_key(v, keys)
-            if found is not None:
-                return found
-    return None
+    path = Path(adapter) / MANIFEST
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SynthpertError(f"{path} is not valid JSON ({e.msg}); it should be the manifest `synthpert train` "
+                             "wrote") from None
 
 
 def use_evidence(cfg: EvalConfig) -> bool:
+    """Ask the question the way the adapter was trained: with the evidence block iff its manifest says so."""
     if cfg.evidence is not None:
         return cfg.evidence
-    found = _find_key(adapter_manifest(cfg.inference.adapter), ("evidence", "evidence_context", "use_evidence"))
-    return bool(found)
+    return bool(adapter_manifest(cfg.inference.adapter).get("evidence", False))
 
 
 def fingerprint(cfg: EvalConfig, evidence: bool) -> dict:
