@@ -307,7 +307,7 @@ def _fmt_auc(m: dict, task: str) -> str:
     """Per-gene AUROC with the number of genes it averages (genes with one class in the sample are skipped)."""
     value = m.get(f"auroc_{task}_per_gene")
     genes = m.get(f"auroc_{task}_genes")
-    return _fmt(value) + (f" ({genes} genes)" if genes else "")
+    return _fmt(value, (m.get("ci") or {}).get(f"auroc_{task}_per_gene")) + (f" ({genes} genes)" if genes else "")
 
 
 def _row(name: str, m: dict) -> str:

@@ -56,21 +56,57 @@ def _from_confusion(cm: np.ndarray) -> dict:
     }
 
 
+class PerGeneAUROC:
+    """PerturbQA's metric under row weights: the AUROC within each readout gene (ties count half), averaged
+    over genes that have both classes. Weights are bootstrap multiplicities (all ones for the plain metric);
+    the sort is done once, so each weighting costs a few vectorised passes over the rows."""
+
+    def __init__(self, genes, y_true, scores):
+        g = pd.factorize(np.asarray(genes))[0]
+        s = np.asarray(scores, dtype=float)
+        self.order = np.lexsort((s, g))
+        self.y = np.asarray(y_true, dtype=bool)[self.order]
+        g, s = g[self.order], s[self.order]
+        self.n_genes = int(g.max()) + 1 if len(g) else 0
+        first = np.r_[True, (g[1:] != g[:-1]) | (s[1:] != s[:-1])] if len(g) else np.zeros(0, bool)
+        self.block = np.cumsum(first) - 1  # runs of equal (gene, score): ties
+        self.n_blocks = int(self.block[-1]) + 1 if len(g) else 0
+        self.block_gene = g[first]
+        gene_first_block = np.r_[True, self.block_gene[1:] != self.block_gene[:-1]] if self.n_blocks else first[:0]
+        self.gene_first_block = np.flatnonzero(gene_first_block)
+
+    def __call__(self, weights=None) -> tuple[float, int]:
+        if not self.n_blocks:
+            return float("nan"), 0
+        w = np.ones(len(self.y)) if weights is None else np.asarray(weights, dtype=float)[self.order]
+        pos = np.bincount(self.block, w * self.y, self.n_blocks)
+        neg = np.bincount(self.block, w * ~self.y, self.n_blocks)
+        below = np.cumsum(neg) - neg  # negative weight in lower-scoring blocks, over all genes so far
+        below -= np.repeat(below[self.gene_first_block], np.diff(np.r_[self.gene_first_block, self.n_blocks]))
+        num = np.bincount(self.block_gene, pos * (below + 0.5 * neg), self.n_genes)
+        wp = np.bincount(self.block_gene, pos, self.n_genes)
+        wn = np.bincount(self.block_gene, neg, self.n_genes)
+        ok = (wp > 0) & (wn > 0)
+        if not ok.any():
+            return float("nan"), 0
+        return float(np.mean(num[ok] / (wp[ok] * wn[ok]))), int(ok.sum())
+
+
 def per_gene_auroc(genes, y_true, scores) -> tuple[float, int]:
     """Mean over genes of the within-gene AUROC (ties get half credit). Returns (mean, n_genes_used)."""
-    df = pd.DataFrame({"g": np.asarray(genes), "y": np.asarray(y_true, dtype=bool),
-                       "s": np.asarray(scores, dtype=float)})
-    if df.empty:
-        return float("nan"), 0
-    df["r"] = df.groupby("g")["s"].rank(method="average")
-    agg = df.groupby("g").agg(n=("y", "size"), npos=("y", "sum"))
-    agg["rank_pos"] = df[df.y].groupby("g")["r"].sum()
-    agg = agg[(agg.npos > 0) & (agg.npos < agg.n)]
-    if agg.empty:
-        return float("nan"), 0
-    nneg = agg.n - agg.npos
-    auc = (agg.rank_pos - agg.npos * (agg.npos + 1) / 2) / (agg.npos * nneg)
-    return float(auc.mean()), len(auc)
+    return PerGeneAUROC(genes, y_true, scores)()
+
+
+def _auroc_tasks(genes, y_true_labels, probs: np.ndarray) -> dict[str, tuple[PerGeneAUROC, np.ndarray]]:
+    """The DE task over all rows and the direction task over truly DE rows, each with its row selection."""
+    y = np.asarray(y_true_labels)
+    genes = np.asarray(genes)
+    p_up, p_down = probs[:, 0], probs[:, 1]
+    is_de = y != LABELS[2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        direction = np.where(p_up + p_down > 0, p_up / (p_up + p_down), 0.5)
+    return {"de": (PerGeneAUROC(genes, is_de, p_up + p_down), np.ones(len(y), bool)),
+            "dir": (PerGeneAUROC(genes[is_de], y[is_de] == LABELS[0], direction[is_de]), is_de)}
 
 
 def probabilities_from_labels(pred_labels) -> np.ndarray:
@@ -84,16 +120,10 @@ def probabilities_from_labels(pred_labels) -> np.ndarray:
 
 
 def auroc_metrics(genes, y_true_labels, probs: np.ndarray) -> dict:
-    y = np.asarray(y_true_labels)
-    p_up, p_down = probs[:, 0], probs[:, 1]
-    is_de = y != LABELS[2]
-    de_auc, de_genes = per_gene_auroc(genes, is_de, p_up + p_down)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        direction = np.where(p_up + p_down > 0, p_up / (p_up + p_down), 0.5)
-    genes = np.asarray(genes)
-    dir_auc, dir_genes = per_gene_auroc(genes[is_de], y[is_de] == LABELS[0], direction[is_de])
-    return {"auroc_de_per_gene": de_auc, "auroc_de_genes": de_genes,
-            "auroc_dir_per_gene": dir_auc, "auroc_dir_genes": dir_genes}
+    out = {}
+    for task, (auroc, _) in _auroc_tasks(genes, y_true_labels, probs).items():
+        out[f"auroc_{task}_per_gene"], out[f"auroc_{task}_genes"] = auroc()
+    return out
 
 
 def compute_metrics(y_true, y_pred, probs: np.ndarray | None = None, genes=None, perturbations=None,
@@ -127,29 +157,41 @@ def compute_metrics(y_true, y_pred, probs: np.ndarray | None = None, genes=None,
                              "counts": cm.astype(int).tolist()},
         "probabilities": "scores" if probs is not None else "hard_labels",
     }
+    tasks = None
     if genes is not None:
         pr = np.asarray(probs, dtype=float) if probs is not None else probabilities_from_labels(y_pred)
-        out.update(auroc_metrics(genes, y_true, pr))
+        tasks = _auroc_tasks(genes, y_true, pr)
+        for task, (auroc, _) in tasks.items():
+            out[f"auroc_{task}_per_gene"], out[f"auroc_{task}_genes"] = auroc()
     if n_bootstrap and perturbations is not None and len(y_true):
-        out["ci"] = bootstrap_ci(t, p, np.asarray(perturbations), n_bootstrap, seed, ci)
+        out["ci"] = bootstrap_ci(t, p, np.asarray(perturbations), n_bootstrap, seed, ci, tasks)
     return out
 
 
 def bootstrap_ci(t: np.ndarray, p: np.ndarray, perturbations: np.ndarray, n_bootstrap: int, seed: int,
-                 ci: float) -> dict:
+                 ci: float, auroc_tasks: dict | None = None) -> dict:
     """Percentile intervals from resampling PERTURBATIONS with replacement (pairs of one perturbation are
-    correlated, so resampling pairs would give intervals that are too narrow)."""
+    correlated, so resampling pairs would give intervals that are too narrow). Per-gene AUROC gets
+    intervals too when its tasks are given (each resample re-weights the rows of every gene)."""
     codes, pert_idx = np.unique(perturbations, return_inverse=True)
     rng = np.random.default_rng(seed)
     stats = {"accuracy": [], "macro_f1": [], "balanced_accuracy": []}
+    for task in auroc_tasks or {}:
+        stats[f"auroc_{task}_per_gene"] = []
     for _ in range(n_bootstrap):
         mult = np.bincount(rng.integers(0, len(codes), len(codes)), minlength=len(codes))
-        m = _from_confusion(_confusion(t, p, weights=mult[pert_idx].astype(float)))
-        for k in stats:
+        w = mult[pert_idx].astype(float)
+        m = _from_confusion(_confusion(t, p, weights=w))
+        for k in ("accuracy", "macro_f1", "balanced_accuracy"):
             stats[k].append(m[k])
+        for task, (auroc, rows) in (auroc_tasks or {}).items():
+            stats[f"auroc_{task}_per_gene"].append(auroc(w[rows])[0])
     lo, hi = (1 - ci) / 2, 1 - (1 - ci) / 2
-    return {k: [float(np.nanquantile(v, lo)), float(np.nanquantile(v, hi))] for k, v in stats.items()} | {
-        "level": ci, "n_bootstrap": n_bootstrap, "unit": "perturbation"}
+    out = {}
+    for k, v in stats.items():
+        v = np.asarray(v, dtype=float)
+        out[k] = [float(np.nanquantile(v, lo)), float(np.nanquantile(v, hi))] if np.isfinite(v).any() else None
+    return out | {"level": ci, "n_bootstrap": n_bootstrap, "unit": "perturbation"}
 
 
 def stratified_metrics(frame: pd.DataFrame, pred_col: str = "pred", prob_cols=None, strata_col: str | None = None,

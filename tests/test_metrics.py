@@ -92,3 +92,38 @@ def test_missing_predictions_from_a_dataframe_count_as_unparseable():
     res = score_predictions(test, [UP, None, NOT_DE, float("nan")], None)
     assert res["overall"]["unparseable_rate"] == 0.5 and res["overall"]["accuracy"] == 0.5
     assert res["seen"]["n"] + res["unseen"]["n"] == 4
+
+
+@given(st.integers(0, 10_000))
+@settings(max_examples=40, deadline=None)
+def test_weighted_per_gene_auroc_equals_auroc_of_the_repeated_rows(seed):
+    """A bootstrap weight of k must count exactly like k copies of the row."""
+    from synthpert.metrics import PerGeneAUROC
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 60))
+    genes = rng.choice(list("ABCD"), n)
+    y = rng.integers(0, 2, n)
+    s = rng.choice([0.1, 0.4, 0.4, 0.8], n)
+    w = rng.integers(0, 3, n)
+    ours, k = PerGeneAUROC(genes, y, s)(w)
+    rep = np.repeat(np.arange(n), w)
+    ref, kr = per_gene_auroc(genes[rep], y[rep], s[rep]) if len(rep) else (float("nan"), 0)
+    assert k == kr
+    if k:
+        assert ours == pytest.approx(ref)
+
+
+def test_bootstrap_gives_auroc_intervals_around_the_estimate():
+    rng = np.random.default_rng(2)
+    perts = np.repeat([f"p{i}" for i in range(40)], 25)
+    genes = np.tile([f"g{i}" for i in range(25)], 40)
+    y = list(rng.choice(LABELS, len(perts), p=[0.2, 0.2, 0.6]))
+    probs = rng.dirichlet([1, 1, 1], len(perts))
+    probs[:, 0] += np.array([lab == UP for lab in y]) * 0.5  # some signal
+    probs /= probs.sum(1, keepdims=True)
+    m = compute_metrics(y, [LABELS[i] for i in probs.argmax(1)], probs, genes=genes, perturbations=perts,
+                        n_bootstrap=100, seed=0)
+    for task in ("de", "dir"):
+        lo, hi = m["ci"][f"auroc_{task}_per_gene"]
+        assert lo <= m[f"auroc_{task}_per_gene"] <= hi and hi - lo < 0.5
