@@ -55,25 +55,18 @@ def data_fetch(
     typer.echo(f"PerturbQA CSVs ready in {out}")
 
 
-def _data_config(config: Path | None, overrides: list[str], **cli) -> DataConfig:  # noqa: F821
+def _data_config(config: Optional[Path], overrides: list[str], **cli) -> "DataConfig":  # noqa: F821
     """Data settings from an optional YAML (its `data:` section or the whole file) + CLI flags + overrides."""
-    from .config import DataConfig, deep_merge, parse_overrides, read_yaml, validate_config
+    from .cells import parse_cell_list, register_cell_line
+    from .config import DataConfig, load_section, read_yaml
 
     raw = read_yaml(config) if config else {}
-    if "data" in raw:
-        raw = raw["data"]
-    flags = {k: v for k, v in cli.items() if v is not None}
+    for k, extra in (raw.get("data", raw) or {}).get("extra_cell_lines", {}).items():
+        register_cell_line(k, extra.get("name"), extra.get("description", ""))  # user lines named on the CLI
     for key in ("train_cells", "test_cells"):
-        if key in flags:
-            from .cells import parse_cell_list
-
-            for k, extra in raw.get("extra_cell_lines", {}).items():  # user lines named on the CLI
-                from .cells import register_cell_line
-
-                register_cell_line(k, extra.get("name"), extra.get("description", ""))
-            flags[key] = parse_cell_list(flags[key])
-    merged = deep_merge(deep_merge(raw, flags), parse_overrides(overrides))
-    return validate_config(DataConfig, merged, origin=str(config) if config else "data settings")
+        if cli.get(key) is not None:
+            cli[key] = parse_cell_list(cli[key])
+    return load_section(DataConfig, "data", config, overrides, cli)
 
 
 @data_app.command("build")

@@ -16,32 +16,6 @@ from pathlib import Path
 
 import typer
 
-OTHER_SECTIONS = {"data", "train", "evaluate", "eval", "serve", "pipeline", "teacher", "judge"}
-
-
-def load_section(model, section: str, config: Path | None, overrides: list[str] | None):
-    """Validate one stage section of a YAML file plus CLI overrides into ``model``."""
-    from .config import deep_merge, parse_overrides, read_yaml, validate_config
-    from .errors import SynthpertError
-
-    raw = read_yaml(config) if config else {}
-    if section in raw:
-        data = raw[section] or {}
-    elif raw and not (set(raw) & OTHER_SECTIONS):
-        data = raw  # a file holding just this section's keys
-    else:
-        data = {}
-    for item in overrides or []:
-        key = item.split("=", 1)[0].strip()
-        head = key.split(".", 1)[0]
-        if head in OTHER_SECTIONS and head != section:
-            raise SynthpertError(f"override {item!r} is for the '{head}' section; `synthpert "
-                                 f"{'generate' if section == 'teacher' else 'judge'}` takes {section}.* overrides")
-    ov = parse_overrides(overrides)
-    data = deep_merge(data, ov.pop(section, {}) or {})
-    data = deep_merge(data, ov)
-    origin = f"{config} ({section} section)" if config else f"{section} settings"
-    return validate_config(model, data, origin=origin)
 
 
 def _setup_logging() -> None:
@@ -81,6 +55,7 @@ def register(app: typer.Typer) -> None:
         overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. teacher.model=gpt-4o-mini"),
     ) -> None:
         """Teacher: write reasoning traces for training triples (any OpenAI-compatible API, or offline)."""
+        from .config import load_section
         from .generate import TeacherConfig, run_generate
 
         _setup_logging()
@@ -103,6 +78,7 @@ def register(app: typer.Typer) -> None:
         overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. judge.kind=rules"),
     ) -> None:
         """Judge: rate each trace's reasoning; keep it iff rating >= threshold AND answer == label."""
+        from .config import load_section
         from .judge import JudgeConfig, run_judge
 
         _setup_logging()

@@ -189,5 +189,32 @@ def load_config(model: type[T], path: str | Path | None = None, overrides: list[
     return validate_config(model, data, origin=str(path) if path else "config")
 
 
+RUN_SECTIONS = ("data", "teacher", "judge", "train", "eval", "eval_sets", "serve")
+
+
+def load_section(model: type[T], section: str, path: str | Path | None = None, overrides: list[str] | None = None,
+                 flags: dict[str, Any] | None = None) -> T:
+    """One stage's settings for a stage command: the YAML's ``section:`` (a run config), or the whole file when
+    it holds only this stage's keys; then CLI flags (None = not given); then ``key=value`` overrides, with or
+    without the section prefix (``lora.r=16`` and ``train.lora.r=16`` are the same)."""
+    raw = read_yaml(path) if path else {}
+    if isinstance(raw.get(section), dict) or section in raw:
+        data = raw.get(section) or {}
+    elif raw and not set(raw) & set(RUN_SECTIONS):
+        data = raw
+    else:
+        data = {}
+    for item in overrides or []:
+        head = item.split("=", 1)[0].strip().split(".", 1)[0]
+        if head in RUN_SECTIONS and head != section:
+            raise SynthpertError(f"override {item!r} is for the '{head}' section; this command takes "
+                                 f"{section} settings (e.g. {section}.KEY=VALUE or KEY=VALUE)")
+    data = deep_merge(data, {k: v for k, v in (flags or {}).items() if v is not None})
+    ov = parse_overrides(overrides)
+    data = deep_merge(deep_merge(data, ov.pop(section, {}) or {}), ov)
+    origin = f"{path} ({section} section)" if path else f"{section} settings"
+    return validate_config(model, data, origin=origin)
+
+
 def dump_config(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

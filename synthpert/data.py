@@ -304,19 +304,27 @@ def _val_perturbations(train: pd.DataFrame, fraction: float, seed: int) -> set[t
     return held
 
 
+def _rows_of(line: CellData, split: str, protocol: str) -> pd.DataFrame:
+    rows = line.rows if protocol == "published" else line.rows[line.rows.split == split]
+    return _to_examples(line.key, rows)
+
+
+def training_rows(cfg: DataConfig, lines: dict[str, CellData] | None = None) -> pd.DataFrame:
+    """Every training row of the training lines (before validation hold-out and subsampling); the published
+    protocol trains on all rows of those lines."""
+    lines = lines or load_lines(cfg)
+    return pd.concat([_rows_of(lines[get_cell_line(k).key], "train", cfg.protocol) for k in cfg.train_cells],
+                     ignore_index=True)
+
+
 def build_frames(cfg: DataConfig, lines: dict[str, CellData] | None = None) -> dict[str, pd.DataFrame]:
     """Return {'train', 'validation', 'test'} DataFrames of examples (columns EXAMPLE_COLUMNS)."""
     setting = setting_name(cfg)
     lines = lines or load_lines(cfg)
-    train_cells = [get_cell_line(k).key for k in cfg.train_cells]
+    [get_cell_line(k).key for k in cfg.train_cells]
     test_cells = [get_cell_line(k).key for k in cfg.test_cells]
-    published = cfg.protocol == "published"
-    train_parts = {k: _to_examples(k, lines[k].rows if published else lines[k].rows[lines[k].rows.split == "train"])
-                   for k in train_cells}
-    test_parts = [_to_examples(k, lines[k].rows if published else lines[k].rows[lines[k].rows.split == "test"])
-                  for k in test_cells]
-    train = pd.concat(train_parts.values(), ignore_index=True)
-    test = pd.concat(test_parts, ignore_index=True)
+    train = training_rows(cfg, lines)
+    test = pd.concat([_rows_of(lines[k], "test", cfg.protocol) for k in test_cells], ignore_index=True)
     if setting != "unseen-cell-published":
         test_key, train_key = _int_keys([test, train], ["cell_line", "perturbation"])
         clash = np.isin(test_key, train_key)
@@ -330,7 +338,7 @@ def build_frames(cfg: DataConfig, lines: dict[str, CellData] | None = None) -> d
     is_val = np.isin(train_key, held_key)
     val, train = train[is_val], train[~is_val]
     # "Seen" is measured against what a model actually trains on (train minus validation).
-    seen_basis = {k: train[train.cell_line == k] for k in train_cells}
+    seen_basis = {get_cell_line(k).key: train[train.cell_line == get_cell_line(k).key] for k in cfg.train_cells}
     frames = {
         "train": subsample(_annotate_seen(train, seen_basis), cfg.train_subsample, cfg.seed),
         "validation": subsample(_annotate_seen(val, seen_basis), cfg.val_subsample, cfg.seed + 1),
@@ -373,6 +381,26 @@ def build(cfg: DataConfig, out_dir: Path | None = None, lines: dict[str, CellDat
         resolved = cfg.model_copy(update={"source": str(resolve_source(cfg.source).resolve())})
         (out_dir / "data_config.json").write_text(resolved.model_dump_json(indent=2))
     return dd, summary
+
+
+def built_config(path: Path) -> DataConfig:
+    """The DataConfig a dataset was built with: ``data_config.json`` in the ``data build --out`` folder (or
+    beside the ``dataset/`` folder given). A user's own cell lines in it are registered, so prompts and
+    evidence resolve them."""
+    from .config import validate_config
+
+    path = Path(path).expanduser()
+    for folder in (path, path.parent):
+        f = folder / "data_config.json"
+        if f.exists():
+            try:
+                raw = json.loads(f.read_text())
+            except json.JSONDecodeError as e:
+                raise SynthpertError(f"{f} is not valid JSON ({e.msg})") from None
+            cfg = validate_config(DataConfig, raw, origin=str(f))
+            register_extra_lines(cfg)
+            return cfg
+    raise SynthpertError(f"no data_config.json in {path}: pass a folder written by `synthpert data build --out`")
 
 
 def load_built(path: Path, split: str | None = None):

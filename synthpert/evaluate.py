@@ -23,7 +23,7 @@ import pandas as pd
 from pydantic import Field
 
 from .answer import LABELS, LENIENT, SHORT, STRICT
-from .config import DataConfig, StrictModel, deep_merge, parse_overrides, read_yaml, validate_config
+from .config import StrictModel, parse_overrides
 from .errors import SynthpertError
 from .inference import HARD_LABEL, Backend, InferenceConfig, Prediction, Predictor, Triple, adapter_version
 from .runs import library_versions
@@ -53,23 +53,14 @@ class EvalConfig(StrictModel):
 
 def load_eval_config(path: str | Path | None, overrides: list[str] | None = None, **flags) -> EvalConfig:
     """YAML (its `eval:` section or the whole file) + CLI flags + key=value overrides."""
-    raw = read_yaml(path) if path else {}
-    if "eval" in raw:
-        raw = raw["eval"]
-    merged = deep_merge(raw, parse_overrides([f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]))
-    merged = deep_merge(merged, parse_overrides(overrides))
-    return validate_config(EvalConfig, merged, origin=str(path) if path else "eval settings")
+    from .config import load_section
+
+    return load_section(EvalConfig, "eval", path, overrides, parse_overrides(
+        [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Examples, evidence, manifest
-
-
-def dataset_config(dataset: Path) -> DataConfig:
-    path = Path(dataset) / "data_config.json"
-    if not path.exists():
-        raise SynthpertError(f"{dataset} has no data_config.json; evaluate a folder written by `synthpert data build`")
-    return validate_config(DataConfig, json.loads(path.read_text()), origin=str(path))
 
 
 def load_examples(cfg: EvalConfig) -> pd.DataFrame:
@@ -512,7 +503,9 @@ def run_eval(cfg: EvalConfig, dataset_path: str | Path | None = None, out_dir: s
         raise SynthpertError("no model given: pass --model DIR (or a model name with --backend openai)")
 
     examples = load_examples(cfg)
-    data_cfg = dataset_config(Path(cfg.dataset))
+    from .data import built_config
+
+    data_cfg = built_config(Path(cfg.dataset))
     evidence = use_evidence(cfg)
     fp = fingerprint(cfg, evidence)
     _check_resume(out, fp, overwrite)

@@ -27,7 +27,7 @@ from pydantic import Field
 
 from .answer import LABELS, LENIENT, parse_answer
 from .client import ChatEngine, ChatRequest, ChatResult, ClientConfig, SamplingConfig
-from .config import DataConfig, SubsampleConfig
+from .config import SubsampleConfig
 from .errors import SynthpertError
 from .runs import write_json_atomic, write_jsonl_atomic
 from .schema import TraceRecord, Usage
@@ -60,27 +60,10 @@ class TeacherConfig(ClientConfig):
 # Dataset and evidence
 
 
-def data_config_for(dataset_path: Path) -> DataConfig:
-    """The DataConfig a dataset was built with (``data_config.json`` next to ``dataset/``)."""
-    dataset_path = Path(dataset_path)
-    for folder in (dataset_path, dataset_path.parent):
-        f = folder / "data_config.json"
-        if f.exists():
-            try:
-                return DataConfig.model_validate_json(f.read_text())
-            except Exception as e:  # pydantic.ValidationError: a hand-edited file
-                raise SynthpertError(f"{f} is not a valid data config: {e}") from None
-    raise SynthpertError(f"no data_config.json in {dataset_path}; evidence needs the config the dataset was built "
-                         "with: rebuild it with `synthpert data build`")
-
-
 def load_examples(dataset_path: Path, split: str, subsample: SubsampleConfig | None, seed: int) -> pd.DataFrame:
-    from .data import load_built, register_extra_lines, subsample as do_subsample
+    from .data import built_config, load_built, subsample as do_subsample
 
-    try:
-        register_extra_lines(data_config_for(dataset_path))  # a user's own cell lines must resolve in prompts
-    except SynthpertError:
-        pass
+    built_config(Path(dataset_path))  # registers a user's own cell lines, so prompts resolve them
     df = load_built(Path(dataset_path), split).to_pandas()
     if df.empty:
         raise SynthpertError(f"split {split!r} of {dataset_path} is empty")
@@ -97,9 +80,9 @@ class EvidenceSource:
     @property
     def stats(self):
         if self._stats is None:
-            from .report import training_stats
+            from .report import dataset_training_stats
 
-            self._stats = training_stats(data_config_for(self.dataset_path))
+            self._stats = dataset_training_stats(self.dataset_path)
         return self._stats
 
     def text(self, cell: str, pert: str, gene: str) -> str:

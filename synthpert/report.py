@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pandas as pd
 
 from .baselines import baseline_report
 from .config import DataConfig
-from .data import build_frames, load_lines, setting_name
+from .data import build_frames, built_config, load_lines, resolve_source, setting_name, training_rows
 from .evidence import TrainingStats
 
 SHORT_HEADERS = {"accuracy": "acc", "macro_f1": "macroF1", "balanced_accuracy": "balAcc",
@@ -19,17 +21,47 @@ TABLE_METRICS = ("accuracy", "macro_f1", "balanced_accuracy", "auroc_de_per_gene
 
 def training_stats(cfg: DataConfig, lines=None) -> TrainingStats:
     """Stats over ALL training rows of the training lines (validation included, test never), so baselines
-    use the same information a model designer has, however the training set was subsampled."""
-    full = cfg.model_copy(update={"val_fraction": 0.0, "train_subsample": None})
-    frames = build_frames(full, lines)
-    return TrainingStats(frames["train"])
+    use the same information a model designer has, however the training set was subsampled.
+
+    Cached per process: the stages of one run and the evaluation sets of one run share training lines,
+    and rebuilding the stats re-reads every CSV."""
+    if lines is not None:
+        return TrainingStats(training_rows(cfg, lines))
+    key = _stats_key(cfg)
+    if key not in _STATS_CACHE:
+        if len(_STATS_CACHE) >= 4:
+            _STATS_CACHE.pop(next(iter(_STATS_CACHE)))
+        _STATS_CACHE[key] = TrainingStats(training_rows(cfg))
+    return _STATS_CACHE[key]
+
+
+def dataset_training_stats(dataset: Path | str) -> TrainingStats:
+    """Training stats for a folder written by `synthpert data build` (evidence context, baselines)."""
+    return training_stats(built_config(Path(dataset)))
+
+
+def _stats_key(cfg: DataConfig) -> str:
+    """What the training rows depend on: the lines, the protocol and the CSVs' identity on disk."""
+    source = resolve_source(cfg.source)
+    files = {}
+    for key in cfg.train_cells:
+        extra = cfg.extra_cell_lines.get(key)
+        folder = resolve_source(extra.source) if extra and extra.source else source
+        for kind in ("de", "dir"):
+            f = folder / f"{key}-{kind}.csv"
+            files[str(f.resolve())] = [f.stat().st_size, f.stat().st_mtime_ns] if f.exists() else None
+    return json.dumps({"cfg": cfg.model_dump(mode="json", include={"source", "train_cells", "protocol",
+                                                                   "extra_cell_lines"}), "files": files},
+                      sort_keys=True)
+
+
+_STATS_CACHE: dict[str, TrainingStats] = {}
 
 
 def run_baselines(cfg: DataConfig, n_bootstrap: int = 0) -> dict:
     lines = load_lines(cfg)
-    frames = build_frames(cfg.model_copy(update={"val_fraction": 0.0}), lines)
-    test = frames["test"]
-    stats = TrainingStats(frames["train"])
+    test = build_frames(cfg.model_copy(update={"val_fraction": 0.0}), lines)["test"]
+    stats = training_stats(cfg, lines)
     rows = baseline_report(stats, test, list(cfg.train_cells), n_bootstrap=n_bootstrap, seed=cfg.seed)
     flat = {}
     for name, res in rows.items():

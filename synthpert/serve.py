@@ -400,10 +400,9 @@ def serve(model: str, adapter: str | None = None, backend: str = "transformers",
     check_evidence_setting(adapter, settings.evidence_dataset)
     stats = None
     if settings.evidence_dataset:
-        from .evaluate import dataset_config
-        from .report import training_stats
+        from .report import dataset_training_stats
 
-        stats = training_stats(dataset_config(Path(settings.evidence_dataset)))
+        stats = dataset_training_stats(settings.evidence_dataset)
     predictor = load_predictor(model, adapter, backend, **inference)
     app = create_app(predictor, settings, stats)
     if settings.host not in ("127.0.0.1", "localhost", "::1"):

@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from .config import StrictModel, deep_merge, dump_config, parse_overrides, read_yaml, validate_config
+from .config import StrictModel, dump_config
 from .errors import SynthpertError
 from .runs import git_revision, library_versions
 from .resources import resource_dir, sha256_text
@@ -141,11 +141,9 @@ class TrainConfig(StrictModel):
 
 def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """YAML (its `train:` section, or the whole file) + dotted overrides -> validated TrainConfig."""
-    raw = read_yaml(path) if path else {}
-    if isinstance(raw.get("train"), dict):
-        raw = raw["train"]
-    merged = deep_merge(raw, parse_overrides(overrides))
-    return validate_config(TrainConfig, merged, origin=str(path) if path else "train settings")
+    from .config import load_section
+
+    return load_section(TrainConfig, "train", path, overrides)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -162,18 +160,13 @@ def _student_prompt(row: dict, stats) -> list[dict]:
 
 def _evidence_stats(cfg: TrainConfig, source: Path | None):
     """TrainingStats over the training rows named by the dataset folder's data_config.json."""
-    from .config import DataConfig
-    from .report import training_stats
+    from .report import dataset_training_stats
 
     folder = cfg.dataset_dir or (str(source) if cfg.mode == "label_only" and source else None)
     if folder is None:
         raise SynthpertError("evidence=true needs the built dataset the traces came from: set dataset_dir to the "
                              "`synthpert data build --out` folder (its data_config.json names the training rows)")
-    path = Path(folder).expanduser() / "data_config.json"
-    if not path.exists():
-        raise SynthpertError(f"evidence=true: {path} not found (dataset_dir must be a `synthpert data build` folder)")
-    data_cfg = validate_config(DataConfig, json.loads(path.read_text()), origin=str(path))
-    return training_stats(data_cfg)
+    return dataset_training_stats(folder)
 
 
 def _trace_rows(path: Path, cfg: TrainConfig, skipped: Counter) -> list[dict]:

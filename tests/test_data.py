@@ -182,3 +182,24 @@ def test_fetch_downloads_over_http_and_rejects_a_corrupt_mirror(tmp_path):
             fetch(tmp_path / "dl3", base_url=url + "/missing", log=lambda *_: None)
     finally:
         server.shutdown()
+
+
+def test_built_config_restores_a_users_own_cell_line(tmp_path):
+    """Later stages (generate, train, eval, serve) read the dataset folder, not the user's YAML: the cell
+    line declared at build time must resolve there too."""
+    from synthpert import cells
+    from synthpert.data import built_config
+    from synthpert.report import dataset_training_stats
+
+    _write_line(tmp_path, "myscreen2", GOOD_DE, GOOD_DIR)
+    c = DataConfig(source=str(tmp_path), train_cells=["myscreen2"], test_cells=["myscreen2"], val_fraction=0,
+                   extra_cell_lines={"myscreen2": {"name": "MyCells2", "description": "Primary B cells."}})
+    build(c, tmp_path / "built")
+    cells._extra.clear()
+    with pytest.raises(SynthpertError, match="unknown cell line"):
+        cells.get_cell_line("myscreen2")
+    assert built_config(tmp_path / "built").train_cells == ["myscreen2"]
+    assert cells.get_cell_line("myscreen2").name == "MyCells2"
+    stats = dataset_training_stats(tmp_path / "built")
+    assert stats.gene_counts_loo("myscreen2", "B", "X").tolist() == [1, 0, 0]  # A's row only; B is a test pert
+    assert dataset_training_stats(tmp_path / "built") is stats  # cached: the CSVs are read once per process

@@ -98,8 +98,8 @@ def test_metrics_json_equals_recomputation_from_predictions(tiny_built_dataset, 
     from synthpert.baselines import baseline_report, score_predictions
     from synthpert.config import SubsampleConfig
     from synthpert.data import load_built, subsample
-    from synthpert.evaluate import dataset_config, jsonable, run_eval
-    from synthpert.report import training_stats
+    from synthpert.evaluate import jsonable, run_eval
+    from synthpert.report import dataset_training_stats
 
     monkeypatch.setenv("FAKE_KEY", "k")
     out = tmp_path / "ev"
@@ -118,7 +118,7 @@ def test_metrics_json_equals_recomputation_from_predictions(tiny_built_dataset, 
         _same(metrics["model"][mode], expect, mode)
     # the labels really vary, so the metrics are not a trivial constant
     assert 0 < metrics["model"]["strict"]["overall"]["accuracy"] < 1
-    stats = training_stats(dataset_config(tiny_built_dataset))
+    stats = dataset_training_stats(tiny_built_dataset)
     _same(metrics["baselines"], jsonable(baseline_report(stats, test, ["k562"], n_bootstrap=20, seed=3)), "baselines")
     report = (out / "report.md").read_text()
     for name in ("majority", "gene_prior", "gene_prior_balanced", "macro-F1", "AUROC DE", "Verdict", "hard labels"):
