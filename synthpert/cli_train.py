@@ -24,12 +24,14 @@ def model_tiny(
     hidden: int = typer.Option(128, "--hidden", help="Hidden size; hidden/heads must be 32, 64, 80, 96, 112 or 128."),
     heads: int = typer.Option(4, "--heads"),
     vocab_size: int = typer.Option(2048, "--vocab-size"),
+    chat_format: str = typer.Option("chatml", "--chat-format", help="chatml (Qwen-style special tokens) or r1 "
+                                    "(DeepSeek-R1-Distill's, for the recipe's r1_distill_train template)."),
 ) -> None:
     """Build a tiny random Qwen2-architecture model with a locally trained tokenizer (no network)."""
     from .tiny import build_tiny_model
 
     path = build_tiny_model(out, source=source, seed=seed, layers=layers, hidden=hidden, heads=heads,
-                            vocab_size=vocab_size)
+                            vocab_size=vocab_size, chat_format=chat_format)
     typer.echo(f"tiny model written to {path} (load it with from_pretrained({str(path)!r}))")
 
 

@@ -458,7 +458,8 @@ class ChatEngine:
         expected_completion = samples * self.cfg.completion_tokens_estimate
         worst_completion = sum((completion_cap(c.sampling) or self.cfg.completion_tokens_estimate)
                                * int(c.sampling.get("n") or 1) for c in todo)
-        out = {"model": self.cfg.model if self.local is None else f"{self.cfg.model} (offline, free)",
+        offline_model = next((r.model for r in requests if r.model), self.cfg.model)
+        out = {"model": self.cfg.model if self.local is None else f"{offline_model} (offline, free)",
                "base_url": self.cfg.base_url if self.local is None else LOCAL_BASE_URL,
                "requests": len(requests), "http_requests_needed": len(todo), "already_cached": len(calls) - len(todo),
                "samples_to_generate": samples, "est_prompt_tokens": prompt,

@@ -362,19 +362,38 @@ def summarise(frames: dict[str, pd.DataFrame], cfg: DataConfig) -> dict:
     return out
 
 
+def _features():
+    from datasets import Features, List, Value
+
+    return Features({**{c: Value("string") for c in EXAMPLE_COLUMNS[:6]},
+                     "pert_seen_in_train_lines": List(Value("string")),
+                     "pair_seen_in_train_lines": List(Value("string"))})
+
+
 def build(cfg: DataConfig, out_dir: Path | None = None, lines: dict[str, CellData] | None = None):
-    """Build the DatasetDict; save it (and summary.json) to ``out_dir`` when given."""
+    """Build the DatasetDict; save it (and summary.json) to ``out_dir`` when given.
+
+    Empty validation / test splits are valid (``val_fraction: 0`` is the published recipe); an empty
+    training split is not, and fails here rather than in the stage that would train on it."""
     from datasets import Dataset, DatasetDict
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()  # saving takes well under a second; its bars only clutter the run log
     frames = build_frames(cfg, lines)
-    dd = DatasetDict({k: Dataset.from_pandas(v, preserve_index=False) for k, v in frames.items()})
+    if frames["train"].empty:
+        raise SynthpertError(f"no training rows for train_cells {cfg.train_cells} after the validation hold-out "
+                             f"and train_subsample {cfg.train_subsample}: nothing could be trained on")
+    # Explicit features: an empty split has no rows to infer the column types from.
+    dd = DatasetDict({k: Dataset.from_pandas(v, features=_features(), preserve_index=False) if len(v)
+                      else Dataset.from_dict({c: [] for c in EXAMPLE_COLUMNS}, features=_features())
+                      for k, v in frames.items()})
     summary = summarise(frames, cfg)
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        dd.save_to_disk(str(out_dir / "dataset"))
+        # datasets writes no Arrow file for an empty split unless told to write one shard, and then cannot
+        # load the folder back; one shard per empty split keeps it loadable.
+        dd.save_to_disk(str(out_dir / "dataset"), num_shards={k: 1 for k, v in dd.items() if len(v) == 0} or None)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         # Record where the CSVs were actually read from, so later stages (evidence, baselines) find them
         # without the environment variable or default that located them here.
@@ -411,7 +430,11 @@ def load_built(path: Path, split: str | None = None):
     target = path / "dataset" if (path / "dataset").is_dir() else path
     if not target.is_dir():
         raise SynthpertError(f"no built dataset at {path}; run `synthpert data build` first")
-    dd = load_from_disk(str(target))
+    try:
+        dd = load_from_disk(str(target))
+    except (OSError, ValueError, IndexError, KeyError) as e:
+        raise SynthpertError(f"could not read the built dataset at {target} ({type(e).__name__}: {e}); rebuild it "
+                             "with `synthpert data build` (or rerun the data stage: --force data)") from None
     if split is None:
         return dd
     if split not in dd:

@@ -159,6 +159,41 @@ def _precheck(cfg: JudgeConfig, trace: TraceRecord) -> str | None:
     return None
 
 
+def check_threshold(cfg: JudgeConfig) -> None:
+    if cfg.kind == "rules" and RANK[cfg.threshold] > RANK["good"]:
+        raise SynthpertError(f"the rules judge rates at most 'good' (it checks form, not biology); threshold "
+                             f"{cfg.threshold!r} would keep nothing. Use judge.threshold=good or an LLM judge")
+
+
+def _engine(cfg: JudgeConfig, out_dir: Path):
+    local = (lambda req, i: rules_verdict(req.context, cfg)) if cfg.kind == "rules" else None
+    return engine_for(cfg, out_dir, local=local, description=f"judge ({cfg.kind})")
+
+
+def _requests(cfg: JudgeConfig, traces: list[TraceRecord]) -> tuple[list[ChatRequest], str | None]:
+    requests, phash = [], None
+    model = RULES_JUDGE_MODEL if cfg.kind == "rules" else None
+    sampling = {} if cfg.kind == "rules" else cfg.sampling.to_dict()
+    key_extra = {"rules": [cfg.min_chars, cfg.max_chars, "v1"]} if cfg.kind == "rules" else None
+    for t in traces:
+        messages, phash = _judge_messages(cfg, t)
+        requests.append(ChatRequest(id=t.id, messages=messages, sampling=sampling, model=model,
+                                    key_extra=key_extra, context=t))
+    return requests, phash
+
+
+def estimate_judge(cfg: JudgeConfig, examples, samples: int, reasoning_tokens: int, out_dir: Path) -> dict:
+    """Dry-run estimate before any trace exists: every trace judged (an upper bound; traces whose answer is
+    not the label are rejected without a request), each with a reasoning of ``reasoning_tokens`` tokens."""
+    check_threshold(cfg)
+    filler = "x" * (3 * max(1, reasoning_tokens))  # client.estimate_prompt_tokens counts 3 characters a token
+    traces = [TraceRecord(id=f"{r.id}#{i}", example_id=r.id, cell_line=r.cell_line, perturbation=r.perturbation,
+                          gene=r.gene, label=r.label, teacher="estimate", reasoning=filler, parsed_label=r.label)
+              for r in examples.itertuples(index=False) for i in range(samples)]
+    requests, _ = _requests(cfg, traces)
+    return {"dry_run": True, "traces": len(traces), "upper_bound": True, **_engine(cfg, out_dir).estimate(requests)}
+
+
 def run_judge(cfg: JudgeConfig, traces_path: str | Path, out_dir: str | Path, dry_run: bool = False) -> dict:
     out_dir = Path(out_dir)
     traces = list(read_jsonl(Path(traces_path), TraceRecord))
@@ -167,22 +202,11 @@ def run_judge(cfg: JudgeConfig, traces_path: str | Path, out_dir: str | Path, dr
     ids = [t.id for t in traces]
     if len(set(ids)) != len(ids):
         raise SynthpertError(f"{traces_path}: trace id {next(i for i in ids if ids.count(i) > 1)!r} appears twice")
-    if cfg.kind == "rules" and RANK[cfg.threshold] > RANK["good"]:
-        raise SynthpertError(f"the rules judge rates at most 'good' (it checks form, not biology); threshold "
-                             f"{cfg.threshold!r} would keep nothing. Use judge.threshold=good or an LLM judge")
+    check_threshold(cfg)
     by_id = {t.id: t for t in traces}
     pre = {t.id: _precheck(cfg, t) for t in traces}
-    requests, phash = [], None
-    model = RULES_JUDGE_MODEL if cfg.kind == "rules" else None
-    sampling = {} if cfg.kind == "rules" else cfg.sampling.to_dict()
-    key_extra = {"rules": [cfg.min_chars, cfg.max_chars, "v1"]} if cfg.kind == "rules" else None
-    for t in traces:
-        if pre[t.id] is None:
-            messages, phash = _judge_messages(cfg, t)
-            requests.append(ChatRequest(id=t.id, messages=messages, sampling=sampling, model=model,
-                                        key_extra=key_extra, context=t))
-    local = (lambda req, i: rules_verdict(req.context, cfg)) if cfg.kind == "rules" else None
-    engine = engine_for(cfg, out_dir, local=local, description=f"judge ({cfg.kind})")
+    requests, phash = _requests(cfg, [t for t in traces if pre[t.id] is None])
+    engine = _engine(cfg, out_dir)
     if dry_run:
         return {"dry_run": True, "traces": len(traces), "to_judge": len(requests),
                 "rejected_without_judging": len(traces) - len(requests), **engine.estimate(requests)}

@@ -10,10 +10,13 @@ if its outputs changed).
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -26,7 +29,10 @@ from .runs import Manifest, StageRecord, Timer, hash_json, hash_paths, write_jso
 from .train import TrainConfig
 
 STAGES = ("data", "base_model", "generate", "judge", "train", "eval")
-TINY = "tiny"  # train.base_model value: build the offline tiny model inside the run
+TINY = "tiny"
+# SynthPert sent 15% of the training triples to the teacher and about 2% of the training data survived
+# the judge: about 2 traces in 15 were kept. Shown beside the dry run's upper bound, as an expectation.
+PUBLISHED_KEEP_RATE = 2 / 15  # train.base_model value: build the offline tiny model inside the run
 
 
 class EvalSet(StrictModel):
@@ -37,6 +43,20 @@ class EvalSet(StrictModel):
                               "(seeded), so PerturbQA's per-gene AUROC is measurable on a sample")
     n: int | None = Field(None, ge=1, description="seeded subsample of that test split (all when unset)")
     protocol: str = Field("split", description="'split' or 'published' (unseen lines only)")
+
+
+class TinyModelSettings(StrictModel):
+    """The offline tiny model built inside the run when ``train.base_model: tiny`` (synthpert.tiny)."""
+
+    layers: int = Field(2, ge=1)
+    hidden: int = Field(128, ge=32, description="hidden/heads must be 32, 64, 80, 96, 112 or 128 (vLLM on CPU)")
+    heads: int = Field(4, ge=1)
+    intermediate: int = Field(256, ge=1)
+    vocab_size: int = Field(2048, ge=300)
+    initializer_range: float = Field(0.1, gt=0)
+    max_position_embeddings: int = Field(4096, ge=64)
+    chat_format: Literal["chatml", "r1"] = Field(
+        "chatml", description="chatml, or r1: DeepSeek-R1-Distill's special tokens (for its chat template)")
 
 
 class RunConfig(StrictModel):
@@ -51,7 +71,8 @@ class RunConfig(StrictModel):
         default_factory=lambda: {"test": EvalSet(test_cells=["k562"])},
         description="name -> test lines; each is built with data.train_cells as the training lines")
     zero_shot: bool = Field(False, description="also evaluate the base model without the adapter")
-    tiny_model: dict = Field(default_factory=dict, description="options of the offline tiny model (base_model: tiny)")
+    tiny_model: TinyModelSettings = Field(default_factory=TinyModelSettings,
+                                          description="the offline tiny model (train.base_model: tiny)")
 
     @model_validator(mode="after")
     def _checks(self):
@@ -62,9 +83,17 @@ class RunConfig(StrictModel):
         return self
 
 
-def load_run_config(path: str | Path, overrides: list[str] | None = None) -> tuple[RunConfig, dict]:
-    raw = deep_merge(read_yaml(path), parse_overrides(overrides))
-    cfg = validate_config(RunConfig, raw, origin=str(path))
+def load_run_config(path: str | Path, overrides: list[str] | None = None,
+                    merge: list[str | Path] | None = None) -> tuple[RunConfig, dict]:
+    """The run config: ``path``, then each ``merge`` file's sections on top (e.g. teacher_openai.yaml's teacher
+    and judge), then ``key=value`` overrides."""
+    raw = read_yaml(path)
+    origin = str(path)
+    for extra in merge or []:
+        raw = deep_merge(raw, read_yaml(extra))
+        origin += f" + {extra}"
+    raw = deep_merge(raw, parse_overrides(overrides))
+    cfg = validate_config(RunConfig, raw, origin=origin)
     return cfg, raw
 
 
@@ -75,8 +104,7 @@ class Pipeline:
     def __init__(self, cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = print):
         self.cfg = cfg
         self.dir = run_dir
-        self.log = log
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.log = log  # the run folder is created by the first stage that runs, not by a run refused up front
         self.manifest = Manifest(run_dir, cfg.model_dump(mode="json"), cfg.seed)
         self.outputs: dict[str, str] = {}  # stage -> outputs hash
 
@@ -147,7 +175,7 @@ class Pipeline:
         from .data import resolve_source
 
         build_tiny_model(folder, source=resolve_source(self.cfg.data.source), seed=self.cfg.seed,
-                         **self.cfg.tiny_model)
+                         **self.cfg.tiny_model.model_dump())
         return {"base_model": "tiny", "path": str(folder)}
 
     # generate and judge always resume: their response cache is content-addressed, so a changed setting
@@ -181,29 +209,139 @@ class Pipeline:
         from .data import build, load_lines
         from .evaluate import run_eval
 
+        from .inference import make_backend
+
         out = {}
         adapter = str(self.stage_dir("train"))
-        for name, es in self.cfg.eval_sets.items():
-            dcfg = self.cfg.data.model_copy(update={"test_cells": es.test_cells, "protocol": es.protocol,
-                                                    "train_subsample": None, "val_subsample": None,
-                                                    "test_subsample": SubsampleConfig(n=es.n, genes=es.genes)
-                                                    if es.n or es.genes else None})
-            dcfg = validate_config(DataConfig, dcfg.model_dump(), origin=f"eval_sets.{name}")
-            data_dir = folder / name / "data"
-            if not (resume and (data_dir / "data_config.json").exists()):
-                build(dcfg, data_dir, load_lines(dcfg))
-            runs = [(name, self.cfg.eval, adapter)]
-            if self.cfg.zero_shot:
-                runs.append((f"{name}_zero_shot", self.cfg.eval.model_copy(update={"name": "base model (zero-shot)"}),
-                             None))
-            for label, ecfg, adp in runs:
-                out[label] = run_eval(ecfg, data_dir, folder / label / "result", model=self.base_model,
-                                      adapter=adp, overwrite=not resume)
+        backends: dict = {}  # one loaded model per adapter for every eval set (an 8B load takes minutes)
+        try:
+            for name in self.cfg.eval_sets:
+                dcfg = self.eval_data_config(name)
+                data_dir = folder / name / "data"
+                if not (resume and (data_dir / "data_config.json").exists()):
+                    build(dcfg, data_dir, load_lines(dcfg))
+                runs = [(name, self.cfg.eval, adapter)]
+                if self.cfg.zero_shot:
+                    runs.append((f"{name}_zero_shot",
+                                 self.cfg.eval.model_copy(update={"name": "base model (zero-shot)"}), None))
+                for label, ecfg, adp in runs:
+                    if adp not in backends:
+                        backends[adp] = make_backend(ecfg.inference.model_copy(
+                            update={"model": self.base_model, "adapter": adp}))
+                    out[label] = run_eval(ecfg, data_dir, folder / label / "result", backend=backends[adp],
+                                          overwrite=not resume)
+        finally:
+            for b in backends.values():
+                b.close()
         unfinished = [k for k, v in out.items() if not v.get("complete", True)]
         if unfinished:
             raise SynthpertError(f"evaluation of {unfinished} stopped early; rerun to continue (finished "
                                  "predictions are kept)")
         return out
+
+    def eval_data_config(self, name: str) -> DataConfig:
+        """The data settings of one eval set: the run's training lines, the set's test lines and sample."""
+        es = self.cfg.eval_sets[name]
+        dcfg = self.cfg.data.model_copy(update={"test_cells": es.test_cells, "protocol": es.protocol,
+                                                "train_subsample": None, "val_subsample": None,
+                                                "test_subsample": SubsampleConfig(n=es.n, genes=es.genes)
+                                                if es.n or es.genes else None})
+        return validate_config(DataConfig, dcfg.model_dump(), origin=f"eval_sets.{name}")
+
+    # -- before anything runs ---------------------------------------------------------------------------
+    def _will_run(self, stage: str, stages: list[str], forced: set[str]) -> bool:
+        return stage in stages and (stage in forced or StageRecord.load(self.stage_dir(stage)) is None)
+
+    def preflight(self, stages: list[str], forced: set[str]) -> list[tuple[str, str]]:
+        """(stage, problem) for everything that would stop a stage that is going to run, found before any
+        stage runs: a missing API key, QLoRA without CUDA, the vLLM backend without vLLM."""
+        problems = []
+        cfg = self.cfg
+        clients = []
+        if cfg.teacher.mode != "evidence":
+            clients.append(("generate", "teacher", cfg.teacher.api_key_env))
+        if cfg.judge.kind == "llm":
+            clients.append(("judge", "judge", cfg.judge.api_key_env))
+        missing: dict[str, list[tuple[str, str]]] = {}  # env var -> [(stage, section)]
+        for stage, section, env in clients:
+            if env and self._will_run(stage, stages, forced) and not os.environ.get(env):
+                missing.setdefault(env, []).append((stage, section))
+        for env, users in missing.items():
+            who = " and the ".join(sec for _, sec in users)
+            needs = "needs" if len(users) == 1 else "need"
+            problems.append((users[0][0], f"environment variable {env} is not set (the {who} {needs} "
+                             f"an API key): export {env}=..., or set {users[0][1]}.api_key_env to the variable "
+                             "that holds your key (null for a server without authentication)"))
+        inf = cfg.eval.inference
+        if self._will_run("eval", stages, forced):
+            if inf.backend == "openai" and inf.api_key_env and not os.environ.get(inf.api_key_env):
+                problems.append(("eval", f"eval.inference: environment variable {inf.api_key_env} is not set"))
+            if inf.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+                from .inference import VLLM_MISSING
+
+                problems.append(("eval", f"eval.inference.backend=vllm: {VLLM_MISSING}"))
+        if cfg.train.quantization == "4bit" and self._will_run("train", stages, forced) and not _cuda():
+            problems.append(("train", "train.quantization=4bit (QLoRA) needs a CUDA GPU and bitsandbytes, and "
+                             "this machine has no CUDA device; set train.quantization=none to train in full "
+                             "precision, or run the training stage on a GPU machine (--until judge here)"))
+        return problems
+
+    def stage_names(self, until: str | None = None) -> list[str]:
+        names = [s for s in STAGES if s != "base_model" or self.cfg.train.base_model == TINY]
+        if self.cfg.train.mode == "label_only":
+            names = [s for s in names if s not in ("generate", "judge")]
+        if until:
+            names = names[:names.index(until) + 1] if until in names else names
+        return names
+
+    def dry_run(self, until: str | None = None) -> dict:
+        """Build the data (free), then say per stage what a real run would do: requests and cost at the
+        configured prices, training examples and steps, evaluation pairs. Sends nothing, loads no model."""
+        from .data import build_frames, load_lines
+        from .generate import load_examples, run_generate
+        from .judge import estimate_judge
+
+        cfg = self.cfg
+        names = self.stage_names(until)
+        plan: dict[str, dict] = {}
+        plan["data"] = self.run(until="data")["data"]
+        train_n = plan["data"]["splits"]["train"]["n"]
+        traces = None
+        if "generate" in names:
+            plan["generate"] = run_generate(cfg.teacher, self.train_data, self.stage_dir("generate"), dry_run=True)
+            traces = plan["generate"]["examples"] * cfg.teacher.samples
+        if "judge" in names:
+            examples = load_examples(self.train_data, cfg.teacher.split, cfg.teacher.subsample, cfg.teacher.seed)
+            plan["judge"] = estimate_judge(cfg.judge, examples, cfg.teacher.samples,
+                                           cfg.teacher.completion_tokens_estimate, self.stage_dir("judge"))
+        if "train" in names:
+            t, o = cfg.train, cfg.train.optim
+            upper = train_n if t.mode == "label_only" else traces
+            n = round(upper * (1 - t.eval_fraction)) if t.mode != "label_only" else upper
+            per_epoch = -(-n // (o.batch_size * o.grad_accum)) if n else 0
+            plan["train"] = {"base_model": self.base_model, "mode": t.mode, "max_examples": upper,
+                             "examples_bound": "exact" if t.mode == "label_only" else
+                             "upper bound: every trace kept (the judge decides)",
+                             "steps_per_epoch_max": per_epoch, "epochs": o.epochs,
+                             "published_keep_rate": PUBLISHED_KEEP_RATE
+                             if t.mode == "reasoning" and cfg.judge.kind == "llm" else None,
+                             "optimizer_steps_max": o.max_steps or int(per_epoch * o.epochs),
+                             "quantization": t.quantization, "precision": t.precision, "lora_r": t.lora.r,
+                             "max_length": t.max_length, "cuda_available": _cuda()}
+        if "eval" in names:
+            sets = {}
+            for name in cfg.eval_sets:
+                dcfg = self.eval_data_config(name)
+                test = build_frames(dcfg, load_lines(dcfg))["test"]
+                sets[name] = {"test_cells": dcfg.test_cells, "pairs": len(test),
+                              "by_class": test["label"].value_counts().to_dict()}
+            inf = cfg.eval.inference
+            plan["eval"] = {"backend": inf.backend, "max_new_tokens": inf.max_new_tokens,
+                            "models": 2 if cfg.zero_shot else 1, "sets": sets,
+                            "max_generated_tokens": sum(v["pairs"] for v in sets.values()) * inf.max_new_tokens
+                            * inf.n_samples * (2 if cfg.zero_shot else 1)}
+        plan["problems"] = [f"[{s}] {p}" for s, p in self.preflight(names, set(STAGES))]
+        return plan
 
     # -- driver -----------------------------------------------------------------------------------------
     def run(self, from_stage: str | None = None, force: list[str] | None = None,
@@ -219,7 +357,8 @@ class Pipeline:
             ("data", {"data": cfg.data.model_dump(mode="json"), "csv": self._csv_fingerprint(
                 set(cfg.data.train_cells) | set(cfg.data.test_cells))}, [], self._data,
              lambda d: [d / "train"]),
-            ("base_model", {"tiny_model": cfg.tiny_model, "seed": cfg.seed}, ["data"], self._base_model,
+            ("base_model", {"tiny_model": cfg.tiny_model.model_dump(exclude_defaults=True), "seed": cfg.seed},
+             ["data"], self._base_model,
              lambda d: [d / "config.json", d / "tokenizer.json"]),
             ("generate", cfg.teacher.model_dump(mode="json"), ["data"], self._generate,
              lambda d: [d / "traces.jsonl"]),
@@ -234,11 +373,12 @@ class Pipeline:
              ["data", "train"], self._eval,
              lambda d: [d / name / "result" / "metrics.json" for name in cfg.eval_sets]),
         ]
-        if cfg.train.base_model != TINY:
-            plan = [p for p in plan if p[0] != "base_model"]
-        if cfg.train.mode == "label_only":  # the ablation trains on the dataset, no teacher or judge
-            plan = [p for p in plan if p[0] not in ("generate", "judge")]
-            plan = [(n, c, [u for u in up if u != "judge"], f, o) for n, c, up, f, o in plan]
+        names = self.stage_names()  # label_only: the ablation trains on the dataset, no teacher or judge
+        plan = [(n, c, [u for u in up if u in names], f, o) for n, c, up, f, o in plan if n in names]
+        stages = self.stage_names(until)
+        problems = self.preflight(stages, forced)
+        if problems:  # before the data stage: nothing is built or paid for a run that cannot finish
+            raise SynthpertError("; ".join(p for _, p in problems))
         summaries = {}
         for name, config, upstream, fn, outputs in plan:
             summaries[name] = self._run_stage(name, config, upstream, fn, outputs, name in forced)
@@ -261,6 +401,14 @@ class Pipeline:
                 f = folder / f"{c}-{kind}.csv"
                 out[f.name] = [f.stat().st_size, int(f.stat().st_mtime)] if f.exists() else None
         return out
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
 
 def _clear(folder: Path, keep: set[str]) -> None:

@@ -30,12 +30,18 @@ class Template:
         return sha256_text(self.text)
 
     def render(self, **variables) -> str:
-        env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False,
-                                 trim_blocks=True, lstrip_blocks=True)
         try:
-            return env.from_string(self.text).render(**variables).strip()
+            return _compiled(self.text).render(**variables).strip()
         except jinja2.UndefinedError as e:
             raise SynthpertError(f"prompt template {self.name}: {e.message}") from None
+
+
+@cache
+def _compiled(text: str) -> jinja2.Template:
+    """Compiling costs ~1 ms; a 20,000-request teacher run renders each template 20,000 times."""
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False,
+                             trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(text)
 
 
 @cache

@@ -22,6 +22,11 @@ from .errors import SynthpertError
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>")
 EOS_TOKEN = "<|im_end|>"
 PAD_TOKEN = "<|pad|>"
+# chat_format "r1": DeepSeek-R1-Distill's special tokens (its vocabulary is not reachable offline), so the
+# recipe's chat template (configs/chat_templates/r1_distill_train.jinja) runs on a model that has them.
+R1_BOS, R1_EOS, R1_PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
+R1_SPECIAL_TOKENS = (R1_BOS, R1_EOS, "<｜User｜>", "<｜Assistant｜>", R1_PAD)
+CHAT_FORMATS = ("chatml", "r1")
 VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128)
 QWEN2_PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
                            r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
@@ -129,8 +134,11 @@ def prompt_corpus(source: str | Path | None = None, n_prompts: int = 120, seed: 
     return texts
 
 
-def train_tokenizer(texts: list[str], vocab_size: int = 2048):
-    """ByteLevel BPE (any text is representable: unseen words fall back to bytes) wrapped as a fast tokenizer."""
+def train_tokenizer(texts: list[str], vocab_size: int = 2048, chat_format: str = "chatml"):
+    """ByteLevel BPE (any text is representable: unseen words fall back to bytes) wrapped as a fast tokenizer.
+
+    ``chat_format``: "chatml" (Qwen-style special tokens and template) or "r1" (DeepSeek-R1-Distill's special
+    tokens; its template is the one the recipe trains with, which keeps the reasoning of assistant turns)."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -144,12 +152,22 @@ def train_tokenizer(texts: list[str], vocab_size: int = 2048):
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+    if chat_format not in CHAT_FORMATS:
+        raise SynthpertError(f"chat_format must be one of {CHAT_FORMATS}, got {chat_format!r}")
+    r1 = chat_format == "r1"
+    specials = list(R1_SPECIAL_TOKENS if r1 else SPECIAL_TOKENS)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
-                                   unk_token=None, bos_token=None, clean_up_tokenization_spaces=False)
-    fast.chat_template = CHAT_TEMPLATE
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=R1_EOS if r1 else EOS_TOKEN,
+                                   pad_token=R1_PAD if r1 else PAD_TOKEN, unk_token=None,
+                                   bos_token=R1_BOS if r1 else None, clean_up_tokenization_spaces=False)
+    if r1:
+        from .resources import resource_dir
+
+        fast.chat_template = (resource_dir("configs") / "chat_templates" / "r1_distill_train.jinja").read_text()
+    else:
+        fast.chat_template = CHAT_TEMPLATE
     fast.padding_side = "right"
     return fast
 
@@ -157,7 +175,7 @@ def train_tokenizer(texts: list[str], vocab_size: int = 2048):
 def build_tiny_model(out_dir: str | Path, *, source: str | Path | None = None, seed: int = 0,
                      layers: int = 2, hidden: int = 128, heads: int = 4, intermediate: int = 256,
                      vocab_size: int = 2048, initializer_range: float = 0.1,
-                     max_position_embeddings: int = 4096) -> Path:
+                     max_position_embeddings: int = 4096, chat_format: str = "chatml") -> Path:
     """Build and save the tiny model + tokenizer to ``out_dir``; returns the folder.
 
     ``source``: folder with PerturbQA CSVs for the gene-symbol vocabulary (default: $SYNTHPERT_DATA or
@@ -179,23 +197,25 @@ def build_tiny_model(out_dir: str | Path, *, source: str | Path | None = None, s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = train_tokenizer(prompt_corpus(source, seed=seed), vocab_size=vocab_size)
-    eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
-    pad_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
+    tokenizer = train_tokenizer(prompt_corpus(source, seed=seed), vocab_size=vocab_size, chat_format=chat_format)
+    eos_id = tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id
+    bos_id = tokenizer.bos_token_id
     config = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
         max_position_embeddings=max_position_embeddings, initializer_range=initializer_range,
-        tie_word_embeddings=False, bos_token_id=None, eos_token_id=eos_id, pad_token_id=pad_id,
+        tie_word_embeddings=False, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id,
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config).to(torch.float32)
-    model.generation_config = GenerationConfig(eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=None)
+    model.generation_config = GenerationConfig(eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=bos_id)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "synthpert_tiny.json").write_text(json.dumps({
         "built_by": "synthpert model tiny", "seed": seed, "layers": layers, "hidden": hidden, "heads": heads,
-        "head_dim": head_dim, "vocab_size": len(tokenizer), "initializer_range": initializer_range,
+        "head_dim": head_dim, "vocab_size": len(tokenizer), "chat_format": chat_format,
+        "initializer_range": initializer_range,
         "vocab_source": str(source) if Path(source).is_dir() else "built-in gene list",
     }, indent=2))
     return out

@@ -22,6 +22,8 @@ Responders decide the completion text from the request. Built in (``responder=``
   cell line of the question and answers the label named after "Observed outcome:" in the prompt (else
   the LAST label mentioned, else "not differentially expressed");
 * ``"judge:<rating>"``: a judge verdict ``Rating: <rating>`` with a justification;
+* ``"mixed"``: as ``"auto"``, but judge verdicts vary with the prompt (deterministically): two thirds
+  ``excellent``, one third ``good`` — a keep rule at ``excellent`` then has something to reject;
 * ``"fixed:<text>"``: always that text.
 
 Every completion text ends with a per-server sequence number comment (``<!-- seq N -->``) so a test can
@@ -81,6 +83,17 @@ def auto_responder(body: dict, index: int) -> str:
     return answer_responder(body, index)
 
 
+def mixed_responder(body: dict, index: int) -> str:
+    text = _all_text(body)
+    if "Rating: <excellent" in text:
+        import hashlib
+
+        rating = "good" if int(hashlib.sha256(text.encode()).hexdigest(), 16) % 3 == 0 else "excellent"
+        return (f"Rating: {rating}\nJustification: the reasoning links the knockdown to the readout gene and agrees "
+                "with its answer.")
+    return answer_responder(body, index)
+
+
 def make_responder(spec: str | Responder) -> Responder:
     if callable(spec):
         return spec
@@ -88,6 +101,8 @@ def make_responder(spec: str | Responder) -> Responder:
         return answer_responder
     if spec == "auto":
         return auto_responder
+    if spec == "mixed":
+        return mixed_responder
     if spec.startswith("judge:"):
         rating = spec.split(":", 1)[1]
         return lambda body, i: (f"Rating: {rating}\nJustification: the reasoning links the knockdown to the "

@@ -203,3 +203,46 @@ def test_built_config_restores_a_users_own_cell_line(tmp_path):
     stats = dataset_training_stats(tmp_path / "built")
     assert stats.gene_counts_loo("myscreen2", "B", "X").tolist() == [1, 0, 0]  # A's row only; B is a test pert
     assert dataset_training_stats(tmp_path / "built") is stats  # cached: the CSVs are read once per process
+
+
+def test_val_fraction_zero_round_trips_through_save_and_load(tmp_path, lines):
+    """The published recipe keeps no validation split: the empty split saves and loads back, typed."""
+    from synthpert.data import load_built
+
+    dd, summary = build(cfg(val_fraction=0.0, train_subsample=SubsampleConfig(n=40)), tmp_path, lines)
+    assert summary["splits"]["validation"]["n"] == 0
+    back = load_built(tmp_path)
+    assert {k: len(v) for k, v in back.items()} == {"train": 40, "validation": 0, "test": 23212}
+    assert back["validation"].features == back["train"].features
+    assert len(load_built(tmp_path, "validation").to_pandas()) == 0
+
+
+def test_empty_test_split_round_trips_and_empty_train_split_fails_at_build(tmp_path):
+    """A user's screen with no test rows builds (the test split is empty and loads back); one whose
+    training rows are all filtered away fails at build time, naming why, not in a later stage."""
+    from synthpert.data import load_built
+
+    train_rows = ([r for r in GOOD_DE if r[3] == "train"], [r for r in GOOD_DIR if r[3] == "train"])
+    _write_line(tmp_path, "trainonly", *train_rows)
+    extra = {"trainonly": {"name": "TrainOnly", "description": "A screen without a test split."}}
+    c = DataConfig(source=str(tmp_path), train_cells=["trainonly"], test_cells=["trainonly"], val_fraction=0,
+                   extra_cell_lines=extra)
+    build(c, tmp_path / "built")
+    back = load_built(tmp_path / "built")
+    assert len(back["train"]) == 2 and len(back["test"]) == 0 and len(back["validation"]) == 0
+    _write_line(tmp_path, "testonly", [r for r in GOOD_DE if r[3] == "test"], [r for r in GOOD_DIR if r[3] == "test"])
+    c = DataConfig(source=str(tmp_path), train_cells=["testonly"], test_cells=["testonly"], val_fraction=0,
+                   extra_cell_lines={"testonly": {"description": "A screen without training rows."}})
+    with pytest.raises(SynthpertError, match="no training rows"):
+        build(c, tmp_path / "built2")
+    assert not (tmp_path / "built2").exists()
+
+
+def test_an_unreadable_built_dataset_is_a_clear_error(tmp_path, lines):
+    from synthpert.data import load_built
+
+    build(cfg(train_subsample=SubsampleConfig(n=10)), tmp_path, lines)
+    for f in (tmp_path / "dataset" / "train").glob("*.arrow"):
+        f.unlink()
+    with pytest.raises(SynthpertError, match="could not read the built dataset.*synthpert data build"):
+        load_built(tmp_path)
