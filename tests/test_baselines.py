@@ -92,3 +92,19 @@ def test_cli_usage_errors_have_no_traceback():
     out = subprocess.run([sys.executable, "-m", "synthpert.cli", "baselines", "--no-such-flag"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "no-such-flag" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_combined_baseline_reads_no_test_label_and_is_the_strongest_bar(multi):
+    from synthpert.baselines import combined_probabilities
+
+    train, test, stats = multi
+    sub = test.sample(4000, random_state=1).reset_index(drop=True)
+    before = combined_probabilities(stats, sub, max_fit_rows=20000)
+    shuffled = sub.copy()
+    shuffled["label"] = np.random.default_rng(1).permutation(shuffled["label"].to_numpy())
+    assert np.array_equal(before, combined_probabilities(stats, shuffled, max_fit_rows=20000))
+    assert np.allclose(before.sum(axis=1), 1.0)
+    rep = baseline_report(stats, sub, ALL)
+    comb, gp, cc = (rep[k]["overall"] for k in ("combined", "gene_prior", "crosscell"))
+    # It uses both kinds of evidence: the gene prior's macro-F1 and the cross-cell ranking.
+    assert comb["macro_f1"] > gp["macro_f1"] and comb["auroc_de_per_gene"] > 0.55
