@@ -32,7 +32,8 @@ def prompts(n: int) -> list[list[dict]]:
 def bench_transformers(model: str, msgs, new_tokens: int, batch: int) -> dict:
     import torch
 
-    from synthpert.inference import InferenceConfig, make_backend
+    from synthpert.backends import make_backend
+    from synthpert.config.evaluate import InferenceConfig
 
     b = make_backend(InferenceConfig(model=model, max_new_tokens=new_tokens, batch_size=batch))
     b.min_new_tokens = new_tokens  # exactly new_tokens per prompt (fair token counts across backends)
@@ -50,7 +51,8 @@ def bench_vllm(model: str, msgs, new_tokens: int) -> dict:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from synthpert.inference import InferenceConfig, make_backend
+    from synthpert.backends import make_backend
+    from synthpert.config.evaluate import InferenceConfig
 
     t0 = time.perf_counter()
     b = make_backend(InferenceConfig(backend="vllm", model=model, max_new_tokens=new_tokens, max_model_len=2048))

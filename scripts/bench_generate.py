@@ -30,7 +30,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from synthpert.client import ChatEngine, ChatRequest, ClientConfig  # noqa: E402
+from synthpert.chat import ChatRequest  # noqa: E402
+from synthpert.client import ChatEngine  # noqa: E402
+from synthpert.config.client import ClientConfig  # noqa: E402
 
 
 def start_server(latency_ms: float) -> tuple[subprocess.Popen, str]:

@@ -40,6 +40,7 @@ MODES = (STRICT, LENIENT)
 _ANSWER_STRICT = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _ANSWER_LENIENT = re.compile(r"<\s*answer\s*>(.*?)<\s*/\s*answer\s*>", re.DOTALL | re.IGNORECASE)
 _THINK_STRICT = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+_ANSWER_OPEN_LENIENT = re.compile(r"<\s*answer\s*>", re.IGNORECASE)
 _THINK_OPEN_LENIENT = re.compile(r"<\s*think\s*>", re.IGNORECASE)
 _THINK_CLOSE_LENIENT = re.compile(r"<\s*/\s*think\s*>", re.IGNORECASE)
 _FINAL_LINE = re.compile(r"^\s*(?:\**\s*)?(?:final\s+answer|answer|prediction)\s*(?:\**\s*)?[:\-]\s*(.+?)\s*$",
@@ -136,6 +137,34 @@ def _parse_strict(text: str) -> ParsedAnswer:
     if reasoning is not None and text.find("</think>") > text.find("<answer>"):
         return _fail("<answer> appears inside the reasoning block", STRICT, reasoning)
     return ParsedAnswer(content, reasoning is not None and bool(reasoning), reasoning, None, STRICT)
+
+
+def strip_reasoning(text: str) -> str:
+    """The text with every ``<think>…</think>`` block removed (any case)."""
+    return re.sub(r"<think>.*?</think>", "", text, flags=re.DOTALL | re.IGNORECASE)
+
+
+def reasoning_context(text: str) -> str:
+    """The generated text that the answer strings are scored after: everything before the first
+    ``<answer>`` tag; a ``<think>`` block left open (the model ran out of tokens) is closed, so every
+    backend scores the three answers at the same, well-formed position."""
+    m = _ANSWER_OPEN_LENIENT.search(text)
+    head = text[: m.start()] if m else text
+    if "<think>" in head and "</think>" not in head:
+        head = head.rstrip() + "\n</think>\n"
+    return head
+
+
+def think_block(text: str) -> str | None:
+    """The first strict ``<think>…</think>`` block of ``text``, tags included; None when there is none."""
+    m = _THINK_STRICT.search(text)
+    return m.group(0) if m else None
+
+
+def answer_block(text: str) -> str | None:
+    """The first strict ``<answer>…</answer>`` block of ``text``, tags included; None when there is none."""
+    m = _ANSWER_STRICT.search(text)
+    return m.group(0) if m else None
 
 
 def _split_reasoning_lenient(text: str) -> tuple[str | None, str]:

@@ -19,14 +19,27 @@ import pandas as pd
 
 from .answer import DOWN, LABELS, NOT_DE, UP
 from .cells import get_cell_line, register_cell_line
-from .config import DataConfig, SubsampleConfig, default_data_dir
+from .config.data import DataConfig, SubsampleConfig, default_data_dir
 from .errors import SynthpertError
 from .resources import resource_path, sha256_file
 
 REQUIRED_COLUMNS = ("pert", "gene", "label", "split")
+CSV_KINDS = ("de", "dir")  # each line is two CSVs: differential expression, and direction of the DE pairs
 PERTURBQA_LINES = ("k562", "rpe1", "hepg2", "jurkat")
 EXAMPLE_COLUMNS = ["id", "cell_line", "perturbation", "gene", "label", "split",
                    "pert_seen_in_train_lines", "pair_seen_in_train_lines"]
+
+
+def csv_name(key: str, kind: str) -> str:
+    """PerturbQA's file naming rule: ``{line}-{kind}.csv`` with kind ``de`` or ``dir``."""
+    return f"{key}-{kind}.csv"
+
+
+def line_csvs(cfg: DataConfig, key: str, default: Path | None = None) -> list[Path]:
+    """The -de and -dir CSVs of one line, in the folder that holds them (a user line's own ``source``, else
+    ``default`` or the config's source)."""
+    folder = _source_for(cfg, key, default if default is not None else resolve_source(cfg.source))
+    return [folder / csv_name(key, kind) for kind in CSV_KINDS]
 
 
 def checksums() -> dict:
@@ -49,7 +62,7 @@ def _verify(path: Path, expected: dict) -> str | None:
 
 
 def fetch(dest: Path | None = None, from_dir: Path | None = None, timeout: float = 60.0,
-          log=print, base_url: str | None = None) -> Path:
+          log=lambda line: None, base_url: str | None = None) -> Path:
     """Download (or copy from ``from_dir``) the eight PerturbQA CSVs into ``dest``, verifying each.
 
     ``base_url`` replaces the recorded GitHub location (a mirror). Files already present and verified are
@@ -146,22 +159,23 @@ class CellData:
 def load_cell_line(source: Path, key: str) -> CellData:
     """Read ``{key}-de.csv`` and ``{key}-dir.csv`` and join them into three-class labels."""
     key = get_cell_line(key).key
-    de = _read_csv(source / f"{key}-de.csv")
-    d = _read_csv(source / f"{key}-dir.csv")
+    de_name, dir_name = csv_name(key, "de"), csv_name(key, "dir")
+    de = _read_csv(source / de_name)
+    d = _read_csv(source / dir_name)
     merged = de.merge(d[["pert", "gene", "label", "split"]], on=["pert", "gene"], how="left",
                       suffixes=("", "_dir"), indicator=True)
     positives = merged["label"] == 1
     missing_dir = positives & (merged["_merge"] == "left_only")
     if missing_dir.any():
         r = merged[missing_dir].iloc[0]
-        raise SynthpertError(f"{key}: ({r.pert}, {r.gene}) is DE in {key}-de.csv but has no row in {key}-dir.csv "
+        raise SynthpertError(f"{key}: ({r.pert}, {r.gene}) is DE in {de_name} but has no row in {dir_name} "
                              f"({int(missing_dir.sum())} such pairs)")
     orphan = d.merge(de[de.label == 1][["pert", "gene"]], on=["pert", "gene"], how="left", indicator=True)
     orphan = orphan[orphan["_merge"] == "left_only"]
     if len(orphan):
         r = orphan.iloc[0]
-        raise SynthpertError(f"{key}: ({r.pert}, {r.gene}) has a direction in {key}-dir.csv but is not DE in "
-                             f"{key}-de.csv ({len(orphan)} such pairs)")
+        raise SynthpertError(f"{key}: ({r.pert}, {r.gene}) has a direction in {dir_name} but is not DE in "
+                             f"{de_name} ({len(orphan)} such pairs)")
     split_mismatch = positives & (merged["split_dir"] != merged["split"])
     if split_mismatch.any():
         r = merged[split_mismatch].iloc[0]
@@ -169,11 +183,6 @@ def load_cell_line(source: Path, key: str) -> CellData:
     label = np.where(~positives, NOT_DE, np.where(merged["label_dir"] == 1, UP, DOWN))
     rows = pd.DataFrame({"pert": merged["pert"], "gene": merged["gene"], "label": label, "split": merged["split"]})
     return CellData(key, rows)
-
-
-def available_lines(source: Path) -> list[str]:
-    return sorted(p.name[: -len("-de.csv")] for p in source.glob("*-de.csv")
-                  if (source / p.name.replace("-de.csv", "-dir.csv")).exists())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -321,7 +330,6 @@ def build_frames(cfg: DataConfig, lines: dict[str, CellData] | None = None) -> d
     """Return {'train', 'validation', 'test'} DataFrames of examples (columns EXAMPLE_COLUMNS)."""
     setting = setting_name(cfg)
     lines = lines or load_lines(cfg)
-    [get_cell_line(k).key for k in cfg.train_cells]
     test_cells = [get_cell_line(k).key for k in cfg.test_cells]
     train = training_rows(cfg, lines)
     test = pd.concat([_rows_of(lines[k], "test", cfg.protocol) for k in test_cells], ignore_index=True)
@@ -440,3 +448,17 @@ def load_built(path: Path, split: str | None = None):
     if split not in dd:
         raise SynthpertError(f"dataset at {path} has no split {split!r}; it has {list(dd)}")
     return dd[split]
+
+
+def load_examples(dataset: Path | str, split: str, sample: SubsampleConfig | None = None, seed: int = 0) -> pd.DataFrame:
+    """One split of a built dataset as a DataFrame (seeded subsample); a user's own cell lines in its config
+    are registered, so prompts resolve them."""
+    dataset = Path(dataset)
+    built_config(dataset)
+    df = load_built(dataset, split).to_pandas()
+    if df.empty:
+        raise SynthpertError(f"split {split!r} of {dataset} has no examples")
+    df = subsample(df, sample, seed)
+    for col in ("pert_seen_in_train_lines", "pair_seen_in_train_lines"):
+        df[col] = df[col].map(list)
+    return df.reset_index(drop=True)

@@ -1,5 +1,19 @@
-"""One exception type for user mistakes: the CLI prints its message and exits without a traceback."""
+"""User-facing errors: one exception type for user mistakes, and the scrubbing of secrets from messages."""
+
+from __future__ import annotations
+
+import re
 
 
 class SynthpertError(Exception):
     """A problem the user can fix (bad input, bad config, missing file). The message names it."""
+
+
+_KEYLIKE = re.compile(r"\b(sk|rk|pk)-[A-Za-z0-9_\-*]{6,}")
+
+
+def scrub(text: str, secret: str | None) -> str:
+    """Remove the key (and anything that looks like one) from text bound for a message or log."""
+    if secret and len(secret) >= 4 and secret != "EMPTY":
+        text = text.replace(secret, "***")
+    return _KEYLIKE.sub("***", text)

@@ -1,5 +1,5 @@
-"""Observed evidence from the TRAINING split only: shared by the baselines, the evidence teacher and the
-evidence context in teacher and student prompts.
+"""Observed evidence from the TRAINING split only (counts, their per-process cache, the prompt text): shared
+by the baselines, the evidence teacher and the evidence context in teacher and student prompts.
 
 Leakage rule (science.md, trap 6): a training example's evidence is computed with its whole perturbation
 left out of its own cell line's counts, so training prompts look exactly like test prompts (where the
@@ -9,13 +9,17 @@ keep the perturbation: at test time those lines' data about it is legitimately a
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .answer import DOWN, LABELS, NOT_DE, UP
+from .answer import LABELS
+from .config.data import DataConfig
+from .data import built_config, line_csvs, resolve_source, training_rows
 
 _IDX = {lab: i for i, lab in enumerate(LABELS)}
 
@@ -126,25 +130,49 @@ def render_evidence(ev: PairEvidence, names: dict[str, str] | None = None) -> st
     return "\n".join(lines)
 
 
-def evidence_label_hint(ev: PairEvidence) -> str:
-    """A short qualitative summary (used by the offline evidence teacher)."""
-    c = ev.gene_counts_here
-    n = c.sum()
-    if n == 0:
-        return "no data"
-    share = (c[0] + c[1]) / n
-    if share < 0.1:
-        return "rarely responsive"
-    direction = UP if c[0] >= c[1] else DOWN
-    return f"often responsive, mostly {direction}" if share >= 0.3 else f"sometimes responsive, mostly {direction}"
-
-
-__all__ = ["DOWN", "NOT_DE", "UP", "PairEvidence", "TrainingStats", "evidence_label_hint", "render_evidence"]
-
-
 def evidence_text(stats: TrainingStats, cell: str, pert: str, gene: str) -> str:
     """The evidence block a prompt shows for one triple (leakage rule applied), with display names."""
     from .cells import all_cell_lines
 
     names = {k: v.name for k, v in all_cell_lines().items()}
     return render_evidence(stats.evidence(cell, pert, gene), names)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stats of a config's training lines, cached per process
+
+
+def training_stats(cfg: DataConfig, lines=None) -> TrainingStats:
+    """Stats over ALL training rows of the training lines (validation included, test never), so baselines
+    use the same information a model designer has, however the training set was subsampled.
+
+    Cached per process: the stages of one run and the evaluation sets of one run share training lines,
+    and rebuilding the stats re-reads every CSV."""
+    if lines is not None:
+        return TrainingStats(training_rows(cfg, lines))
+    key = _stats_key(cfg)
+    if key not in _STATS_CACHE:
+        if len(_STATS_CACHE) >= 4:
+            _STATS_CACHE.pop(next(iter(_STATS_CACHE)))
+        _STATS_CACHE[key] = TrainingStats(training_rows(cfg))
+    return _STATS_CACHE[key]
+
+
+def dataset_training_stats(dataset: Path | str) -> TrainingStats:
+    """Training stats for a folder written by `synthpert data build` (evidence context, baselines)."""
+    return training_stats(built_config(Path(dataset)))
+
+
+def _stats_key(cfg: DataConfig) -> str:
+    """What the training rows depend on: the lines, the protocol and the CSVs' identity on disk."""
+    source = resolve_source(cfg.source)
+    files = {}
+    for key in cfg.train_cells:
+        for f in line_csvs(cfg, key, source):
+            files[str(f.resolve())] = [f.stat().st_size, f.stat().st_mtime_ns] if f.exists() else None
+    return json.dumps({"cfg": cfg.model_dump(mode="json", include={"source", "train_cells", "protocol",
+                                                                   "extra_cell_lines"}), "files": files},
+                      sort_keys=True)
+
+
+_STATS_CACHE: dict[str, TrainingStats] = {}

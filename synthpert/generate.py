@@ -20,54 +20,27 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal
 
 import pandas as pd
-from pydantic import Field
 
 from .answer import LABELS, LENIENT, parse_answer
-from .client import ChatEngine, ChatRequest, ChatResult, ClientConfig, SamplingConfig
-from .config import SubsampleConfig
-from .errors import SynthpertError
+from .chat import ChatRequest, ChatResult
+from .client import engine_for
+from .config.generate import TeacherConfig
+from .data import load_examples
+from .evidence import dataset_training_stats, evidence_text
+from .offline import EVIDENCE_TEMPLATE, OFFLINE_EVIDENCE_MODEL, evidence_backend
 from .runs import write_json_atomic, write_jsonl_atomic
 from .schema import TraceRecord, Usage
 
 log = logging.getLogger("synthpert.generate")
 
-OFFLINE_EVIDENCE_MODEL = "offline-evidence-teacher"  # engine model name of the offline heuristic
 PROMPTS = {"rationalise": "teacher_rationalise.j2", "predict": "teacher_predict.j2",
            "evidence": "teacher_rationalise.j2"}
-EVIDENCE_TEMPLATE = "teacher_evidence.j2"
-
-
-class TeacherConfig(ClientConfig):
-    """The teacher: where it runs (ClientConfig fields) and what it is asked."""
-
-    mode: Literal["rationalise", "predict", "evidence"] = Field(
-        "rationalise", description="rationalise: told the label; predict: label-blind with rejection sampling; "
-        "evidence: the OFFLINE evidence heuristic (no API, no cost)")
-    samples: int = Field(1, ge=1, le=64, description="samples per triple (predict mode: e.g. 4)")
-    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_completion_tokens=2048))
-    split: str = Field("train", description="split of the built dataset to write traces for")
-    subsample: SubsampleConfig | None = Field(None, description="which triples to send (seeded), e.g. n: 500")
-    seed: int = 0
-    evidence_context: bool = Field(False, description="show the teacher observed training evidence (leakage-safe)")
-    system_prompt: str | None = Field("teacher_system.txt", description="system prompt file in prompts/ (null: none)")
-    prompt: str | None = Field(None, description="user prompt template in prompts/ (default: per mode)")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Dataset and evidence
-
-
-def load_examples(dataset_path: Path, split: str, subsample: SubsampleConfig | None, seed: int) -> pd.DataFrame:
-    from .data import built_config, load_built, subsample as do_subsample
-
-    built_config(Path(dataset_path))  # registers a user's own cell lines, so prompts resolve them
-    df = load_built(Path(dataset_path), split).to_pandas()
-    if df.empty:
-        raise SynthpertError(f"split {split!r} of {dataset_path} is empty")
-    return do_subsample(df, subsample, seed)
 
 
 class EvidenceSource:
@@ -80,14 +53,10 @@ class EvidenceSource:
     @property
     def stats(self):
         if self._stats is None:
-            from .report import dataset_training_stats
-
             self._stats = dataset_training_stats(self.dataset_path)
         return self._stats
 
     def text(self, cell: str, pert: str, gene: str) -> str:
-        from .evidence import evidence_text
-
         return evidence_text(self.stats, cell, pert, gene)
 
 
@@ -139,61 +108,6 @@ def build_requests(cfg: TeacherConfig, df: pd.DataFrame,
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The offline evidence teacher
-
-
-def _counts_phrase(counts, subject: str) -> tuple[str, float, str | None]:
-    n = int(counts.sum())
-    if n == 0:
-        return f"no training knockdown measured {subject}", 0.0, None
-    up, down = int(counts[0]), int(counts[1])
-    share = (up + down) / n
-    direction = None if up + down == 0 else (LABELS[0] if up >= down else LABELS[1])
-    return (f"{subject} changed in {up + down} of {n} training knockdowns ({100 * share:.0f}%; up {up}, down {down})",
-            share, direction)
-
-
-def evidence_reasoning(stats, row, names: dict[str, str]) -> str:
-    """Render prompts/teacher_evidence.j2 for one training triple (label-conditioned, leakage-safe)."""
-    from .prompting import load_template
-
-    ev = stats.evidence(row.cell_line, row.perturbation, row.gene)
-    here, share, direction = _counts_phrase(ev.gene_counts_here, row.gene)
-    other = "; ".join(f"in {names.get(c, c)}, {_counts_phrase(v, row.gene)[0]}"
-                      for c, v in sorted(ev.gene_counts_other.items()))
-    if ev.pert_counts_other:
-        parts = []
-        for c, v in sorted(ev.pert_counts_other.items()):
-            n, de = int(v.sum()), int(v[0] + v[1])
-            parts.append(f"in {names.get(c, c)} its knockdown changed {de} of {n} measured genes "
-                         f"({100 * de / max(n, 1):.0f}%; up {int(v[0])}, down {int(v[1])})")
-        pert_other = "; ".join(parts)
-        breadth = max(float((v[0] + v[1]) / max(v.sum(), 1)) for v in ev.pert_counts_other.values())
-        breadth_phrase = (f"{row.perturbation} knockdown has broad effects elsewhere, changing up to "
-                          f"{100 * breadth:.0f}% of measured genes" if breadth >= 0.1 else
-                          f"{row.perturbation} knockdown has narrow effects in the other lines measured")
-    else:
-        pert_other = f"{row.perturbation} knockdown was not measured in another training cell line"
-        breadth_phrase = f"there is no measurement of {row.perturbation} knockdown in another line to go by"
-    pair_other = "; ".join(f"in {names.get(c, c)}, {row.gene} was {lab}"
-                           for c, lab in sorted(ev.pair_labels_other.items()))
-    variables = {"perturbation": row.perturbation, "gene": row.gene,
-                 "cell_name": names.get(row.cell_line, row.cell_line),
-                 "label": row.label, "gene_here": here, "gene_other": other, "pert_other": pert_other,
-                 "pair_other": pair_other, "pert_breadth_phrase": breadth_phrase, "gene_responsive": share >= 0.05,
-                 "direction_agrees": direction == row.label}
-    reasoning = load_template(EVIDENCE_TEMPLATE).render(**variables)
-    return f"<think>\n{reasoning}\n</think>\n<answer>{row.label}</answer>"
-
-
-def evidence_backend(evidence: EvidenceSource):
-    from .cells import all_cell_lines
-
-    names = {k: v.name for k, v in all_cell_lines().items()}
-    return lambda req, i: evidence_reasoning(evidence.stats, req.context, names)
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Records and the run
 
 
@@ -226,11 +140,6 @@ def to_records(cfg: TeacherConfig, req: ChatRequest, res: ChatResult, info: dict
     return out
 
 
-def engine_for(cfg: ClientConfig, out_dir: Path, local=None, description: str = "requests") -> ChatEngine:
-    cache = Path(cfg.cache_path) if cfg.cache_path else Path(out_dir) / "cache.sqlite"
-    return ChatEngine(cfg, cache, local=local, description=description)
-
-
 def _class_counts(records: list[TraceRecord], pred) -> dict:
     return {lab: sum(1 for r in records if r.label == lab and pred(r)) for lab in LABELS}
 
@@ -238,7 +147,7 @@ def _class_counts(records: list[TraceRecord], pred) -> dict:
 def run_generate(cfg: TeacherConfig, dataset_path: str | Path, out_dir: str | Path, dry_run: bool = False) -> dict:
     """Write traces for the dataset's ``cfg.split``; returns the summary (also in <out>/summary.json)."""
     out_dir = Path(out_dir)
-    df = load_examples(Path(dataset_path), cfg.split, cfg.subsample, cfg.seed)
+    df = load_examples(dataset_path, cfg.split, cfg.subsample, cfg.seed)
     needs_evidence = cfg.evidence_context or cfg.mode == "evidence"
     evidence = EvidenceSource(Path(dataset_path)) if needs_evidence else None
     local = evidence_backend(evidence) if cfg.mode == "evidence" else None

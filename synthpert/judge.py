@@ -18,36 +18,17 @@ import json
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Literal
 
-from pydantic import Field
-
-from .answer import LABELS, STRICT, parse_answer
-from .client import ChatRequest, ClientConfig, SamplingConfig
+from .answer import LABELS, strip_reasoning
+from .chat import ChatRequest
+from .client import engine_for
+from .config.generate import JudgeConfig
 from .errors import SynthpertError
-from .generate import engine_for
+from .offline import RULES_JUDGE_MODEL, rules_backend
 from .runs import write_json_atomic, write_jsonl_atomic
 from .schema import JUDGE_RATINGS, JudgeVerdict, TraceRecord, read_jsonl
 
-RULES_JUDGE_MODEL = "offline-rules-judge"
 RANK = {r: i for i, r in enumerate(reversed(JUDGE_RATINGS))}  # terrible=0 ... excellent=4
-
-
-class JudgeConfig(ClientConfig):
-    """The judge: where it runs (ClientConfig fields), the rubric and the keep rule."""
-
-    kind: Literal["llm", "rules"] = Field("llm", description="llm: a model with the rubric; rules: the OFFLINE "
-                                          "rules heuristic (no API, no cost)")
-    threshold: Literal["excellent", "good", "average", "bad", "terrible"] = Field(
-        "good", description="keep traces rated at least this (SynthPert's main run kept only 'excellent')")
-    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.0,
-                                                                            max_completion_tokens=512))
-    system_prompt: str | None = Field("judge_system.txt", description="system prompt file in prompts/ (null: none)")
-    prompt: str = Field("judge.j2", description="rubric template in prompts/")
-    judge_mismatched: bool = Field(False, description="also pay to judge traces whose answer != label (they "
-                                   "cannot be kept; useful only to study the judge)")
-    min_chars: int = Field(200, ge=0, description="rules judge: shortest acceptable reasoning")
-    max_chars: int = Field(20000, ge=1, description="rules judge: longest acceptable reasoning")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -64,7 +45,7 @@ def parse_verdict(text: str | None) -> tuple[str | None, str, str | None]:
     'rating' field, or a reply that is just one rating word. Anything ambiguous is unparseable."""
     if not text or not text.strip():
         return None, "", "empty judge output"
-    t = re.sub(r"<think>.*?</think>", "", text, flags=re.DOTALL | re.IGNORECASE).strip()
+    t = strip_reasoning(text).strip()
     obj = _json_object(t)
     if obj is not None and isinstance(obj.get("rating"), str) and obj["rating"].strip().lower() in JUDGE_RATINGS:
         return obj["rating"].strip().lower(), str(obj.get("justification", "")).strip(), None
@@ -90,42 +71,6 @@ def _json_object(text: str) -> dict | None:
     except json.JSONDecodeError:
         return None
     return obj if isinstance(obj, dict) else None
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The offline rules judge
-
-
-def rules_verdict(trace: TraceRecord, cfg: JudgeConfig) -> str:
-    """A verdict in the LLM judge's reply format, so both go through the same parser and outputs."""
-    from .cells import get_cell_line
-
-    strict = parse_answer(trace.raw_text, STRICT)
-    failures, soft = [], []
-    if not strict.ok or not strict.has_reasoning:
-        failures.append(f"format: {strict.error or 'no reasoning block'}")
-    if trace.parsed_label != trace.label:
-        failures.append(f"answer {trace.parsed_label or 'unparseable'} != label {trace.label}")
-    reasoning = trace.reasoning or ""
-    try:
-        cell_names = {trace.cell_line.lower(), get_cell_line(trace.cell_line).name.lower()}
-    except SynthpertError:
-        cell_names = {trace.cell_line.lower()}
-    low = reasoning.lower()
-    for what, names in (("perturbation", {trace.perturbation.lower()}), ("gene", {trace.gene.lower()}),
-                        ("cell line", cell_names)):
-        if not any(re.search(rf"(?<![a-z0-9]){re.escape(n)}(?![a-z0-9])", low) for n in names):
-            soft.append(f"does not mention the {what}")
-    if len(reasoning) < cfg.min_chars:
-        soft.append(f"reasoning shorter than {cfg.min_chars} characters ({len(reasoning)})")
-    if len(reasoning) > cfg.max_chars:
-        soft.append(f"reasoning longer than {cfg.max_chars} characters ({len(reasoning)})")
-    if failures:
-        return "Rating: terrible\nJustification: " + "; ".join(failures + soft)
-    if soft:
-        return "Rating: bad\nJustification: " + "; ".join(soft)
-    return ("Rating: good\nJustification: format ok, answer equals label, mentions both genes and the cell line, "
-            f"{len(reasoning)} characters (rules heuristic: form only, not biology)")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -159,14 +104,8 @@ def _precheck(cfg: JudgeConfig, trace: TraceRecord) -> str | None:
     return None
 
 
-def check_threshold(cfg: JudgeConfig) -> None:
-    if cfg.kind == "rules" and RANK[cfg.threshold] > RANK["good"]:
-        raise SynthpertError(f"the rules judge rates at most 'good' (it checks form, not biology); threshold "
-                             f"{cfg.threshold!r} would keep nothing. Use judge.threshold=good or an LLM judge")
-
-
 def _engine(cfg: JudgeConfig, out_dir: Path):
-    local = (lambda req, i: rules_verdict(req.context, cfg)) if cfg.kind == "rules" else None
+    local = rules_backend(cfg) if cfg.kind == "rules" else None
     return engine_for(cfg, out_dir, local=local, description=f"judge ({cfg.kind})")
 
 
@@ -185,8 +124,7 @@ def _requests(cfg: JudgeConfig, traces: list[TraceRecord]) -> tuple[list[ChatReq
 def estimate_judge(cfg: JudgeConfig, examples, samples: int, reasoning_tokens: int, out_dir: Path) -> dict:
     """Dry-run estimate before any trace exists: every trace judged (an upper bound; traces whose answer is
     not the label are rejected without a request), each with a reasoning of ``reasoning_tokens`` tokens."""
-    check_threshold(cfg)
-    filler = "x" * (3 * max(1, reasoning_tokens))  # client.estimate_prompt_tokens counts 3 characters a token
+    filler = "x" * (3 * max(1, reasoning_tokens))  # accounting.estimate_prompt_tokens counts 3 characters a token
     traces = [TraceRecord(id=f"{r.id}#{i}", example_id=r.id, cell_line=r.cell_line, perturbation=r.perturbation,
                           gene=r.gene, label=r.label, teacher="estimate", reasoning=filler, parsed_label=r.label)
               for r in examples.itertuples(index=False) for i in range(samples)]
@@ -202,7 +140,6 @@ def run_judge(cfg: JudgeConfig, traces_path: str | Path, out_dir: str | Path, dr
     ids = [t.id for t in traces]
     if len(set(ids)) != len(ids):
         raise SynthpertError(f"{traces_path}: trace id {next(i for i in ids if ids.count(i) > 1)!r} appears twice")
-    check_threshold(cfg)
     by_id = {t.id: t for t in traces}
     pre = {t.id: _precheck(cfg, t) for t in traces}
     requests, phash = _requests(cfg, [t for t in traces if pre[t.id] is None])

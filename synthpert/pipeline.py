@@ -16,92 +16,25 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
 
-from pydantic import Field, model_validator
-
-from .config import DataConfig, StrictModel, SubsampleConfig, deep_merge, parse_overrides, read_yaml, validate_config
+from .config import validate_config
+from .config.data import DataConfig, SubsampleConfig
+from .config.run import RunConfig
 from .errors import SynthpertError
-from .evaluate import EvalConfig
-from .generate import TeacherConfig
-from .judge import JudgeConfig
 from .runs import Manifest, StageRecord, Timer, hash_json, hash_paths, write_json_atomic
-from .train import TrainConfig
+from .schema import jsonable
 
 STAGES = ("data", "base_model", "generate", "judge", "train", "eval")
-TINY = "tiny"
+TINY = "tiny"  # train.base_model value: build the offline tiny model inside the run
 # SynthPert sent 15% of the training triples to the teacher and about 2% of the training data survived
 # the judge: about 2 traces in 15 were kept. Shown beside the dry run's upper bound, as an expectation.
-PUBLISHED_KEEP_RATE = 2 / 15  # train.base_model value: build the offline tiny model inside the run
-
-
-class EvalSet(StrictModel):
-    """One evaluation: a test line (or lines) scored by the trained model, beside the baselines."""
-
-    test_cells: list[str] = Field(..., description="lines whose test split is scored")
-    genes: int | None = Field(None, ge=1, description="keep every test pair of this many random readout genes "
-                              "(seeded), so PerturbQA's per-gene AUROC is measurable on a sample")
-    n: int | None = Field(None, ge=1, description="seeded subsample of that test split (all when unset)")
-    protocol: str = Field("split", description="'split' or 'published' (unseen lines only)")
-
-
-class TinyModelSettings(StrictModel):
-    """The offline tiny model built inside the run when ``train.base_model: tiny`` (synthpert.tiny)."""
-
-    layers: int = Field(2, ge=1)
-    hidden: int = Field(128, ge=32, description="hidden/heads must be 32, 64, 80, 96, 112 or 128 (vLLM on CPU)")
-    heads: int = Field(4, ge=1)
-    intermediate: int = Field(256, ge=1)
-    vocab_size: int = Field(2048, ge=300)
-    initializer_range: float = Field(0.1, gt=0)
-    max_position_embeddings: int = Field(4096, ge=64)
-    chat_format: Literal["chatml", "r1"] = Field(
-        "chatml", description="chatml, or r1: DeepSeek-R1-Distill's special tokens (for its chat template)")
-
-
-class RunConfig(StrictModel):
-    name: str = Field(..., description="run name: the folder runs/NAME (a rerun finds it again)")
-    seed: int = Field(0, description="seed for every stage that has none of its own set")
-    data: DataConfig = Field(default_factory=DataConfig)
-    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
-    judge: JudgeConfig = Field(default_factory=JudgeConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    eval_sets: dict[str, EvalSet] = Field(
-        default_factory=lambda: {"test": EvalSet(test_cells=["k562"])},
-        description="name -> test lines; each is built with data.train_cells as the training lines")
-    zero_shot: bool = Field(False, description="also evaluate the base model without the adapter")
-    tiny_model: TinyModelSettings = Field(default_factory=TinyModelSettings,
-                                          description="the offline tiny model (train.base_model: tiny)")
-
-    @model_validator(mode="after")
-    def _checks(self):
-        if not self.eval_sets:
-            raise ValueError("eval_sets is empty: name at least one test set")
-        if not self.train.base_model:
-            raise ValueError("train.base_model is not set (a hub id, a local folder, or 'tiny')")
-        return self
-
-
-def load_run_config(path: str | Path, overrides: list[str] | None = None,
-                    merge: list[str | Path] | None = None) -> tuple[RunConfig, dict]:
-    """The run config: ``path``, then each ``merge`` file's sections on top (e.g. teacher_openai.yaml's teacher
-    and judge), then ``key=value`` overrides."""
-    raw = read_yaml(path)
-    origin = str(path)
-    for extra in merge or []:
-        raw = deep_merge(raw, read_yaml(extra))
-        origin += f" + {extra}"
-    raw = deep_merge(raw, parse_overrides(overrides))
-    cfg = validate_config(RunConfig, raw, origin=origin)
-    return cfg, raw
-
-
-# ---------------------------------------------------------------------------------------------------------
+PUBLISHED_KEEP_RATE = 2 / 15
 
 
 class Pipeline:
-    def __init__(self, cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = print):
+    """One run directory's stages; ``log`` receives one line per stage event (the CLI prints them)."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = lambda line: None):
         self.cfg = cfg
         self.dir = run_dir
         self.log = log  # the run folder is created by the first stage that runs, not by a run refused up front
@@ -153,7 +86,7 @@ class Pipeline:
         missing = [str(p) for p in paths if not p.exists()]
         if missing:
             raise SynthpertError(f"stage {name} finished without writing {missing}")
-        record = StageRecord(name, inputs_hash, hash_paths(paths), round(t.seconds, 2), _jsonable(summary),
+        record = StageRecord(name, inputs_hash, hash_paths(paths), round(t.seconds, 2), jsonable(summary),
                              time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         record.save(folder)
         pending.unlink(missing_ok=True)
@@ -170,9 +103,8 @@ class Pipeline:
         return summary
 
     def _base_model(self, folder: Path, resume: bool) -> dict:
-        from .tiny import build_tiny_model
-
         from .data import resolve_source
+        from .tiny import build_tiny_model
 
         build_tiny_model(folder, source=resolve_source(self.cfg.data.source), seed=self.cfg.seed,
                          **self.cfg.tiny_model.model_dump())
@@ -206,10 +138,9 @@ class Pipeline:
 
     def _eval(self, folder: Path, resume: bool) -> dict:
         """Each eval set is built with the run's training lines, then scored (predictions resume)."""
+        from .backends import make_backend
         from .data import build, load_lines
         from .evaluate import run_eval
-
-        from .inference import make_backend
 
         out = {}
         adapter = str(self.stage_dir("train"))
@@ -277,7 +208,7 @@ class Pipeline:
             if inf.backend == "openai" and inf.api_key_env and not os.environ.get(inf.api_key_env):
                 problems.append(("eval", f"eval.inference: environment variable {inf.api_key_env} is not set"))
             if inf.backend == "vllm" and importlib.util.find_spec("vllm") is None:
-                from .inference import VLLM_MISSING
+                from .vllm_backend import VLLM_MISSING
 
                 problems.append(("eval", f"eval.inference.backend=vllm: {VLLM_MISSING}"))
         if cfg.train.quantization == "4bit" and self._will_run("train", stages, forced) and not _cuda():
@@ -297,8 +228,8 @@ class Pipeline:
     def dry_run(self, until: str | None = None) -> dict:
         """Build the data (free), then say per stage what a real run would do: requests and cost at the
         configured prices, training examples and steps, evaluation pairs. Sends nothing, loads no model."""
-        from .data import build_frames, load_lines
-        from .generate import load_examples, run_generate
+        from .data import build_frames, load_examples, load_lines
+        from .generate import run_generate
         from .judge import estimate_judge
 
         cfg = self.cfg
@@ -390,15 +321,12 @@ class Pipeline:
 
     def _csv_fingerprint(self, names: set[str]) -> dict:
         """Size and mtime of the CSVs a stage reads (cheap; a changed file reruns the stage)."""
-        from .data import resolve_source
+        from .data import line_csvs, resolve_source
 
         src = resolve_source(self.cfg.data.source)
         out = {}
         for c in sorted(names):
-            extra = self.cfg.data.extra_cell_lines.get(c)
-            folder = resolve_source(extra.source) if extra and extra.source else src
-            for kind in ("de", "dir"):
-                f = folder / f"{c}-{kind}.csv"
+            for f in line_csvs(self.cfg.data, c, src):
                 out[f.name] = [f.stat().st_size, int(f.stat().st_mtime)] if f.exists() else None
         return out
 
@@ -427,36 +355,8 @@ def _counts(summaries: dict) -> dict:
             "evaluated": {k: v.get("n") for k, v in summaries.get("eval", {}).items() if isinstance(v, dict)}}
 
 
-def _jsonable(obj):
-    return json.loads(json.dumps(obj, default=str))
-
-
 def run_pipeline(cfg: RunConfig, runs_dir: Path, from_stage: str | None = None, force: list[str] | None = None,
-                 until: str | None = None) -> dict:
-    """Run (or resume) the pipeline and print where everything is and how the model compares."""
-    from rich.console import Console
-
-    console = Console()
-    run_dir = Path(runs_dir) / cfg.name
-    console.print(f"[bold]synthpert run[/] {cfg.name} → {run_dir}")
-    pipe = Pipeline(cfg, run_dir, log=lambda m: console.print(m, markup=False, highlight=False))
-    summaries = pipe.run(from_stage, force, until)
-    _print_outcome(console, pipe, summaries)
-    return summaries
-
-
-def _print_outcome(console, pipe: Pipeline, summaries: dict) -> None:
-    counts = pipe.manifest.data.get("counts", {})
-    console.print(f"traces generated: {counts.get('traces_generated')}, kept: {counts.get('traces_kept')}, "
-                  f"trained on: {counts.get('examples_trained')}")
-    for name in pipe.cfg.eval_sets:
-        report = pipe.stage_dir("eval") / name / "result" / "report.md"
-        if report.exists():
-            console.rule(f"eval: {name}")
-            console.print(report.read_text(), markup=False, highlight=False)
-    if "train" in summaries:
-        console.print("\nServe the trained model locally:")
-        evidence = f" --evidence-from {pipe.train_data}" if pipe.cfg.train.evidence else ""
-        console.print(f"  synthpert serve --model {pipe.base_model} --adapter {pipe.stage_dir('train')}{evidence}",
-                      markup=False, highlight=False, soft_wrap=True)
-    console.print(f"manifest: {pipe.manifest.path}")
+                 until: str | None = None, log: Callable[[str], None] = lambda line: None) -> tuple[Pipeline, dict]:
+    """Run (or resume) the pipeline in ``runs_dir/cfg.name``; returns the pipeline and the stages' summaries."""
+    pipe = Pipeline(cfg, Path(runs_dir) / cfg.name, log=log)
+    return pipe, pipe.run(from_stage, force, until)

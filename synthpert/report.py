@@ -1,4 +1,4 @@
-"""Baseline runs and the tables that put every model beside them."""
+"""The evaluation report: Markdown tables of the model beside the baselines, the verdict, and the figures."""
 
 from __future__ import annotations
 
@@ -6,129 +6,199 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from .baselines import baseline_report
-from .config import DataConfig
-from .data import build_frames, built_config, load_lines, resolve_source, setting_name, training_rows
-from .evidence import TrainingStats
+from .answer import LABELS, LENIENT, SHORT, STRICT
+from .schema import HARD_LABEL, Prediction
 
-SHORT_HEADERS = {"accuracy": "acc", "macro_f1": "macroF1", "balanced_accuracy": "balAcc",
-                 "auroc_de_per_gene": "AUROC DE", "auroc_dir_per_gene": "AUROC dir", "f1_up": "F1 up",
-                 "f1_down": "F1 down", "f1_not_de": "F1 notDE"}
-TABLE_METRICS = ("accuracy", "macro_f1", "balanced_accuracy", "auroc_de_per_gene", "auroc_dir_per_gene")
+REPORT = "report.md"
 
 
-def training_stats(cfg: DataConfig, lines=None) -> TrainingStats:
-    """Stats over ALL training rows of the training lines (validation included, test never), so baselines
-    use the same information a model designer has, however the training set was subsampled.
-
-    Cached per process: the stages of one run and the evaluation sets of one run share training lines,
-    and rebuilding the stats re-reads every CSV."""
-    if lines is not None:
-        return TrainingStats(training_rows(cfg, lines))
-    key = _stats_key(cfg)
-    if key not in _STATS_CACHE:
-        if len(_STATS_CACHE) >= 4:
-            _STATS_CACHE.pop(next(iter(_STATS_CACHE)))
-        _STATS_CACHE[key] = TrainingStats(training_rows(cfg))
-    return _STATS_CACHE[key]
-
-
-def dataset_training_stats(dataset: Path | str) -> TrainingStats:
-    """Training stats for a folder written by `synthpert data build` (evidence context, baselines)."""
-    return training_stats(built_config(Path(dataset)))
-
-
-def _stats_key(cfg: DataConfig) -> str:
-    """What the training rows depend on: the lines, the protocol and the CSVs' identity on disk."""
-    source = resolve_source(cfg.source)
-    files = {}
-    for key in cfg.train_cells:
-        extra = cfg.extra_cell_lines.get(key)
-        folder = resolve_source(extra.source) if extra and extra.source else source
-        for kind in ("de", "dir"):
-            f = folder / f"{key}-{kind}.csv"
-            files[str(f.resolve())] = [f.stat().st_size, f.stat().st_mtime_ns] if f.exists() else None
-    return json.dumps({"cfg": cfg.model_dump(mode="json", include={"source", "train_cells", "protocol",
-                                                                   "extra_cell_lines"}), "files": files},
-                      sort_keys=True)
-
-
-_STATS_CACHE: dict[str, TrainingStats] = {}
-
-
-def run_baselines(cfg: DataConfig, n_bootstrap: int = 0) -> dict:
-    lines = load_lines(cfg)
-    test = build_frames(cfg.model_copy(update={"val_fraction": 0.0}), lines)["test"]
-    stats = training_stats(cfg, lines)
-    rows = baseline_report(stats, test, list(cfg.train_cells), n_bootstrap=n_bootstrap, seed=cfg.seed)
-    flat = {}
-    for name, res in rows.items():
-        if "unavailable" in res:
-            flat[name] = res
-            continue
-        flat[name] = {**res["overall"], "strata": {k: v for k, v in res.items() if k != "overall"}}
-    seen = int((test["pert_seen_in_train_lines"].map(len) > 0).sum())
-    return {"setting": setting_name(cfg), "train_cells": list(cfg.train_cells), "test_cells": list(cfg.test_cells),
-            "protocol": cfg.protocol, "n": len(test), "n_pert_seen_in_train_lines": seen,
-            "class_counts": test["label"].value_counts().to_dict(), "baselines": flat}
-
-
-def _fmt(x) -> str:
+def fmt(x, ci=None) -> str:
+    """A metric for a table: three decimals, its interval when given, "—" for a missing value."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "—"
-    return f"{x:.3f}"
+    s = f"{x:.3f}"
+    if ci:
+        s += f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+    return s
 
 
-def metrics_rows(results: dict[str, dict], stratum: str = "overall") -> pd.DataFrame:
-    """One row per predictor; ``results`` maps name -> flat metrics (with optional 'strata')."""
-    rows = []
-    for name, m in results.items():
-        if "unavailable" in m:
-            rows.append({"predictor": name, **{k: None for k in TABLE_METRICS}, "note": m["unavailable"]})
-            continue
-        src = m if stratum == "overall" else m.get("strata", {}).get(stratum)
-        if src is None:
-            continue
-        rows.append({"predictor": name, "n": src["n"], **{k: src.get(k) for k in TABLE_METRICS},
-                     **{f"f1_{c}": src["per_class"][c]["f1"] for c in ("up", "down", "not_de")}, "note": ""})
-    return pd.DataFrame(rows)
+def _fmt_auc(m: dict, task: str) -> str:
+    """Per-gene AUROC with the number of genes it averages (genes with one class in the sample are skipped)."""
+    value = m.get(f"auroc_{task}_per_gene")
+    genes = m.get(f"auroc_{task}_genes")
+    return fmt(value, (m.get("ci") or {}).get(f"auroc_{task}_per_gene")) + (f" ({genes} genes)" if genes else "")
 
 
-def markdown_table(df: pd.DataFrame) -> str:
-    cols = [c for c in df.columns if c != "note" or df["note"].astype(bool).any()]
-    head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
-    body = ""
-    for _, r in df.iterrows():
-        cells = [(_fmt(r[c]) if isinstance(r[c], float) or r[c] is None else str(r[c])) for c in cols]
-        body += "| " + " | ".join(cells) + " |\n"
-    return head + body
+def _row(name: str, m: dict) -> str:
+    ci = m.get("ci") or {}
+    pc = m["per_class"]
+    cells = [name, str(m["n"]), fmt(m["accuracy"], ci.get("accuracy")), fmt(m["macro_f1"], ci.get("macro_f1")),
+             fmt(m["balanced_accuracy"], ci.get("balanced_accuracy")), fmt(pc["up"]["f1"]), fmt(pc["down"]["f1"]),
+             fmt(pc["not_de"]["f1"]), _fmt_auc(m, "de"), _fmt_auc(m, "dir"), fmt(m["unparseable_rate"])]
+    return "| " + " | ".join(cells) + " |"
 
 
-def baseline_table(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
+TABLE_HEAD = ("| predictor | n | accuracy | macro-F1 | balanced acc. | F1 up | F1 down | F1 not DE | AUROC DE "
+              "(per gene) | AUROC dir (per gene) | unparseable |\n|" + "---|" * 11)
 
-    console = Console(width=max(Console().width, 120))
-    console.print(f"[bold]{result['setting']}[/]: train {','.join(result['train_cells'])} → test "
-                  f"{','.join(result['test_cells'])}; n={result['n']:,} test pairs "
-                  f"({result['n_pert_seen_in_train_lines']:,} with the perturbation seen in another training line)")
-    strata = ["overall"] + (["seen", "unseen"] if result["n_pert_seen_in_train_lines"] else [])
+
+def metrics_table(metrics: dict, model_name: str, stratum: str) -> str | None:
+    lines = [TABLE_HEAD]
+    for mode in (STRICT, LENIENT):
+        m = metrics["model"].get(mode, {}).get(stratum)
+        if m:
+            lines.append(_row(f"**{model_name}** ({mode} parse)", m))
+    for name, b in metrics["baselines"].items():
+        if "unavailable" in b:
+            lines.append(f"| {name} | — | unavailable: {b['unavailable']} |" + " |" * 8)
+        elif stratum in b:
+            lines.append(_row(name, b[stratum]))
+    return "\n".join(lines) if len(lines) > 1 else None
+
+
+def write_report(out: Path, metrics: dict, run: dict, figures: list[str]) -> Path:
+    name = run["model_name"]
+    v = metrics.get("verdict", {})
+    lines = [f"# Evaluation: {name}", ""]
+    lines.append(f"- dataset: `{run['dataset']}` split `{run['split']}`; {metrics['n_predicted']} of "
+                 f"{metrics['n_examples']} examples predicted" + ("" if metrics["complete"] else
+                                                                  " — **incomplete: rerun to finish**"))
+    lines.append(f"- class counts: {metrics['class_counts']}; test perturbation seen in another training line: "
+                 f"{metrics['n_pert_seen_in_train_lines']}")
+    lines.append(f"- backend `{run['backend_info']['backend']}`, model `{run['backend_info']['model']}`, adapter "
+                 f"`{run['backend_info']['adapter'] or 'none (zero-shot)'}`; evidence context: {run['evidence']}")
+    lines.append(f"- class probabilities: {metrics['probability_method']}"
+                 + (" (hard labels: AUROC from one-hot scores is a weak statistic)"
+                    if metrics["probability_method"] == HARD_LABEL else ""))
+    lines.append(f"- sampling: `{json.dumps(run['sampling'])}`")
+    lines.append(f"- prompt template sha256 `{run['prompt_sha256'][:16]}…`, chat template sha256 "
+                 f"`{(run['backend_info'].get('chat_template_sha256') or 'n/a')[:16]}…`")
+    lines += ["", "## Verdict", ""]
+    if not v:
+        lines.append("No headline metric could be compared (too few examples or genes in this sample).")
+    if v:
+        beats = [k for k, x in v.items() if x["beats"]]
+        loses = [k for k, x in v.items() if not x["beats"]]
+        for k, x in v.items():
+            vs_majority = ""
+            if x.get("majority") is not None and x["best_baseline"] != "majority":
+                vs_majority = (f"; vs majority {x['majority']:.3f} → "
+                               f"{'beats it' if x['beats_majority'] else 'does not beat it'}")
+            lines.append(f"- {k}: model {x['model']:.3f} vs best baseline {x['best_baseline']} {x['baseline']:.3f} "
+                         f"→ {'**beats it**' if x['beats'] else '**does not beat it**'}{vs_majority}")
+        lines.append("")
+        if not loses:
+            lines.append("The model beats every trivial baseline on every headline metric.")
+        elif not beats:
+            lines.append("The model does **not** beat the trivial baselines on any headline metric.")
+        else:
+            lines.append(f"The model beats the best baseline on {', '.join(beats)} but not on {', '.join(loses)}.")
+    present = [s for s in ("seen", "unseen") if any(s in m for m in metrics["model"].values())]
+    # Strata tables only when they differ from the overall one (some, not all, perturbations seen).
+    strata = ["overall"] + (present if len(present) == 2 else [])
+    if len(present) == 1:
+        lines += ["", f"All {metrics['n_predicted']} examples are in one stratum: test perturbation "
+                  f"{'seen' if present[0] == 'seen' else 'not seen'} in another training cell line."]
     for stratum in strata:
-        df = metrics_rows(result["baselines"], stratum)
-        table = Table(title=f"baselines — {stratum}", show_lines=False)
-        table.add_column("predictor", no_wrap=True)
-        for col in ["n", *TABLE_METRICS, "f1_up", "f1_down", "f1_not_de"]:
-            table.add_column(SHORT_HEADERS.get(col, col), justify="right", no_wrap=True)
-        for _, r in df.iterrows():
-            if r.get("note"):
-                table.add_row(r["predictor"], "", *["—"] * 8)
-                continue
-            table.add_row(r["predictor"], f"{int(r['n']):,}",
-                          *[_fmt(r[c]) for c in (*TABLE_METRICS, "f1_up", "f1_down", "f1_not_de")])
-        console.print(table)
-    notes = [f"{k}: {v['unavailable']}" for k, v in result["baselines"].items() if "unavailable" in v]
-    for n in dict.fromkeys(notes):
-        console.print(f"[dim]{n}[/]")
-    console.print("[dim]Per-gene AUROC of the gene priors is 0.5 by construction (one score per gene).[/]")
+        table = metrics_table(metrics, name, stratum)
+        if table is None:
+            continue
+        title = {"overall": "All examples", "seen": "Perturbation seen in another training cell line",
+                 "unseen": "Perturbation not seen in any other training cell line"}[stratum]
+        lines += ["", f"## {title}", "", table]
+    lines += ["", "Brackets: 95% bootstrap intervals over perturbations. Per-gene AUROC is PerturbQA's metric "
+              "(within each readout gene, averaged); the gene priors score 0.5 on it by construction."]
+    for fig in figures:
+        lines += ["", f"![{Path(fig).stem}]({fig})"]
+    tok = metrics["tokens"]
+    lines += ["", f"Tokens: prompt {tok['prompt_mean']:.0f} on average, completion {tok['completion_mean']:.0f}; "
+              f"{tok['finished_by_length']} outputs stopped at max_new_tokens." if tok["prompt_mean"] is not None else ""]
+    path = out / REPORT
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_figures(out: Path, metrics: dict, examples: pd.DataFrame, preds: dict[str, Prediction],
+                  model_name: str) -> list[str]:
+    """PNG figures; returns their paths relative to ``out`` (empty when matplotlib is missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    figdir = out / "figures"
+    figdir.mkdir(exist_ok=True)
+    paths = []
+    overall = metrics["model"][STRICT]["overall"]
+
+    # Confusion matrix (rows gold, columns predicted incl. unparseable), row-normalised colour.
+    cm = np.array(overall["confusion_matrix"]["counts"], dtype=float)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    norm = cm / np.clip(cm.sum(axis=1, keepdims=True), 1, None)
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", color="black" if norm[i, j] < 0.6 else "white")
+    ax.set_xticks(range(cm.shape[1]), overall["confusion_matrix"]["cols_pred"])
+    ax.set_yticks(range(cm.shape[0]), overall["confusion_matrix"]["rows_gold"])
+    ax.set_xlabel("predicted (strict parse)")
+    ax.set_ylabel("gold")
+    ax.set_title(f"{model_name}: confusion matrix")
+    fig.tight_layout()
+    fig.savefig(figdir / "confusion_matrix.png", dpi=110)
+    plt.close(fig)
+    paths.append("figures/confusion_matrix.png")
+
+    # Per-class F1: model vs every available baseline.
+    rows = {f"{model_name}": overall}
+    rows.update({k: b["overall"] for k, b in metrics["baselines"].items() if "overall" in b})
+    classes = ["up", "down", "not_de"]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    width = 0.8 / len(rows)
+    for k, (name, m) in enumerate(rows.items()):
+        ax.bar(np.arange(3) + k * width, [m["per_class"][c]["f1"] for c in classes], width, label=name,
+               edgecolor="black" if k == 0 else None, linewidth=1.2 if k == 0 else 0)
+    ax.set_xticks(np.arange(3) + width * (len(rows) - 1) / 2, classes)
+    ax.set_ylabel("F1")
+    ax.set_ylim(0, 1)
+    ax.set_title("per-class F1: model vs baselines (same examples)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(figdir / "per_class_f1.png", dpi=110)
+    plt.close(fig)
+    paths.append("figures/per_class_f1.png")
+
+    # Calibration: one-vs-rest reliability curves of the class probabilities.
+    recs = [preds[i] for i in examples["id"] if i in preds]
+    gold = [r.gold for r in recs]
+    probs = np.array([r.prob_vector() or [1 / 3] * 3 for r in recs], dtype=float)
+    fig, ax = plt.subplots(figsize=(4.8, 4.3))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+    bins = np.linspace(0, 1, 11)
+    for j, lab in enumerate(LABELS):
+        y = np.array([g == lab for g in gold], dtype=float)
+        idx = np.clip(np.digitize(probs[:, j], bins) - 1, 0, 9)
+        xs, ys, ns = [], [], []
+        for b in range(10):
+            sel = idx == b
+            if sel.any():
+                xs.append(probs[sel, j].mean())
+                ys.append(y[sel].mean())
+                ns.append(sel.sum())
+        ax.plot(xs, ys, marker="o", label=f"{SHORT[lab]}")
+    ax.set_xlabel("predicted probability")
+    ax.set_ylabel("observed frequency")
+    ax.set_title(f"calibration ({metrics['probability_method']})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(figdir / "calibration.png", dpi=110)
+    plt.close(fig)
+    paths.append("figures/calibration.png")
+    return paths

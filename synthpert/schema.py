@@ -4,27 +4,24 @@
   writes it (also the columns of the saved ``datasets.DatasetDict``).
 * ``TraceRecord``: what the teacher writes, the judge annotates and training reads. The raw model output
   is always kept next to the parsed fields, so nothing paid for is ever thrown away.
+* ``Prediction``: what evaluation and serving produce for one triple (strict and lenient labels, samples).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .answer import LABELS, format_answer
+from .answer import LABELS, SHORT, STRICT, check_label, format_answer
 from .errors import SynthpertError
 
 JUDGE_RATINGS: tuple[str, ...] = ("excellent", "good", "average", "bad", "terrible")
-
-
-def _check_label(v: str) -> str:
-    if v not in LABELS:
-        raise ValueError(f"label must be one of {LABELS}, got {v!r}")
-    return v
 
 
 class Example(BaseModel):
@@ -39,7 +36,7 @@ class Example(BaseModel):
     pert_seen_in_train_lines: list[str] = Field(default_factory=list)
     pair_seen_in_train_lines: list[str] = Field(default_factory=list)
 
-    _v_label = field_validator("label")(classmethod(lambda cls, v: _check_label(v)))
+    _v_label = field_validator("label")(classmethod(lambda cls, v: check_label(v)))
 
     @staticmethod
     def make_id(cell_line: str, perturbation: str, gene: str) -> str:
@@ -100,7 +97,7 @@ class TraceRecord(BaseModel):
     kept: bool | None = None
     reject_reason: str | None = None
 
-    _v_label = field_validator("label")(classmethod(lambda cls, v: _check_label(v)))
+    _v_label = field_validator("label")(classmethod(lambda cls, v: check_label(v)))
 
     def assistant_text(self, label_only: bool = False) -> str:
         """Canonical training target: the trace's reasoning and the OBSERVED label, in the answer format.
@@ -112,6 +109,56 @@ class TraceRecord(BaseModel):
         if not self.reasoning:
             raise SynthpertError(f"trace {self.id} has no reasoning to train on")
         return format_answer(self.label, self.reasoning)
+
+
+# Values of Prediction.probability_method: how the class probabilities were obtained.
+ANSWER_LOGPROB = "answer_logprob"
+VOTES = "votes"
+HARD_LABEL = "hard_label"
+
+
+class Sample(BaseModel):
+    raw_text: str
+    label_strict: str | None
+    label_lenient: str | None
+    error_strict: str | None = None
+    error_lenient: str | None = None
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+
+
+class Prediction(BaseModel):
+    """One example's prediction; every backend writes exactly these fields."""
+
+    id: str
+    cell_line: str
+    perturbation: str
+    gene: str
+    gold: str | None = None  # None when serving
+    raw_text: str  # first sample's output
+    reasoning: str | None = None
+    label_strict: str | None
+    label_lenient: str | None
+    unparseable_reason_strict: str | None = None
+    unparseable_reason_lenient: str | None = None
+    probabilities: dict[str, float] | None = None  # keys up / down / not_de
+    probability_method: str | None = None  # answer_logprob | votes | hard_label | None (nothing parsed)
+    answer_logprobs: dict[str, float] | None = None  # raw sums, before normalisation
+    samples: list[Sample] = Field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    backend: str = ""
+    model: str = ""
+    adapter: str | None = None
+    seconds: float = 0.0
+
+    def label(self, mode: str = STRICT) -> str | None:
+        return self.label_strict if mode == STRICT else self.label_lenient
+
+    def prob_vector(self) -> list[float] | None:
+        if self.probabilities is None:
+            return None
+        return [self.probabilities[SHORT[lab]] for lab in LABELS]
 
 
 def write_jsonl(path: Path, records: Iterable[BaseModel | dict], append: bool = False) -> int:
@@ -147,3 +194,23 @@ def read_jsonl(path: Path, model: type[BaseModel] | None = None) -> Iterator:
                 yield model.model_validate(obj)
             except Exception as e:  # pydantic.ValidationError: name the file and line
                 raise SynthpertError(f"{path}:{i}: not a valid {model.__name__}: {e}") from None
+
+
+def jsonable(obj):
+    """Plain JSON: numpy values to Python, NaN/inf to null, anything else JSON cannot hold to its str (so
+    metrics.json and stage records load anywhere)."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return None if not math.isfinite(float(obj)) else float(obj)
+    if obj is None or isinstance(obj, (str, int)):
+        return obj
+    return str(obj)

@@ -34,27 +34,17 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from .config import StrictModel
-from .errors import SynthpertError
+from .cells import get_cell_line
+from .config.serve import ServeConfig, ServeSettings
+from .errors import SynthpertError, scrub
+from .evidence import dataset_training_stats, evidence_text
+from .inference import Predictor, Triple
+from .runs import adapter_manifest
+from .schema import Example
 
 log = logging.getLogger("synthpert.serve")
 
 Symbol = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
-
-
-class ServeSettings(StrictModel):
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    api_key_env: str = Field("SYNTHPERT_API_KEY", description="NAME of the env var holding the key; unset = no auth")
-    max_batch: int = Field(64, ge=1, description="items per /v1/predict/batch request")
-    max_n_samples: int = Field(8, ge=1)
-    max_tokens: int = Field(1024, ge=1, description="cap on max_tokens of chat completions")
-    max_body_bytes: int = Field(1_000_000, ge=1024)
-    max_messages: int = Field(64, ge=1)
-    batch_window_ms: float = Field(5.0, ge=0, description="how long the batcher waits to fill a batch")
-    served_name: str | None = Field(None, description="model id for /v1/models (default: adapter or model folder name)")
-    evidence_dataset: str | None = Field(None, description="built dataset folder whose training rows provide the "
-                                         "evidence context (for models trained with it)")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -71,8 +61,6 @@ class PredictItem(BaseModel):
     @field_validator("cell_line")
     @classmethod
     def _known_line(cls, v: str) -> str:
-        from .cells import get_cell_line
-
         try:
             return get_cell_line(v).key
         except SynthpertError as e:
@@ -210,8 +198,6 @@ def create_app(predictor, settings: ServeSettings | None = None, evidence_stats=
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
 
-    from .inference import Triple
-
     settings = settings or ServeSettings()
     name = served_model_name(predictor, settings)
     api_key = os.environ.get(settings.api_key_env) or None
@@ -272,12 +258,12 @@ def create_app(predictor, settings: ServeSettings | None = None, evidence_stats=
 
     @app.exception_handler(SynthpertError)
     async def on_user_error(request: Request, exc: SynthpertError):
-        return JSONResponse(_error_body(_scrub(str(exc), api_key), "invalid_request_error"), status_code=422)
+        return JSONResponse(_error_body(scrub(str(exc), api_key), "invalid_request_error"), status_code=422)
 
     @app.exception_handler(Exception)
     async def on_internal(request: Request, exc: Exception):
         ref = uuid.uuid4().hex[:12]
-        log.error("internal error %s on %s: %s", ref, request.url.path, _scrub(repr(exc), api_key), exc_info=exc)
+        log.error("internal error %s on %s: %s", ref, request.url.path, scrub(repr(exc), api_key), exc_info=exc)
         return JSONResponse(_error_body(f"internal server error (reference {ref})", "server_error"), status_code=500)
 
     def check_n(n: int, param: str) -> None:
@@ -285,12 +271,8 @@ def create_app(predictor, settings: ServeSettings | None = None, evidence_stats=
             raise ApiError(422, f"field '{param}': at most {settings.max_n_samples} samples per request", param)
 
     def triple(item: PredictItem):
-        from .schema import Example
-
         ev = None
         if evidence_stats is not None:
-            from .evidence import evidence_text
-
             ev = evidence_text(evidence_stats, item.cell_line, item.perturbation, item.gene)
         return Triple(Example.make_id(item.cell_line, item.perturbation, item.gene), item.cell_line,
                       item.perturbation, item.gene, None, ev)
@@ -358,29 +340,20 @@ def create_app(predictor, settings: ServeSettings | None = None, evidence_stats=
     return app
 
 
-def _scrub(text: str, key: str | None) -> str:
-    return text.replace(key, "***") if key else text
-
-
 def _version() -> str:
     from . import __version__
 
     return __version__
 
 
-def load_predictor(model: str, adapter: str | None = None, backend: str = "transformers", **inference):
-    from .inference import InferenceConfig, Predictor, make_backend
+def load_predictor(cfg: ServeConfig) -> Predictor:
+    from .backends import make_backend
 
-    cfg = InferenceConfig.model_validate({"backend": backend, "model": model, "adapter": adapter, **inference})
-    if cfg.backend == "openai":
-        raise SynthpertError("serve runs a local model: use --backend transformers or vllm")
-    return Predictor(make_backend(cfg))
+    return Predictor(make_backend(cfg.inference))
 
 
 def check_evidence_setting(adapter: str | None, evidence_dataset: str | None) -> None:
     """Serve the question the way the adapter was trained: with the evidence block iff it was trained with it."""
-    from .evaluate import adapter_manifest
-
     trained_with = bool(adapter_manifest(adapter).get("evidence")) if adapter else False
     if trained_with and not evidence_dataset:
         raise SynthpertError(f"the adapter {adapter} was trained with the evidence context in its prompt: pass "
@@ -391,19 +364,14 @@ def check_evidence_setting(adapter: str | None, evidence_dataset: str | None) ->
                              "context: drop --evidence-from")
 
 
-def serve(model: str, adapter: str | None = None, backend: str = "transformers",
-          settings: ServeSettings | None = None, **inference) -> None:
+def serve(cfg: ServeConfig) -> None:
     """Load the model and run uvicorn until interrupted."""
     import uvicorn
 
-    settings = settings or ServeSettings()
-    check_evidence_setting(adapter, settings.evidence_dataset)
-    stats = None
-    if settings.evidence_dataset:
-        from .report import dataset_training_stats
-
-        stats = dataset_training_stats(settings.evidence_dataset)
-    predictor = load_predictor(model, adapter, backend, **inference)
+    settings = cfg
+    check_evidence_setting(cfg.inference.adapter, settings.evidence_dataset)
+    stats = dataset_training_stats(settings.evidence_dataset) if settings.evidence_dataset else None
+    predictor = load_predictor(cfg)
     app = create_app(predictor, settings, stats)
     if settings.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding %s: the endpoint is reachable from other machines%s", settings.host,

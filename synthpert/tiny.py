@@ -73,9 +73,9 @@ def _gene_symbols(source: str | Path | None, limit: int = 4000, seed: int = 0) -
     folder = Path(source).expanduser() if source else None
     # Only the cell lines' own files: other CSVs that happen to sit in the folder (PerturbQA's k562_set-*)
     # would change the corpus, and so the tokenizer, of a model that must be the same everywhere.
-    from .data import PERTURBQA_LINES
+    from .data import PERTURBQA_LINES, csv_name
 
-    files = [folder / f"{k}-de.csv" for k in PERTURBQA_LINES] if folder and folder.is_dir() else []
+    files = [folder / csv_name(k, "de") for k in PERTURBQA_LINES] if folder and folder.is_dir() else []
     files = [f for f in files if f.exists()]
     perts: set[str] = set()
     genes: set[str] = set()
@@ -102,7 +102,7 @@ def _evidence_samples(rng: random.Random, cells: list[str], pert: str, gene: str
     """An evidence block rendered by the real renderer (made-up counts) so its wording is in the vocabulary."""
     import numpy as np
 
-    from .evidence import PairEvidence, evidence_text, render_evidence  # noqa: F401
+    from .evidence import PairEvidence, render_evidence
 
     counts = lambda: np.array([rng.randint(0, 9), rng.randint(0, 9), rng.randint(0, 200)])  # noqa: E731
     others = [c for c in cells if c != cells[0]][:2]

@@ -1,19 +1,8 @@
 """Distillation training: LoRA SFT of a student model on kept reasoning traces (TRL SFTTrainer + PEFT).
 
-Each example is a chat conversation: the student prompt (``prompting.student_messages``, never the label)
-and the assistant turn = the kept trace in the answer format (or just the answer, ``mode: label_only``).
-
-We tokenize the conversations ourselves, through the tokenizer's own chat template, and hand SFTTrainer
-``input_ids`` + ``labels``. That way the guards below inspect exactly the tokens and loss mask that are
-trained, before the first step:
-
-* the whole assistant turn (reasoning block and answer) receives loss: some reasoning-model templates
-  (DeepSeek-R1 family) drop everything before ``</think>`` from assistant turns, which would silently
-  train on answers only;
-* nothing outside the assistant turn receives loss, and the end-of-turn token does (else the model never
-  learns to stop);
-* no tokens are added and no embedding / lm_head weights are trained (vLLM cannot serve such adapters);
-* examples longer than ``max_length`` are counted and reported; above a threshold training refuses.
+We tokenize the conversations ourselves (loss_mask.py), through the tokenizer's own chat template, and hand
+SFTTrainer ``input_ids`` + ``labels``, so the guards inspect exactly the tokens and loss mask that are
+trained, before the first step. Examples come from train_data.py.
 
 Outputs (the run folder): the adapter, the tokenizer with the exact chat template used, the resolved
 config, ``manifest.json`` and ``checkpoints/`` (for ``--resume``).
@@ -21,420 +10,34 @@ config, ``manifest.json`` and ``checkpoints/`` (for ``--resume``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import random
 import time
-from collections import Counter
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field, model_validator
-
-from .config import StrictModel, dump_config
+from .config import dump_config
+from .config.train import TrainConfig
 from .errors import SynthpertError
-from .runs import git_revision, library_versions
-from .resources import resource_dir, sha256_text
+from .loss_mask import check_overlength, check_vocab, end_of_turn_ids, mask_mode, tokenize_rows
+from .prompting import student_prompt_hash
+from .resources import sha256_file, sha256_text
+from .runs import ADAPTER_MANIFEST, git_revision, library_versions, write_adapter_manifest
+from .tokenizer import load_tokenizer
+from .train_data import data_hash, training_examples
 
 log = logging.getLogger("synthpert.train")
 
-MANIFEST = "manifest.json"
 CONFIG_FILE = "train_config.yaml"
 STATE_FILE = "run_state.json"
 CHECKPOINTS = "checkpoints"
-GENERATION_MARKERS = ("{% generation %}", "{%- generation %}", "{% generation -%}", "{%- generation -%}")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Config
-
-
-class LoraSettings(StrictModel):
-    """PEFT LoRA settings (SynthPert's recipe: r=32, alpha=32, dropout 0, all linear layers)."""
-
-    r: int = Field(32, ge=1, description="LoRA rank")
-    alpha: float = Field(32, gt=0, description="LoRA alpha (scale = alpha / r)")
-    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA branch")
-    target_modules: str | list[str] = Field(
-        "all-linear", description="'all-linear' (every linear layer but lm_head) or a list of module names")
-    use_rslora: bool = Field(False, description="rank-stabilised scaling alpha/sqrt(r)")
-
-
-class OptimSettings(StrictModel):
-    lr: float = Field(1e-4, gt=0, description="peak learning rate")
-    epochs: float = Field(1.0, gt=0, description="passes over the training examples (ignored if max_steps)")
-    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
-    batch_size: int = Field(1, ge=1, description="examples per device per micro-batch")
-    grad_accum: int = Field(8, ge=1, description="micro-batches per optimizer step")
-    warmup: float = Field(0.03, ge=0, description="warm-up: a share of all steps if < 1, else a step count")
-    weight_decay: float = Field(0.0, ge=0)
-    scheduler: str = Field("cosine", description="transformers lr_scheduler_type (cosine, linear, constant, ...)")
-    max_grad_norm: float = Field(1.0, gt=0)
-    optimizer: str = Field("adamw_torch", description="transformers optim name (adamw_torch, paged_adamw_8bit, ...)")
-    eval_batch_size: int | None = Field(None, ge=1, description="default: batch_size")
-
-
-class TrainConfig(StrictModel):
-    """Settings of `synthpert train` (YAML `train:` section or a whole file, plus key=value overrides)."""
-
-    base_model: str | None = Field(None, description="hub id or local folder of the base (student) model")
-    revision: str | None = Field(None, description="hub revision (commit / tag) of the base model")
-    mode: Literal["reasoning", "label_only"] = Field(
-        "reasoning", description="'reasoning': assistant = kept trace + answer (input: traces JSONL); "
-        "'label_only': assistant = just the answer (input: a built dataset folder), the ablation")
-    data_path: str | None = Field(None, description="kept traces JSONL, or a built dataset folder (label_only)")
-    dataset_dir: str | None = Field(
-        None, description="built dataset folder (`synthpert data build --out`) whose data_config.json gives the "
-        "training rows for evidence context; default: data_path in label_only mode")
-    output_dir: str | None = Field(None, description="run folder (CLI --out wins)")
-    only_kept: bool = Field(True, description="train only on traces the judge kept (kept == true)")
-    max_examples: int | None = Field(None, ge=1, description="use at most this many training examples (seeded)")
-    evidence: bool = Field(False, description="show the leakage-safe training evidence block in the student "
-                           "prompt (evaluation and serving must then use it too)")
-    chat_template: str | None = Field(
-        None, description="Jinja chat template file (path, or a name in configs/chat_templates/) replacing the "
-        "tokenizer's; saved with the adapter so serving uses exactly it")
-    loss_mask: Literal["auto", "assistant_only", "completion_only"] = Field(
-        "auto", description="assistant_only: {% generation %} markers of the template; completion_only: "
-        "everything after the generation prompt; auto: the first if the template has markers")
-    max_length: int = Field(2048, ge=16, description="longest tokenized example (prompt + assistant)")
-    overlength: Literal["drop", "truncate"] = Field(
-        "drop", description="what to do with longer examples: drop them (a truncated trace loses its answer and "
-        "stop token) or keep their start")
-    max_overlength_fraction: float = Field(0.02, ge=0, le=1, description="refuse to train if more than this "
-                                           "share of examples exceeds max_length")
-    eval_fraction: float = Field(0.05, ge=0, lt=0.5, description="share of (cell line, perturbation) groups "
-                                 "held out for eval loss (label_only: the dataset's validation split); 0 = none")
-    eval_max_examples: int = Field(256, ge=1)
-    eval_steps: int | None = Field(None, ge=1, description="evaluate every N steps (default: at the end)")
-    save_steps: int = Field(200, ge=1, description="checkpoint every N steps (for --resume)")
-    save_total_limit: int | None = Field(2, ge=1, description="checkpoints kept")
-    logging_steps: int = Field(10, ge=1)
-    seed: int = 0
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="auto: bf16 on a GPU that supports it, fp32 on CPU")
-    quantization: Literal["none", "4bit"] = Field("none", description="4bit = QLoRA (bitsandbytes NF4, CUDA only)")
-    gradient_checkpointing: Literal["none", "full", "selective"] = Field(
-        "none", description="recompute activations in the backward pass to save memory (selective: TRL's SAC)")
-    packing: bool = Field(False, description="pack examples into max_length rows (BFD, padding-free)")
-    padding_free: bool = Field(False, description="concatenate a batch without padding (position_ids)")
-    attn_implementation: str | None = Field(None, description="sdpa, eager, flash_attention_2, ... (default: "
-                                            "transformers' choice)")
-    use_liger_kernel: bool = Field(False, description="Liger fused kernels (needs liger-kernel; GPU)")
-    resume: bool = Field(False, description="continue from the last checkpoint in the run folder")
-    lora: LoraSettings = Field(default_factory=LoraSettings)
-    optim: OptimSettings = Field(default_factory=OptimSettings)
-
-    @model_validator(mode="after")
-    def _combinations(self):
-        if self.quantization == "4bit" and self.precision == "fp32":
-            raise ValueError("QLoRA (quantization=4bit) computes in bf16/fp16; precision=fp32 is not possible")
-        if self.packing and self.overlength == "truncate":
-            raise ValueError("packing cuts rows at max_length itself; use overlength=drop with packing")
-        if self.use_liger_kernel and self.quantization == "4bit":
-            pass  # supported by liger; listed so the combination is a conscious choice
-        if self.gradient_checkpointing == "selective" and self.quantization == "4bit":
-            raise ValueError("selective checkpointing is not supported with QLoRA's reentrant checkpointing")
-        return self
-
-
-def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """YAML (its `train:` section, or the whole file) + dotted overrides -> validated TrainConfig."""
-    from .config import load_section
-
-    return load_section(TrainConfig, "train", path, overrides)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Examples
-
-
-def _student_prompt(row: dict, stats) -> list[dict]:
-    from .evidence import evidence_text
-    from .prompting import student_messages
-
-    evidence = evidence_text(stats, row["cell_line"], row["perturbation"], row["gene"]) if stats else None
-    return student_messages(row["cell_line"], row["perturbation"], row["gene"], evidence)
-
-
-def _evidence_stats(cfg: TrainConfig, source: Path | None):
-    """TrainingStats over the training rows named by the dataset folder's data_config.json."""
-    from .report import dataset_training_stats
-
-    folder = cfg.dataset_dir or (str(source) if cfg.mode == "label_only" and source else None)
-    if folder is None:
-        raise SynthpertError("evidence=true needs the built dataset the traces came from: set dataset_dir to the "
-                             "`synthpert data build --out` folder (its data_config.json names the training rows)")
-    return dataset_training_stats(folder)
-
-
-def _trace_rows(path: Path, cfg: TrainConfig, skipped: Counter) -> list[dict]:
-    from .schema import TraceRecord, read_jsonl
-
-    rows = []
-    for t in read_jsonl(path, TraceRecord):
-        if cfg.only_kept and t.kept is not True:
-            skipped["not kept by the judge" if t.kept is False else "not judged (kept is null)"] += 1
-            continue
-        if t.parsed_label is not None and t.parsed_label != t.label:
-            skipped["answer differs from the label"] += 1  # never train on a wrong answer, kept or not
-            continue
-        if not t.reasoning or not t.reasoning.strip():
-            skipped["no reasoning"] += 1
-            continue
-        rows.append({"example_id": t.example_id, "cell_line": t.cell_line, "perturbation": t.perturbation,
-                     "gene": t.gene, "label": t.label, "assistant": t.assistant_text()})
-    return rows
-
-
-def _dataset_rows(path: Path, split: str) -> list[dict]:
-    from .answer import format_answer
-    from .data import load_built
-
-    ds = load_built(path, split)
-    return [{"example_id": r["id"], "cell_line": r["cell_line"], "perturbation": r["perturbation"],
-             "gene": r["gene"], "label": r["label"], "assistant": format_answer(r["label"])}
-            for r in ds.to_list()]
-
-
-def _split_eval(rows: list[dict], fraction: float, max_n: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """Hold out whole (cell line, perturbation) groups, so eval loss measures unseen knockdowns."""
-    if fraction <= 0:
-        return rows, []
-    groups = sorted({(r["cell_line"], r["perturbation"]) for r in rows})
-    if len(groups) < 2:
-        return rows, []
-    rng = random.Random(seed)
-    held = set(rng.sample(groups, max(1, round(fraction * len(groups)))))
-    train = [r for r in rows if (r["cell_line"], r["perturbation"]) not in held]
-    ev = [r for r in rows if (r["cell_line"], r["perturbation"]) in held]
-    return train, ev[:max_n]
-
-
-def load_examples(cfg: TrainConfig, source) -> dict[str, Any]:
-    """Training / eval conversations from a traces JSONL, a built dataset folder, or a list of TraceRecords.
-
-    Returns {'train': rows, 'eval': rows, 'skipped': Counter, 'source': str}; each row has the triple,
-    'prompt' (system + user messages) and 'assistant' (the target text).
-    """
-    skipped: Counter = Counter()
-    src_path: Path | None = None
-    if isinstance(source, (list, tuple)):
-        import tempfile
-
-        from .schema import write_jsonl
-
-        with tempfile.TemporaryDirectory() as d:
-            tmp = Path(d) / "traces.jsonl"
-            write_jsonl(tmp, source)
-            rows = _trace_rows(tmp, cfg, skipped)
-        eval_rows = None
-        origin = f"{len(source)} in-memory traces"
-    else:
-        src_path = Path(source).expanduser()
-        if not src_path.exists():
-            raise SynthpertError(f"training data not found: {src_path}")
-        if cfg.mode == "label_only":
-            if not src_path.is_dir():
-                raise SynthpertError(f"mode=label_only trains on a built dataset folder (`synthpert data build "
-                                     f"--out`), but {src_path} is a file")
-            rows = _dataset_rows(src_path, "train")
-            eval_rows = _dataset_rows(src_path, "validation") if cfg.eval_fraction > 0 else []
-        else:
-            if src_path.is_dir():
-                raise SynthpertError(f"mode=reasoning trains on a kept-traces JSONL file, but {src_path} is a "
-                                     "folder (for answer-only training on a built dataset set mode=label_only)")
-            rows = _trace_rows(src_path, cfg, skipped)
-            eval_rows = None
-        origin = str(src_path)
-    if not rows:
-        detail = ", ".join(f"{n} {why}" for why, n in skipped.items()) or "the file is empty"
-        hint = ("; run the judge first, or set only_kept=false to train on every trace whose answer matches "
-                "its label") if skipped.get("not judged (kept is null)") else ""
-        raise SynthpertError(f"no training examples in {origin} ({detail}){hint}")
-    if cfg.max_examples and len(rows) > cfg.max_examples:
-        keep = sorted(random.Random(cfg.seed).sample(range(len(rows)), cfg.max_examples))
-        skipped[f"over max_examples={cfg.max_examples}"] += len(rows) - len(keep)
-        rows = [rows[i] for i in keep]
-    if eval_rows is None:
-        rows, eval_rows = _split_eval(rows, cfg.eval_fraction, cfg.eval_max_examples, cfg.seed)
-    else:
-        eval_rows = eval_rows[: cfg.eval_max_examples]
-    stats = _evidence_stats(cfg, src_path) if cfg.evidence else None
-    for r in [*rows, *eval_rows]:
-        r["prompt"] = _student_prompt(r, stats)
-    return {"train": rows, "eval": eval_rows, "skipped": skipped, "source": origin}
-
-
-def data_hash(rows: list[dict]) -> str:
-    h = hashlib.sha256()
-    for r in rows:
-        h.update(json.dumps([r["prompt"], r["assistant"]], sort_keys=True).encode())
-    return h.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Tokenizer, chat template, loss mask and guards
-
-
-def resolve_chat_template(name: str) -> str:
-    path = Path(name).expanduser()
-    if not path.exists():
-        shipped = resource_dir("configs") / "chat_templates" / name
-        path = shipped if shipped.exists() else shipped.with_suffix(".jinja")
-    if not path.exists():
-        raise SynthpertError(f"chat template {name!r} not found (a file path, or a name in configs/chat_templates/)")
-    return path.read_text()
-
-
-def load_tokenizer(cfg: TrainConfig):
-    from transformers import AutoTokenizer
-
+def student_tokenizer(cfg: TrainConfig):
+    """The base model's tokenizer with the chat template training uses (``cfg.chat_template`` when given)."""
     if not cfg.base_model:
         raise SynthpertError("no base_model: set it in the config (hub id or local folder), e.g. base_model=DIR")
-    try:
-        tok = AutoTokenizer.from_pretrained(cfg.base_model, revision=cfg.revision)
-    except (OSError, ValueError) as e:
-        raise SynthpertError(f"cannot load the tokenizer of base_model {cfg.base_model!r}: {e}") from None
-    if cfg.chat_template:
-        tok.chat_template = resolve_chat_template(cfg.chat_template)
-    if not tok.chat_template:
-        raise SynthpertError(f"{cfg.base_model} has no chat template (a base, not an instruct, model?): give one "
-                             "with chat_template=FILE (e.g. configs/chat_templates/chatml.jinja)")
-    return tok
-
-
-def mask_mode(cfg: TrainConfig, tokenizer) -> str:
-    if cfg.loss_mask != "auto":
-        return cfg.loss_mask
-    has_markers = any(m in tokenizer.chat_template for m in GENERATION_MARKERS)
-    return "assistant_only" if has_markers else "completion_only"
-
-
-def _ids(out) -> list[int]:
-    return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
-
-
-def tokenize_example(tokenizer, prompt: list[dict], assistant: str, mode: str) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of one conversation through the tokenizer's chat template; -100 = no loss."""
-    messages = [*prompt, {"role": "assistant", "content": assistant}]
-    if mode == "assistant_only":
-        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=True)
-        ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
-        if not any(mask):
-            raise SynthpertError("the chat template marks no assistant tokens ({% generation %} markers missing "
-                                 "or empty): set loss_mask=completion_only or fix the template")
-        return ids, [t if m else -100 for t, m in zip(ids, mask)]
-    prompt_ids = _ids(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True,
-                                                    return_dict=True))
-    ids = _ids(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True))
-    if ids[: len(prompt_ids)] != prompt_ids:
-        n = next((i for i, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), min(len(prompt_ids), len(ids)))
-        raise SynthpertError(
-            "the chat template renders the generation prompt differently from the start of an assistant turn: "
-            f"prompt-only ends {tokenizer.decode(prompt_ids[n:n + 20])!r} where the conversation has "
-            f"{tokenizer.decode(ids[n:n + 20])!r}. The model would be trained on a context it never sees at "
-            "inference. Use a chat template that renders both alike (chat_template=...), e.g. "
-            "configs/chat_templates/r1_distill_train.jinja for DeepSeek-R1 distills")
-    return ids, [-100] * len(prompt_ids) + ids[len(prompt_ids):]
-
-
-def end_of_turn_ids(tokenizer, base_model: str | None = None, revision: str | None = None) -> set[int]:
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    if base_model:
-        try:
-            from transformers import GenerationConfig
-
-            gen = GenerationConfig.from_pretrained(base_model, revision=revision)
-            eos = gen.eos_token_id
-            ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        except (OSError, ValueError):
-            pass  # no generation_config.json: the tokenizer's eos is the stop token
-    return ids
-
-
-def _norm(text: str) -> str:
-    """Compare texts modulo whitespace runs and Unicode normal form (tokenizers may normalise both)."""
-    import unicodedata
-
-    return " ".join(unicodedata.normalize("NFC", text).split())
-
-
-def check_loss_mask(tokenizer, ids: list[int], labels: list[int], assistant: str, eot_ids: set[int]) -> None:
-    """Guards on one rendered example: exactly the assistant turn (+ end-of-turn token) receives loss."""
-    from .answer import _ANSWER_STRICT, _THINK_STRICT
-
-    loss_ids = [t for t in labels if t != -100]
-    text = _norm(tokenizer.decode(loss_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False))
-    assistant = _norm(assistant)
-    think = _THINK_STRICT.search(assistant)
-    if think and think.group(0) not in text:
-        raise SynthpertError(
-            "the chat template removes the reasoning from the assistant turn: the <think>…</think> block of the "
-            "training target receives no loss (DeepSeek-R1-style templates drop everything before </think> from "
-            "assistant messages). Training would silently teach answers only. Use a template that keeps it, e.g. "
-            "chat_template=r1_distill_train (configs/chat_templates/).\n"
-            f"trained text: {text[:300]!r}")
-    answer = _ANSWER_STRICT.search(assistant)
-    if answer and answer.group(0) not in text:
-        raise SynthpertError(f"the answer {answer.group(0)!r} receives no loss; trained text: {text[:300]!r}")
-    if assistant not in text:
-        raise SynthpertError("the assistant turn is not trained verbatim through the chat template "
-                             f"(expected {assistant[:120]!r}…, trained text {text[:300]!r})")
-    if not eot_ids & set(loss_ids):
-        names = [tokenizer.convert_ids_to_tokens(i) for i in sorted(eot_ids)]
-        raise SynthpertError(f"the end-of-turn token ({', '.join(map(str, names))}) receives no loss: the model "
-                             "would never learn to stop. Put it inside {% generation %}…{% endgeneration %} or use "
-                             "loss_mask=completion_only")
-    rest = text.replace(assistant, "", 1)
-    for t in eot_ids:
-        rest = rest.replace(tokenizer.convert_ids_to_tokens(t) or "", "")
-    if rest.strip():
-        raise SynthpertError(f"text outside the assistant turn receives loss: {rest.strip()[:200]!r} (the loss must "
-                             "cover only the assistant turn)")
-
-
-def check_vocab(tokenizer, model_vocab_size: int) -> None:
-    """No new tokens: an adapter carrying embedding / lm_head weights cannot be served by vLLM."""
-    if len(tokenizer) > model_vocab_size:
-        raise SynthpertError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "
-                             f"{model_vocab_size}: tokens were added. synthpert never resizes embeddings (an adapter "
-                             "with embedding/lm_head weights cannot be served by vLLM); use the base tokenizer")
-
-
-def tokenize_rows(rows: list[dict], tokenizer, cfg: TrainConfig, mode: str, eot_ids: set[int],
-                  split: str) -> tuple[list[dict], list[int]]:
-    """Tokenize, guard, and apply the max_length policy. Returns (records, lengths of over-long examples)."""
-    records, over = [], []
-    for i, r in enumerate(rows):
-        ids, labels = tokenize_example(tokenizer, r["prompt"], r["assistant"], mode)
-        if i < 2:  # full decode check on the first examples; the cheap checks below run on all
-            check_loss_mask(tokenizer, ids, labels, r["assistant"], eot_ids)
-        elif not eot_ids & {t for t in labels if t != -100}:
-            raise SynthpertError(f"{split} example {r['example_id']}: the end-of-turn token receives no loss")
-        if len(ids) > cfg.max_length:
-            over.append(len(ids))
-            if cfg.overlength == "drop":
-                continue
-            ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]
-            if all(t == -100 for t in labels):
-                continue
-        records.append({"input_ids": ids, "labels": labels})
-    return records, over
-
-
-def check_overlength(over: list[int], n: int, cfg: TrainConfig, split: str) -> None:
-    if not over:
-        return
-    share = len(over) / max(n, 1)
-    msg = (f"{len(over)} of {n} {split} examples ({100 * share:.1f}%) are longer than max_length={cfg.max_length} "
-           f"tokens (longest {max(over)})")
-    if share > cfg.max_overlength_fraction:
-        raise SynthpertError(f"{msg}; that is more than max_overlength_fraction={cfg.max_overlength_fraction}. "
-                             f"Raise max_length (≥ {max(over)} keeps all) or max_overlength_fraction")
-    log.warning("%s; they are %s", msg, "dropped" if cfg.overlength == "drop" else "truncated")
+    return load_tokenizer(cfg.base_model, revision=cfg.revision, chat_template=cfg.chat_template)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -580,17 +183,6 @@ def _restore_signal(cb) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Manifest
-
-
-def read_manifest(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / MANIFEST
-    if not path.exists():
-        raise SynthpertError(f"{run_dir} is not a finished `synthpert train` run folder (no {MANIFEST})")
-    return json.loads(path.read_text())
-
-
-# ---------------------------------------------------------------------------------------------------------
 # The run
 
 
@@ -612,7 +204,7 @@ def _check_run_dir(out_dir: Path, cfg: TrainConfig, dhash: str) -> None:
             raise SynthpertError(f"--resume: the training data differ from the ones this run started with "
                                  f"({state.get('data_sha256', '?')[:12]}… vs {dhash[:12]}…); resume with the same data")
         return
-    if state_path.exists() or (ckpt_dir.exists() and any(ckpt_dir.iterdir())) or (out_dir / MANIFEST).exists():
+    if state_path.exists() or (ckpt_dir.exists() and any(ckpt_dir.iterdir())) or (out_dir / ADAPTER_MANIFEST).exists():
         raise SynthpertError(f"{out_dir} already holds a training run: continue it with --resume, or choose "
                              "another --out")
 
@@ -648,8 +240,8 @@ def train_model(cfg: TrainConfig, source, out_dir: str | Path) -> TrainResult:
     # cpu=True (as TrainingArguments(use_cpu=True) asks), or a torchrun launch would not become gloo DDP.
     state = PartialState(cpu=_device_kind() == "cpu")
     precision = resolve_precision(cfg)  # fails early on CPU for QLoRA / bf16
-    examples = load_examples(cfg, source)
-    tokenizer = load_tokenizer(cfg)
+    examples = training_examples(cfg, source)
+    tokenizer = student_tokenizer(cfg)
     mode = mask_mode(cfg, tokenizer)
     eot = end_of_turn_ids(tokenizer, cfg.base_model, cfg.revision)
     if not eot:
@@ -727,14 +319,8 @@ def train_model(cfg: TrainConfig, source, out_dir: str | Path) -> TrainResult:
 
 
 def _write_manifest(out_dir, cfg, summary, examples, tokenizer, dhash, base_config, precision) -> None:
-    from .prompting import student_prompt_hash
-
     src = examples["source"]
-    file_hash = None
-    if Path(src).is_file():
-        from .resources import sha256_file
-
-        file_hash = sha256_file(Path(src))
+    file_hash = sha256_file(Path(src)) if Path(src).is_file() else None
     manifest = {
         "synthpert_stage": "train",
         "base_model": cfg.base_model,
@@ -751,7 +337,7 @@ def _write_manifest(out_dir, cfg, summary, examples, tokenizer, dhash, base_conf
         "config": cfg.model_dump(mode="json"),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    write_adapter_manifest(out_dir, manifest)
 
 
 def _num_processes() -> int:

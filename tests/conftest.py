@@ -36,7 +36,7 @@ def tiny_model_dir(tmp_path_factory, perturbqa_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_built_dataset(tmp_path_factory, perturbqa_dir) -> Path:
     """A small K562 dataset built by `synthpert data build`'s code path (balanced subsamples)."""
-    from synthpert.config import DataConfig
+    from synthpert.config.data import DataConfig
     from synthpert.data import build
 
     cfg = DataConfig(source=str(perturbqa_dir), train_cells=["k562"], test_cells=["k562"], seed=0,
@@ -58,7 +58,8 @@ def tiny_traces_path(tmp_path_factory, tiny_built_dataset) -> Path:
 @pytest.fixture(scope="session")
 def tiny_adapter_dir(tmp_path_factory, tiny_model_dir, tiny_traces_path) -> Path:
     """Run folder of a short LoRA training on the tiny model; loads with PeftModel.from_pretrained(base, dir)."""
-    from synthpert.train import TrainConfig, run_train
+    from synthpert.config.train import TrainConfig
+    from synthpert.train import run_train
 
     cfg = TrainConfig.model_validate({
         "base_model": str(tiny_model_dir), "max_length": 512, "seed": 0, "eval_fraction": 0.1,

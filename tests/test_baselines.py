@@ -7,11 +7,10 @@ import pytest
 from _paths import PERTURBQA
 
 from synthpert.answer import LABELS
-from synthpert.baselines import baseline_predictions, baseline_report, crosscell_probabilities
-from synthpert.config import DataConfig
+from synthpert.baselines import baseline_predictions, baseline_report, crosscell_probabilities, run_baselines
+from synthpert.config.data import DataConfig
 from synthpert.data import build_frames, load_lines
 from synthpert.evidence import TrainingStats, evidence_text
-from synthpert.report import run_baselines
 
 ALL = ["k562", "rpe1", "hepg2", "jurkat"]
 

@@ -11,7 +11,7 @@ HEAVY = ("torch", "transformers", "trl", "peft", "vllm", "fastapi", "datasets")
 
 
 def test_help_imports_no_heavy_library():
-    code = ("import sys; from synthpert.cli import app; from typer.testing import CliRunner; "
+    code = ("import sys; from synthpert.cli.main import app; from typer.testing import CliRunner; "
             "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
             f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -12,7 +12,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_openai_server import FakeOpenAIServer  # noqa: E402
 
-from synthpert.client import ChatEngine, ChatRequest, ClientConfig, _RateLimiter  # noqa: E402
+from synthpert.chat import ChatRequest  # noqa: E402
+from synthpert.client import ChatEngine  # noqa: E402
+from synthpert.config.client import ClientConfig  # noqa: E402
+from synthpert.ratelimit import RateLimiter  # noqa: E402
 from synthpert.errors import SynthpertError  # noqa: E402
 
 KEY_ENV = "SYNTHPERT_TEST_API_KEY"
@@ -163,12 +166,12 @@ def test_dry_run_estimates_without_sending(server, tmp_path):
 
 def test_rate_limiter_holds_requests_beyond_rpm():
     async def go():
-        lim = _RateLimiter(rpm=2, tpm=None)
+        lim = RateLimiter(rpm=2, tpm=None)
         await lim.acquire(1)
         await lim.acquire(1)
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(lim.acquire(1), 0.2)
-        tok = _RateLimiter(rpm=None, tpm=100)
+        tok = RateLimiter(rpm=None, tpm=100)
         await tok.acquire(80)
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(tok.acquire(30), 0.2)

@@ -6,7 +6,7 @@ import pytest
 from _paths import PERTURBQA
 
 from synthpert.answer import DOWN, NOT_DE, UP
-from synthpert.config import DataConfig, SubsampleConfig
+from synthpert.config.data import DataConfig, SubsampleConfig
 from synthpert.data import build, build_frames, fetch, load_cell_line, load_lines
 from synthpert.errors import SynthpertError
 
@@ -189,7 +189,7 @@ def test_built_config_restores_a_users_own_cell_line(tmp_path):
     line declared at build time must resolve there too."""
     from synthpert import cells
     from synthpert.data import built_config
-    from synthpert.report import dataset_training_stats
+    from synthpert.evidence import dataset_training_stats
 
     _write_line(tmp_path, "myscreen2", GOOD_DE, GOOD_DIR)
     c = DataConfig(source=str(tmp_path), train_cells=["myscreen2"], test_cells=["myscreen2"], val_fraction=0,

@@ -11,7 +11,7 @@ from fake_openai_server import FakeOpenAIServer
 
 
 def _eval_cfg(dataset, base_url, **kw):
-    from synthpert.evaluate import EvalConfig
+    from synthpert.config.evaluate import EvalConfig
 
     inference = {"backend": "openai", "model": "fake-model", "base_url": base_url, "api_key_env": "FAKE_KEY",
                  "max_new_tokens": 64, "concurrency": 4, **kw.pop("inference", {})}
@@ -96,10 +96,11 @@ def _strip_times(m):
 
 def test_metrics_json_equals_recomputation_from_predictions(tiny_built_dataset, tmp_path, monkeypatch):
     from synthpert.baselines import baseline_report, score_predictions
-    from synthpert.config import SubsampleConfig
+    from synthpert.config.data import SubsampleConfig
     from synthpert.data import load_built, subsample
-    from synthpert.evaluate import jsonable, run_eval
-    from synthpert.report import dataset_training_stats
+    from synthpert.evaluate import run_eval
+    from synthpert.evidence import dataset_training_stats
+    from synthpert.schema import jsonable
 
     monkeypatch.setenv("FAKE_KEY", "k")
     out = tmp_path / "ev"
@@ -165,7 +166,7 @@ def test_rerun_with_other_settings_is_refused(tiny_built_dataset, tmp_path, monk
 def test_cli_eval_config_and_overrides(tiny_built_dataset, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from synthpert.cli import app
+    from synthpert.cli.main import app
 
     monkeypatch.setenv("FAKE_KEY", "k")
     cfg = tmp_path / "eval.yaml"
@@ -185,7 +186,8 @@ def test_cli_eval_config_and_overrides(tiny_built_dataset, tmp_path, monkeypatch
 
 @pytest.mark.slow
 def test_zero_shot_transformers_eval_with_evidence(tiny_built_dataset, tiny_model_dir, tmp_path):
-    from synthpert.evaluate import EvalConfig, run_eval
+    from synthpert.config.evaluate import EvalConfig
+    from synthpert.evaluate import run_eval
 
     cfg = EvalConfig(dataset=str(tiny_built_dataset), n=8, evidence=True, n_bootstrap=0,
                      inference={"model": str(tiny_model_dir), "max_new_tokens": 6, "batch_size": 4})

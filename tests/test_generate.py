@@ -17,9 +17,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fake_openai_server import FakeOpenAIServer  # noqa: E402
 
 from synthpert.answer import LABELS  # noqa: E402
-from synthpert.config import DataConfig, SubsampleConfig  # noqa: E402
-from synthpert.generate import TeacherConfig, run_generate  # noqa: E402
-from synthpert.judge import JudgeConfig, parse_verdict, run_judge  # noqa: E402
+from synthpert.config.data import DataConfig, SubsampleConfig  # noqa: E402
+from synthpert.config.generate import JudgeConfig, TeacherConfig  # noqa: E402
+from synthpert.generate import run_generate  # noqa: E402
+from synthpert.judge import parse_verdict, run_judge  # noqa: E402
 from synthpert.schema import TraceRecord, read_jsonl  # noqa: E402
 
 DATA = Path(os.environ.get("SYNTHPERT_TEST_DATA", "/work/shared/data/perturbqa"))

@@ -18,7 +18,8 @@ def _triples():
 
 @pytest.fixture(scope="module")
 def peft_backend(tiny_model_dir, tiny_adapter_dir):
-    from synthpert.inference import InferenceConfig, make_backend
+    from synthpert.backends import make_backend
+    from synthpert.config.evaluate import InferenceConfig
 
     return make_backend(InferenceConfig(model=str(tiny_model_dir), adapter=str(tiny_adapter_dir), max_new_tokens=12,
                                         batch_size=3))
@@ -41,7 +42,8 @@ def test_records_batched_equal_one_by_one(peft_backend):
 
 
 def test_merged_model_matches_peft_adapter(peft_backend, tiny_model_dir, tiny_adapter_dir):
-    from synthpert.inference import InferenceConfig, make_backend
+    from synthpert.backends import make_backend
+    from synthpert.config.evaluate import InferenceConfig
 
     merged = make_backend(InferenceConfig(model=str(tiny_model_dir), adapter=str(tiny_adapter_dir), merge_adapter=True))
     base = make_backend(InferenceConfig(model=str(tiny_model_dir)))
@@ -65,7 +67,9 @@ def test_adapter_chat_template_is_used(peft_backend, tiny_adapter_dir):
 
 def test_missing_vllm_or_folder_gives_clear_errors(tmp_path):
     from synthpert.errors import SynthpertError
-    from synthpert.inference import InferenceConfig, adapter_rank, make_backend, vllm_lora_rank
+    from synthpert.backends import adapter_rank, make_backend
+    from synthpert.config.evaluate import InferenceConfig
+    from synthpert.vllm_backend import vllm_lora_rank
 
     with pytest.raises(SynthpertError, match="does not exist"):
         make_backend(InferenceConfig(model=str(tmp_path / "nope")))

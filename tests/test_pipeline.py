@@ -99,7 +99,8 @@ def test_run_config_errors_are_clear(tmp_path):
 
 @pytest.mark.parametrize("name", ["quickstart.yaml", "synthpert-k562.yaml", "unseen-rpe1.yaml"])
 def test_shipped_run_configs_validate(name):
-    from synthpert.pipeline import load_run_config
+    from synthpert.config import load_section
+    from synthpert.config.run import RunConfig
 
-    cfg, _ = load_run_config(ROOT / "configs" / name)
+    cfg = load_section(RunConfig, None, ROOT / "configs" / name)
     assert cfg.name == name.removesuffix(".yaml") and cfg.eval_sets

@@ -16,14 +16,17 @@ MAX_NEW = 8
 
 @pytest.fixture(scope="module")
 def predictor(tiny_model_dir, tiny_adapter_dir):
+    from synthpert.config.serve import ServeConfig
     from synthpert.serve import load_predictor
 
-    return load_predictor(str(tiny_model_dir), str(tiny_adapter_dir), "transformers", max_new_tokens=MAX_NEW)
+    return load_predictor(ServeConfig(inference={"backend": "transformers", "model": str(tiny_model_dir),
+                                                 "adapter": str(tiny_adapter_dir), "max_new_tokens": MAX_NEW}))
 
 
 @pytest.fixture(scope="module")
 def server(predictor):
-    from synthpert.serve import ServeSettings, create_app
+    from synthpert.config.serve import ServeSettings
+    from synthpert.serve import create_app
 
     app = create_app(predictor, ServeSettings(max_batch=4, max_n_samples=3, max_body_bytes=20_000))
     with LiveServer(app) as srv:
@@ -130,7 +133,8 @@ def test_concurrent_load_all_succeed(server):
 
 
 def test_auth_enforced_when_configured(predictor, monkeypatch):
-    from synthpert.serve import ServeSettings, create_app
+    from synthpert.config.serve import ServeSettings
+    from synthpert.serve import create_app
 
     monkeypatch.setenv("SYNTHPERT_TEST_KEY", "s3cret-key-123")
     app = create_app(predictor, ServeSettings(api_key_env="SYNTHPERT_TEST_KEY"))
@@ -153,7 +157,8 @@ def test_auth_enforced_when_configured(predictor, monkeypatch):
 
 def test_internal_error_leaks_no_traceback_or_key(predictor, monkeypatch):
     from synthpert.inference import Predictor
-    from synthpert.serve import ServeSettings, create_app
+    from synthpert.config.serve import ServeSettings
+    from synthpert.serve import create_app
 
     monkeypatch.setenv("SYNTHPERT_TEST_KEY", "s3cret-key-456")
 

@@ -63,7 +63,7 @@ def test_chat_template_masks_assistant_and_end_of_turn(tiny_model_dir):
 def test_cli_builds_with_builtin_vocabulary_and_rejects_bad_head_dim(tmp_path):
     from typer.testing import CliRunner
 
-    from synthpert.cli import app
+    from synthpert.cli.main import app
     from synthpert.tiny import build_tiny_model
 
     result = CliRunner().invoke(app, ["model", "tiny", "--out", str(tmp_path / "m"), "--source",

@@ -25,7 +25,7 @@ NO_EOT_TEMPLATE = STRIPPING_TEMPLATE.replace(
 
 
 def _cfg(tiny_model_dir, **kw):
-    from synthpert.train import TrainConfig
+    from synthpert.config.train import TrainConfig
 
     base = {"base_model": str(tiny_model_dir), "max_length": 512, "eval_fraction": 0.0, "logging_steps": 1,
             "lora": {"r": 8, "alpha": 16}, "optim": {"lr": 1e-2, "batch_size": 4, "grad_accum": 1, "warmup": 0.0}}
@@ -40,7 +40,7 @@ def _cfg(tiny_model_dir, **kw):
 def _mean_loss(model, tok, rows):
     import torch
 
-    from synthpert.train import tokenize_example
+    from synthpert.loss_mask import tokenize_example
 
     total, n = 0.0, 0
     for r in rows:
@@ -52,7 +52,12 @@ def _mean_loss(model, tok, rows):
 
 
 def test_config_errors_are_explained(tmp_path):
-    from synthpert.train import load_train_config, resolve_precision
+    from synthpert.config import load_section
+    from synthpert.config.train import TrainConfig
+    from synthpert.train import resolve_precision
+
+    def load_train_config(path, overrides=None):
+        return load_section(TrainConfig, "train", path, overrides)
 
     (tmp_path / "t.yaml").write_text("train:\n  base_model: x\n  lora:\n    alpah: 8\n")
     with pytest.raises(SynthpertError, match="unknown key 'lora.alpah' \\(did you mean 'alpha'"):
@@ -67,11 +72,13 @@ def test_config_errors_are_explained(tmp_path):
 
 def test_loss_mask_covers_exactly_the_assistant_turn(tiny_model_dir, tiny_traces_path):
     from synthpert.prompting import student_messages
-    from synthpert.train import load_examples, load_tokenizer, tokenize_example
+    from synthpert.loss_mask import tokenize_example
+    from synthpert.train import student_tokenizer
+    from synthpert.train_data import training_examples
 
     cfg = _cfg(tiny_model_dir)
-    row = load_examples(cfg, tiny_traces_path)["train"][0]
-    tok = load_tokenizer(cfg)
+    row = training_examples(cfg, tiny_traces_path)["train"][0]
+    tok = student_tokenizer(cfg)
     # the question is THE student prompt (shared with evaluation and serving), without the label
     assert row["prompt"] == student_messages(row["cell_line"], row["perturbation"], row["gene"])
     for mode, tail in (("assistant_only", "<|im_end|>"), ("completion_only", "<|im_end|>\n")):
@@ -129,10 +136,11 @@ def test_training_reduces_loss_on_perturbqa_examples(tiny_model_dir, tiny_adapte
 
     from synthpert.prompting import student_prompt_hash
     from synthpert.resources import sha256_text
-    from synthpert.train import load_examples, read_manifest
+    from synthpert.runs import read_manifest
+    from synthpert.train_data import training_examples
 
     manifest = read_manifest(tiny_adapter_dir)
-    rows = load_examples(_cfg(tiny_model_dir, max_examples=48, seed=0, eval_fraction=0.1),
+    rows = training_examples(_cfg(tiny_model_dir, max_examples=48, seed=0, eval_fraction=0.1),
                          tiny_traces_path)["train"][:6]
     tok = AutoTokenizer.from_pretrained(tiny_adapter_dir)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -197,16 +205,16 @@ def test_merge_matches_base_plus_adapter(tiny_adapter_dir, tmp_path):
 
 def test_label_only_examples_with_evidence(tiny_model_dir, tiny_built_dataset):
     from synthpert.answer import format_answer
-    from synthpert.train import load_examples
+    from synthpert.train_data import training_examples
 
-    ex = load_examples(_cfg(tiny_model_dir, mode="label_only", evidence=True, eval_fraction=0.1),
+    ex = training_examples(_cfg(tiny_model_dir, mode="label_only", evidence=True, eval_fraction=0.1),
                        tiny_built_dataset)
     assert len(ex["train"]) == 96 and len(ex["eval"]) == 24  # the built train / validation splits
     row = ex["train"][0]
     assert row["assistant"] == format_answer(row["label"])
     assert "Observed evidence from the training screens" in row["prompt"][1]["content"]
     with pytest.raises(SynthpertError, match="built dataset folder"):
-        load_examples(_cfg(tiny_model_dir, mode="label_only"), tiny_built_dataset / "summary.json")
+        training_examples(_cfg(tiny_model_dir, mode="label_only"), tiny_built_dataset / "summary.json")
 
 
 def test_ddp_two_cpu_processes(tiny_model_dir, tiny_traces_path, tmp_path):

@@ -23,7 +23,8 @@ MAX_NEW = 8
 
 @pytest.fixture(scope="module")
 def vllm_backend(tiny_model_dir, tiny_adapter_dir):
-    from synthpert.inference import InferenceConfig, make_backend
+    from synthpert.backends import make_backend
+    from synthpert.config.evaluate import InferenceConfig
 
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     # The engine core runs in this process: no spawned worker re-importing the test session (faster start).
@@ -42,7 +43,8 @@ def _messages():
 
 
 def test_lora_parity_vllm_peft_merged(vllm_backend, tiny_model_dir, tiny_adapter_dir):
-    from synthpert.inference import InferenceConfig, make_backend
+    from synthpert.backends import make_backend
+    from synthpert.config.evaluate import InferenceConfig
 
     peft = make_backend(InferenceConfig(model=str(tiny_model_dir), adapter=str(tiny_adapter_dir)))
     merged = make_backend(InferenceConfig(model=str(tiny_model_dir), adapter=str(tiny_adapter_dir), merge_adapter=True))
@@ -64,7 +66,8 @@ def test_lora_parity_vllm_peft_merged(vllm_backend, tiny_model_dir, tiny_adapter
 
 
 def test_vllm_backend_eval(vllm_backend, tiny_built_dataset, tmp_path):
-    from synthpert.evaluate import EvalConfig, run_eval
+    from synthpert.config.evaluate import EvalConfig
+    from synthpert.evaluate import run_eval
 
     cfg = EvalConfig(dataset=str(tiny_built_dataset), n=12, n_bootstrap=0, chunk_size=6)
     s = run_eval(cfg, out_dir=tmp_path / "ev", backend=vllm_backend, progress=False)
@@ -87,7 +90,8 @@ def test_vllm_served_endpoint(vllm_backend):
     from openai import OpenAI
 
     from synthpert.inference import Predictor
-    from synthpert.serve import ServeSettings, create_app
+    from synthpert.config.serve import ServeSettings
+    from synthpert.serve import create_app
 
     with LiveServer(create_app(Predictor(vllm_backend), ServeSettings())) as srv:
         r = httpx.post(f"{srv.url}/v1/predict", json={"cell_line": "k562", "perturbation": "MYC", "gene": "GAPDH",

@@ -1,4 +1,4 @@
-"""CLI commands of the evaluate stage: `synthpert eval` and `synthpert serve`."""
+"""`synthpert eval` (score a model beside the baselines) and `synthpert serve` (the local endpoint)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,10 @@ import json
 from pathlib import Path
 
 import typer
+
+from ..config import load_section
+from ..config.evaluate import EvalConfig
+from ..config.serve import ServeConfig
 
 
 def eval_cmd(
@@ -27,12 +31,12 @@ def eval_cmd(
 ) -> None:
     """Evaluate a model (+ adapter) on a built dataset: resumable predictions, metrics beside the baselines,
     report.md and figures."""
-    from .evaluate import load_eval_config, run_eval
+    from ..evaluate import run_eval
 
     flags = {"dataset": str(dataset) if dataset else None, "split": split, "n": n, "seed": seed,
              "evidence": evidence, "inference.backend": backend, "inference.model": model,
              "inference.adapter": adapter, "inference.base_url": base_url}
-    cfg = load_eval_config(config, overrides, **flags)
+    cfg = load_section(EvalConfig, "eval", config, overrides, flags)
     summary = run_eval(cfg, out_dir=out, overwrite=overwrite)
     typer.echo(json.dumps(summary, indent=2))
     typer.echo(f"report: {Path(summary['out']) / 'report.md'}")
@@ -53,18 +57,12 @@ def serve_cmd(
                                           "max_batch=32 inference.temperature=0.7"),
 ) -> None:
     """Serve a model: POST /v1/predict, /v1/predict/batch, OpenAI-compatible /v1/chat/completions, GET /health."""
-    from .config import parse_overrides, validate_config
-    from .serve import ServeSettings, serve
+    from ..serve import serve
 
-    extra = parse_overrides(overrides)
-    inference = {"max_new_tokens": max_new_tokens, **extra.pop("inference", {})}
-    settings = validate_config(ServeSettings, {"host": host, "port": port, "api_key_env": api_key_env,
-                                               "evidence_dataset": evidence_from, **extra}, origin="serve settings")
-    from .inference import InferenceConfig
-
-    validate_config(InferenceConfig, {"backend": backend, "model": model, "adapter": adapter, **inference},
-                    origin="inference settings")
-    serve(model, adapter, backend, settings, **inference)
+    flags = {"host": host, "port": port, "api_key_env": api_key_env, "evidence_dataset": evidence_from,
+             "inference.backend": backend, "inference.model": model, "inference.adapter": adapter,
+             "inference.max_new_tokens": max_new_tokens}
+    serve(load_section(ServeConfig, "serve", None, overrides, flags))
 
 
 def register(app: typer.Typer) -> None:

@@ -1,20 +1,22 @@
-"""Typed configs: pydantic models that load from YAML with ``key.sub=value`` overrides.
+"""Loading configs: one ``load_section`` reads YAML, applies flags and ``key.sub=value`` overrides, validates.
 
 Every config-driven command uses the same three steps: read YAML, apply dotted overrides, validate. A
 misspelt key is an error that names it and suggests the nearest valid key, instead of being ignored.
+Each stage's settings are a pydantic model in this package (``config.data``, ``config.client``,
+``config.teacher``, ``config.train``, ``config.evaluate``, ``config.serve``, ``config.run``), so cross-field
+checks run when a config loads, before any work starts.
 """
 
 from __future__ import annotations
 
 import difflib
-import os
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .errors import SynthpertError
+from ..errors import SynthpertError
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -23,63 +25,6 @@ class StrictModel(BaseModel):
     """Base for every config section: unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class SubsampleConfig(StrictModel):
-    """How many examples to keep from one split. Deterministic for a given seed."""
-
-    genes: int | None = Field(None, ge=1, description="first keep every row of this many randomly chosen readout "
-                              "genes (so per-gene AUROC is measurable on a sample)")
-    n: int | None = Field(None, ge=1, description="keep this many examples (after balancing)")
-    fraction: float | None = Field(None, gt=0, le=1, description="keep this fraction of the split")
-    balance: bool = Field(False, description="equal numbers per class (as far as the rarest class allows)")
-    per_class_cap: int | None = Field(None, ge=1, description="at most this many examples of each class")
-
-    @model_validator(mode="after")
-    def _one_size(self):
-        if self.n is not None and self.fraction is not None:
-            raise ValueError("give either n or fraction, not both")
-        return self
-
-
-class ExtraCellLine(StrictModel):
-    """A user's own screen in PerturbQA's CSV format: {key}-de.csv and {key}-dir.csv in `source`."""
-
-    name: str | None = None
-    description: str
-    source: str | None = Field(None, description="directory holding this line's CSVs (default: data.source)")
-
-
-class DataConfig(StrictModel):
-    source: str | None = Field(
-        None, description="directory with PerturbQA CSVs; default $SYNTHPERT_DATA, else the download cache")
-    train_cells: list[str] = Field(default_factory=lambda: ["k562"], description="lines whose train split trains")
-    test_cells: list[str] = Field(default_factory=lambda: ["k562"], description="lines whose test split is scored")
-    protocol: str = Field(
-        "split", description="'split': PerturbQA's own train/test columns everywhere; 'published': for unseen "
-        "cell lines, every row of the training lines trains and every row of the test line is scored")
-    val_fraction: float = Field(0.05, ge=0, lt=0.5, description="share of training PERTURBATIONS held out")
-    seed: int = 0
-    train_subsample: SubsampleConfig | None = None
-    val_subsample: SubsampleConfig | None = None
-    test_subsample: SubsampleConfig | None = None
-    extra_cell_lines: dict[str, ExtraCellLine] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _protocol(self):
-        if self.protocol not in ("split", "published"):
-            raise ValueError(f"protocol must be 'split' or 'published', got {self.protocol!r}")
-        if self.protocol == "published" and set(self.train_cells) & set(self.test_cells):
-            raise ValueError("protocol 'published' is for unseen cell lines: test_cells must not be in train_cells")
-        return self
-
-
-def default_data_dir() -> Path:
-    env = os.environ.get("SYNTHPERT_DATA")
-    if env:
-        return Path(env).expanduser()
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return cache / "synthpert" / "perturbqa"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -123,7 +68,7 @@ def deep_merge(base: dict, extra: dict) -> dict:
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
-        from .resources import resource_dir
+        from ..resources import resource_dir
 
         shipped = resource_dir("configs") / path.name
         if path.parent == Path(".") and shipped.exists():
@@ -183,21 +128,42 @@ def validate_config(model: type[T], data: dict, origin: str = "config") -> T:
         raise SynthpertError(format_validation_error(e, model, origin)) from None
 
 
-def load_config(model: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    data = read_yaml(path) if path else {}
-    data = deep_merge(data, parse_overrides(overrides))
-    return validate_config(model, data, origin=str(path) if path else "config")
+# Top-level sections of a run config (config.run.RunConfig) that hold one stage's settings.
+RUN_SECTIONS = ("data", "teacher", "judge", "train", "eval", "eval_sets")
 
 
-RUN_SECTIONS = ("data", "teacher", "judge", "train", "eval", "eval_sets", "serve")
+def nest(flags: dict[str, Any]) -> dict[str, Any]:
+    """{'inference.model': 'm', 'n': 3} -> {'inference': {'model': 'm'}, 'n': 3}; None values (a flag not
+    given) are dropped."""
+    out: dict[str, Any] = {}
+    for key, value in flags.items():
+        if value is None:
+            continue
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
 
 
-def load_section(model: type[T], section: str, path: str | Path | None = None, overrides: list[str] | None = None,
-                 flags: dict[str, Any] | None = None) -> T:
-    """One stage's settings for a stage command: the YAML's ``section:`` (a run config), or the whole file when
-    it holds only this stage's keys; then CLI flags (None = not given); then ``key=value`` overrides, with or
-    without the section prefix (``lora.r=16`` and ``train.lora.r=16`` are the same)."""
+def load_section(model: type[T], section: str | None, path: str | Path | None = None,
+                 overrides: list[str] | None = None, flags: dict[str, Any] | None = None,
+                 merge: list[str | Path] | None = None) -> T:
+    """One config for a command: the YAML's ``section:`` (a run config), or the whole file when it holds only
+    this stage's keys; then CLI flags (dotted keys allowed; None = not given); then ``key=value`` overrides,
+    with or without the section prefix (``lora.r=16`` and ``train.lora.r=16`` are the same).
+
+    ``section=None``: the whole file is the model (a run config); each ``merge`` file's sections go on top of
+    it (e.g. teacher_openai.yaml's teacher and judge), then the flags and overrides at its top level."""
     raw = read_yaml(path) if path else {}
+    if section is None:
+        origin = str(path) if path else "config"
+        for extra in merge or []:
+            raw = deep_merge(raw, read_yaml(extra))
+            origin += f" + {extra}"
+        data = deep_merge(deep_merge(raw, nest(flags or {})), parse_overrides(overrides))
+        return validate_config(model, data, origin=origin)
     if isinstance(raw.get(section), dict) or section in raw:
         data = raw.get(section) or {}
     elif raw and not set(raw) & set(RUN_SECTIONS):
@@ -209,7 +175,7 @@ def load_section(model: type[T], section: str, path: str | Path | None = None, o
         if head in RUN_SECTIONS and head != section:
             raise SynthpertError(f"override {item!r} is for the '{head}' section; this command takes "
                                  f"{section} settings (e.g. {section}.KEY=VALUE or KEY=VALUE)")
-    data = deep_merge(data, {k: v for k, v in (flags or {}).items() if v is not None})
+    data = deep_merge(data, nest(flags or {}))
     ov = parse_overrides(overrides)
     data = deep_merge(deep_merge(data, ov.pop(section, {}) or {}), ov)
     origin = f"{path} ({section} section)" if path else f"{section} settings"

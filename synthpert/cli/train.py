@@ -1,7 +1,4 @@
-"""CLI commands of the train stage: `synthpert model tiny`, `synthpert train`, `synthpert merge`.
-
-Heavy libraries are imported inside the commands only (`synthpert --help` must stay fast).
-"""
+"""`synthpert model tiny`, `synthpert train` and `synthpert merge`; torch & co. are imported inside them only."""
 
 from __future__ import annotations
 
@@ -10,11 +7,14 @@ from pathlib import Path
 
 import typer
 
+from ..config import load_section
+from ..config.train import TrainConfig
+from ..errors import SynthpertError
+
 model_app = typer.Typer(help="Build local models (the tiny offline model for tests and the quickstart).",
                         no_args_is_help=True)
 
 
-@model_app.command("tiny")
 def model_tiny(
     out: Path = typer.Option(..., "--out", help="Folder to write the model and tokenizer into."),
     source: str | None = typer.Option(None, "--source", help="Folder with PerturbQA CSVs for the gene "
@@ -28,7 +28,7 @@ def model_tiny(
                                     "(DeepSeek-R1-Distill's, for the recipe's r1_distill_train template)."),
 ) -> None:
     """Build a tiny random Qwen2-architecture model with a locally trained tokenizer (no network)."""
-    from .tiny import build_tiny_model
+    from ..tiny import build_tiny_model
 
     path = build_tiny_model(out, source=source, seed=seed, layers=layers, hidden=hidden, heads=heads,
                             vocab_size=vocab_size, chat_format=chat_format)
@@ -45,21 +45,17 @@ def train_cmd(
     overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. lora.r=16 optim.lr=2e-4"),
 ) -> None:
     """LoRA SFT (TRL SFTTrainer + PEFT) of a student model on kept reasoning traces."""
-    from .train import load_train_config, run_train
+    from ..train import run_train
 
-    cfg = load_train_config(config, overrides or [])
+    cfg = load_section(TrainConfig, "train", config, overrides or [])
     if resume:
         cfg = cfg.model_copy(update={"resume": True})
     source = data or cfg.data_path
     if source is None:
-        from .errors import SynthpertError
-
         raise SynthpertError("give the training data with --data (a kept-traces JSONL, or a built dataset "
                              "folder for mode=label_only), or `data_path` in the config")
     out_dir = out or (Path(cfg.output_dir) if cfg.output_dir else None)
     if out_dir is None:
-        from .errors import SynthpertError
-
         raise SynthpertError("give the run folder with --out (or `output_dir` in the config)")
     summary = run_train(cfg, source, out_dir)
     typer.echo(json.dumps(summary, indent=2, default=str))
@@ -74,13 +70,14 @@ def merge_cmd(
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
 ) -> None:
     """Merge a LoRA adapter into its base model for serving, checking logit parity on a few prompts."""
-    from .merge import merge_adapter
+    from ..merge import merge_adapter
 
     report = merge_adapter(adapter, out, base=base, tolerance=tolerance, dtype=dtype)
     typer.echo(json.dumps(report, indent=2))
 
 
 def register(app: typer.Typer) -> None:
+    model_app.command("tiny")(model_tiny)
     app.add_typer(model_app, name="model")
     app.command("train")(train_cmd)
     app.command("merge")(merge_cmd)

@@ -1,0 +1,318 @@
+"""The model backends behind one interface: transformers and an OpenAI-compatible endpoint here, vLLM in
+vllm_backend.py. They take rendered prompts and return generations and answer log-probabilities.
+
+* ``transformers``: batched ``generate`` with left padding; a base model, base + PEFT adapter, or a merged
+  model. Works on CPU and GPU.
+* ``vllm`` (vllm_backend.py): ``vllm.LLM`` with the adapter as a ``LoRARequest``.
+* ``openai``: any OpenAI-compatible endpoint (a frontier model, a remote vLLM server) through the shared
+  client engine (cache, retries, cost).
+
+Prompts are tokenised HERE, with the chat template stored beside the adapter (or the model), and the local
+backends receive token ids, so transformers and vLLM see byte-identical prompts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .answer import LABELS, format_answer, reasoning_context
+from .config.evaluate import InferenceConfig
+from .errors import SynthpertError
+from .resources import hash_file_into, sha256_text
+from .tokenizer import load_tokenizer, render_prompt_ids, tokenizer_dir
+
+BACKENDS = ("transformers", "vllm", "openai")
+
+
+@dataclass
+class Generation:
+    text: str
+    completion_tokens: int
+    finish_reason: str | None = None
+
+
+@dataclass
+class Query:
+    """One question: its messages and (local backends) the token ids of the rendered prompt."""
+
+    messages: list[dict]
+    prompt_ids: list[int] | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def adapter_rank(adapter_dir: str | Path) -> int:
+    cfg_path = Path(adapter_dir) / "adapter_config.json"
+    if not cfg_path.exists():
+        raise SynthpertError(f"{adapter_dir} is not a LoRA adapter folder (no adapter_config.json)")
+    cfg = json.loads(cfg_path.read_text())
+    rank = cfg.get("r")
+    ranks = [rank] + list((cfg.get("rank_pattern") or {}).values())
+    if not isinstance(rank, int):
+        raise SynthpertError(f"{cfg_path}: no integer 'r' (LoRA rank)")
+    return max(ranks)
+
+
+def adapter_version(adapter_dir: str | Path) -> str:
+    """Content hash of the adapter's config + weights: a retrained adapter in the same folder gets a new
+    name, so vLLM never answers with a stale cached copy."""
+    h = hashlib.sha256()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
+        p = Path(adapter_dir) / name
+        if p.exists():
+            hash_file_into(h, p)
+    return h.hexdigest()[:12]
+
+
+def check_dir(path: str | None, what: str) -> Path:
+    if not path:
+        raise SynthpertError(f"no {what} given")
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise SynthpertError(f"{what} folder {p} does not exist")
+    return p
+
+
+def answer_continuations(tok) -> list[list[int]]:
+    return [tok.encode(format_answer(lab), add_special_tokens=False) for lab in LABELS]
+
+
+class Backend:
+    """A model behind one of the three engines. Thread-safe: calls are serialised by a lock."""
+
+    name = "base"
+    supports_logprobs = False
+
+    def __init__(self, cfg: InferenceConfig):
+        self.cfg = cfg
+        self._lock = threading.Lock()
+        self.tokenizer = None
+
+    # -- to implement
+    def _generate(self, queries: list[Query], n: int, max_new_tokens: int, temperature: float, top_p: float,
+                  seed: int) -> list[list[Generation]]:
+        raise NotImplementedError
+
+    def _score(self, contexts: list[list[int]], continuations: list[list[int]]) -> list[list[float]]:
+        raise NotImplementedError
+
+    # -- public
+    def prepare(self, messages: list[dict]) -> Query:
+        ids = render_prompt_ids(self.tokenizer, messages) if self.tokenizer is not None else None
+        return Query(messages, ids)
+
+    def generate(self, queries: list[Query], n: int = 1, max_new_tokens: int | None = None,
+                 temperature: float | None = None, top_p: float | None = None,
+                 seed: int | None = None) -> list[list[Generation]]:
+        c = self.cfg
+        with self._lock:
+            return self._generate(queries, n, max_new_tokens or c.max_new_tokens,
+                                  c.temperature if temperature is None else temperature,
+                                  c.top_p if top_p is None else top_p, c.seed if seed is None else seed)
+
+    def answer_logprobs(self, queries: list[Query], texts: list[str]) -> list[list[float]]:
+        """Sum of log-probabilities of each ``<answer>LABEL</answer>`` after prompt + generated reasoning."""
+        conts = answer_continuations(self.tokenizer)
+        contexts = []
+        for q, text in zip(queries, texts):
+            ctx = q.prompt_ids + self.tokenizer.encode(reasoning_context(text), add_special_tokens=False)
+            contexts.extend([ctx] * len(LABELS))
+        with self._lock:
+            flat = self._score(contexts, conts * len(queries))
+        return [[sum(flat[i * 3 + j]) for j in range(3)] for i in range(len(queries))]
+
+    @property
+    def model_name(self) -> str:
+        return self.cfg.model or ""
+
+    def chat_template_hash(self) -> str | None:
+        t = getattr(self.tokenizer, "chat_template", None)
+        return sha256_text(t) if isinstance(t, str) else None
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "model": self.model_name, "adapter": self.cfg.adapter,
+                "adapter_version": adapter_version(self.cfg.adapter) if self.cfg.adapter else None,
+                "chat_template_sha256": self.chat_template_hash()}
+
+    def close(self) -> None:
+        pass
+
+
+def _torch_device(spec: str) -> str:
+    import torch
+
+    if spec != "auto":
+        return spec
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class TransformersBackend(Backend):
+    name = "transformers"
+    supports_logprobs = True
+
+    def __init__(self, cfg: InferenceConfig):
+        super().__init__(cfg)
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        model_dir = check_dir(cfg.model, "model")
+        adapter_dir = check_dir(cfg.adapter, "adapter") if cfg.adapter else None
+        self.device = _torch_device(cfg.device)
+        dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if self.device.startswith("cuda") else "float32")
+        self.tokenizer = load_tokenizer(tokenizer_dir(model_dir, adapter_dir), pad_with_eos=True)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype))
+        if adapter_dir is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(adapter_dir))
+            if cfg.merge_adapter:
+                model = model.merge_and_unload()
+        self.model = model.to(self.device).eval()
+        self.min_new_tokens: int | None = None  # benchmarks: force equal lengths on every backend
+        self.eos_ids = sorted({i for i in (self.tokenizer.eos_token_id,
+                                           *_as_list(getattr(self.model.generation_config, "eos_token_id", None)))
+                               if i is not None})
+
+    def _generate(self, queries, n, max_new_tokens, temperature, top_p, seed):
+        import torch
+
+        tok = self.tokenizer
+        out: list[list[Generation]] = []
+        bs = self.cfg.batch_size
+        for start in range(0, len(queries), bs):
+            batch = queries[start:start + bs]
+            width = max(len(q.prompt_ids) for q in batch)
+            # Left padding: every prompt ends where generation starts.
+            ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, q in enumerate(batch):
+                ids[i, width - len(q.prompt_ids):] = torch.tensor(q.prompt_ids)
+                mask[i, width - len(q.prompt_ids):] = 1
+            # Greedy decoding gives n identical samples: decode once and repeat it.
+            n_gen = n if temperature > 0 else 1
+            kwargs = dict(max_new_tokens=max_new_tokens, num_return_sequences=n_gen, pad_token_id=tok.pad_token_id,
+                          eos_token_id=self.eos_ids)
+            if self.min_new_tokens:
+                kwargs["min_new_tokens"] = self.min_new_tokens
+            if temperature > 0:
+                kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+            else:
+                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            torch.manual_seed(seed + start)  # sampling is reproducible for a given batch composition
+            with torch.inference_mode():
+                gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                          **kwargs)
+            new = gen[:, width:].cpu()
+            for i in range(len(batch)):
+                samples = []
+                for j in range(n):
+                    row = new[i * n_gen + (j if n_gen > 1 else 0)].tolist()
+                    finish = "length"
+                    for k, t in enumerate(row):
+                        if t in self.eos_ids:
+                            row, finish = row[:k], "stop"
+                            break
+                    samples.append(Generation(tok.decode(row, skip_special_tokens=True), len(row), finish))
+                out.append(samples)
+        return out
+
+    def _score(self, contexts, continuations):
+        import torch
+
+        results: list[list[float]] = []
+        bs = max(1, self.cfg.batch_size * 3)
+        pad = self.tokenizer.pad_token_id
+        for start in range(0, len(contexts), bs):
+            ctx, cont = contexts[start:start + bs], continuations[start:start + bs]
+            seqs = [c + k for c, k in zip(ctx, cont)]
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, s in enumerate(seqs):  # right padding: positions (and so logits) equal an unpadded run
+                ids[i, :len(s)] = torch.tensor(s)
+                mask[i, :len(s)] = 1
+            with torch.inference_mode():
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+            for i, (c, k) in enumerate(zip(ctx, cont)):
+                pos = torch.arange(len(c) - 1, len(c) + len(k) - 1)
+                results.append(logp[i, pos, torch.tensor(k)].tolist())
+        return results
+
+
+def _as_list(x) -> list:
+    if x is None:
+        return []
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+class OpenAIBackend(Backend):
+    """Any OpenAI-compatible endpoint through the shared ChatEngine (cache, retries, cost accounting).
+
+    No log-probabilities: class probabilities are vote shares over ``n_samples``. A request that still
+    fails after the engine's retries yields no prediction, so a rerun of the evaluation retries it.
+    """
+
+    name = "openai"
+    supports_logprobs = False
+
+    def __init__(self, cfg: InferenceConfig):
+        super().__init__(cfg)
+        from .config.client import ClientConfig
+
+        if not cfg.model:
+            raise SynthpertError("the openai backend needs a model name (--model)")
+        if not cfg.base_url:
+            raise SynthpertError("the openai backend needs base_url (e.g. http://127.0.0.1:8000/v1 or "
+                                 "https://api.openai.com/v1)")
+        if not cfg.cache_path:
+            raise SynthpertError("the openai backend needs cache_path (run_eval sets <out>/cache.sqlite)")
+        from .config import validate_config
+
+        self.client_cfg = validate_config(ClientConfig, {
+            "model": cfg.model, "base_url": cfg.base_url, "api_key_env": cfg.api_key_env,
+            "concurrency": cfg.concurrency, "cache_path": cfg.cache_path, "progress": False, **cfg.client},
+            origin="inference.client")
+        self.last_stats: dict = {}
+
+    def _generate(self, queries, n, max_new_tokens, temperature, top_p, seed):
+        from .client import ChatEngine, ChatRequest
+
+        sampling = {"temperature": temperature, "max_tokens": max_new_tokens, "seed": seed}
+        if top_p != 1.0:
+            sampling["top_p"] = top_p
+        if n > 1:
+            sampling["n"] = n
+        reqs = [ChatRequest(id=str(i), messages=q.messages, sampling=sampling) for i, q in enumerate(queries)]
+        run = ChatEngine(self.client_cfg, description="eval requests").run(reqs)
+        self.last_stats = run.stats.to_dict()
+        out: list[list[Generation] | None] = []
+        for i, q in enumerate(queries):
+            res = run.results.get(str(i))
+            if res is None:
+                out.append(None)  # failed after retries: no record, a rerun asks again
+                continue
+            q.extra["prompt_tokens"] = res.usage.prompt_tokens
+            per = res.usage.completion_tokens // max(1, len(res.texts))
+            out.append([Generation(t or "", per, f) for t, f in zip(res.texts, res.finish_reasons)])
+        return out
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d["base_url"] = self.client_cfg.base_url
+        return d
+
+
+def make_backend(cfg: InferenceConfig) -> Backend:
+    if cfg.backend == "transformers":
+        return TransformersBackend(cfg)
+    if cfg.backend == "vllm":
+        from .vllm_backend import VLLMBackend
+
+        return VLLMBackend(cfg)
+    if cfg.backend == "openai":
+        return OpenAIBackend(cfg)
+    raise SynthpertError(f"unknown backend {cfg.backend!r}; choose one of {BACKENDS}")

@@ -1,0 +1,78 @@
+"""Requests to the chat engine and what it returns: one logical request (n samples), its result, run stats."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .schema import Usage
+
+
+@dataclass
+class ChatRequest:
+    id: str
+    messages: list[dict]
+    sampling: dict = field(default_factory=dict)
+    model: str | None = None  # default: the engine's cfg.model
+    key_extra: dict | None = None  # mixed into the cache key (e.g. an offline backend's template hash)
+    context: Any = None  # handed to a local backend; never part of the key or the cache
+
+    @property
+    def n(self) -> int:
+        return int(self.sampling.get("n") or 1)
+
+
+@dataclass
+class ChatResult:
+    id: str
+    model: str
+    keys: list[str]
+    texts: list[str | None]  # one per sample; None for a choice whose content was not text
+    finish_reasons: list[str | None]
+    usage: Usage
+    cost_usd: float
+    raw: list[dict]  # the full response bodies, as received
+    from_cache: bool
+
+
+@dataclass
+class RunStats:
+    requests: int = 0
+    from_cache: int = 0  # logical requests fully answered from the cache
+    completed: int = 0  # logical requests with every response present
+    http_requests: int = 0  # attempts that reached the network (or a local backend)
+    retries: int = 0
+    failed: dict[str, str] = field(default_factory=dict)  # request id -> reason, after all retries
+    usage_new: Usage = field(default_factory=Usage)
+    cost_new: float = 0.0  # spent by THIS invocation
+    usage_total: Usage = field(default_factory=Usage)
+    cost_total: float = 0.0  # of every result returned, cached ones included (at current prices)
+    stopped: str | None = None  # None | "max_cost" | "interrupted"
+    elapsed_s: float = 0.0
+    cooldowns: int = 0
+
+    def to_dict(self) -> dict:
+        return {"requests": self.requests, "completed": self.completed, "from_cache": self.from_cache,
+                "http_requests": self.http_requests, "retries": self.retries, "rate_limit_cooldowns": self.cooldowns,
+                "failed": len(self.failed), "failed_examples": dict(list(self.failed.items())[:10]),
+                "usage_this_run": self.usage_new.model_dump(), "cost_usd_this_run": round(self.cost_new, 6),
+                "usage_total": self.usage_total.model_dump(), "cost_usd_total": round(self.cost_total, 6),
+                "stopped": self.stopped, "elapsed_s": round(self.elapsed_s, 3)}
+
+
+@dataclass
+class EngineRun:
+    results: dict[str, ChatResult]
+    stats: RunStats
+
+
+@dataclass
+class Call:
+    """One HTTP request (a logical request with n samples may be split into n calls)."""
+
+    request: ChatRequest
+    index: int
+    key: str
+    model: str
+    messages: list[dict]
+    sampling: dict

@@ -1,0 +1,137 @@
+"""`synthpert data fetch`, `synthpert data build` and `synthpert baselines` (a table or JSON)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from ..config import load_section
+from ..config.data import DataConfig
+
+data_app = typer.Typer(help="Fetch PerturbQA and build three-class examples.", no_args_is_help=True)
+
+SHORT_HEADERS = {"accuracy": "acc", "macro_f1": "macroF1", "balanced_accuracy": "balAcc",
+                 "auroc_de_per_gene": "AUROC DE", "auroc_dir_per_gene": "AUROC dir", "f1_up": "F1 up",
+                 "f1_down": "F1 down", "f1_not_de": "F1 notDE"}
+TABLE_METRICS = ("accuracy", "macro_f1", "balanced_accuracy", "auroc_de_per_gene", "auroc_dir_per_gene")
+
+
+def data_fetch(
+    dest: Path | None = typer.Option(None, "--dest", help="Target folder (default: $SYNTHPERT_DATA or "
+                                        "~/.cache/synthpert/perturbqa)."),
+    from_dir: Path | None = typer.Option(None, "--from", help="Copy from a local folder instead of downloading."),
+) -> None:
+    """Download PerturbQA's CSVs (CC BY 4.0) and verify their size and SHA-256."""
+    from ..data import fetch
+
+    out = fetch(dest, from_dir, log=typer.echo)
+    typer.echo(f"PerturbQA CSVs ready in {out}")
+
+
+def _data_config(config: Path | None, overrides: list[str], **flags) -> DataConfig:
+    """Data settings from an optional YAML (its `data:` section or the whole file) + CLI flags + overrides.
+    Cell lists given as flags are checked once the config's own cell lines are registered."""
+    from ..cells import parse_cell_list
+    from ..data import register_extra_lines
+
+    lists = {k: flags.pop(k) for k in ("train_cells", "test_cells") if flags.get(k) is not None}
+    raw_lists = {k: [c.strip().lower() for c in v.split(",") if c.strip()] for k, v in lists.items()}
+    cfg = load_section(DataConfig, "data", config, overrides, {**flags, **raw_lists})
+    register_extra_lines(cfg)  # a user's own lines may be named on the command line
+    return cfg.model_copy(update={k: parse_cell_list(v) for k, v in lists.items()})
+
+
+def data_build(
+    out: Path = typer.Option(..., "--out", help="Folder to write dataset/ and summary.json into."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML with data settings."),
+    source: str | None = typer.Option(None, "--source", help="Folder with PerturbQA CSVs."),
+    train_cells: str | None = typer.Option(None, "--train-cells", help="Comma-separated, e.g. k562,hepg2."),
+    test_cells: str | None = typer.Option(None, "--test-cells", help="Comma-separated, e.g. rpe1."),
+    protocol: str | None = typer.Option(None, "--protocol", help="'split' (default) or 'published'."),
+    seed: int | None = typer.Option(None, "--seed"),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. train_subsample.n=1500"),
+) -> None:
+    """Build train / validation / test examples from the CSVs and save them as a datasets.DatasetDict."""
+    from ..data import build
+
+    cfg = _data_config(config, overrides, source=source, train_cells=train_cells, test_cells=test_cells,
+                       protocol=protocol, seed=seed)
+    _, summary = build(cfg, out)
+    typer.echo(json.dumps(summary, indent=2))
+
+
+def baselines_cmd(
+    source: str | None = typer.Option(None, "--source", help="Folder with PerturbQA CSVs."),
+    train_cells: str = typer.Option("k562", "--train-cells", help="Comma-separated training lines."),
+    test_cells: str = typer.Option("k562", "--test-cells", help="Comma-separated test lines."),
+    protocol: str = typer.Option("split", "--protocol", help="'split' (default) or 'published'."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML with data settings (optional)."),
+    bootstrap: int = typer.Option(0, "--bootstrap", help="Bootstrap resamples of perturbations for CIs."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """Score the model-free baselines (majority, per-gene prior, cross-cell transfer) on a test split."""
+    from ..baselines import run_baselines
+
+    cfg = _data_config(config, [], source=source, train_cells=train_cells, test_cells=test_cells,
+                       protocol=protocol)
+    result = run_baselines(cfg, n_bootstrap=bootstrap)
+    if as_json:
+        typer.echo(json.dumps(result, indent=None, default=float))
+    else:
+        baseline_table(result)
+
+
+def metrics_rows(results: dict[str, dict], stratum: str = "overall"):
+    """One row per predictor (a DataFrame); ``results`` maps name -> flat metrics (with optional 'strata')."""
+    import pandas as pd
+
+    rows = []
+    for name, m in results.items():
+        if "unavailable" in m:
+            rows.append({"predictor": name, **{k: None for k in TABLE_METRICS}, "note": m["unavailable"]})
+            continue
+        src = m if stratum == "overall" else m.get("strata", {}).get(stratum)
+        if src is None:
+            continue
+        rows.append({"predictor": name, "n": src["n"], **{k: src.get(k) for k in TABLE_METRICS},
+                     **{f"f1_{c}": src["per_class"][c]["f1"] for c in ("up", "down", "not_de")}, "note": ""})
+    return pd.DataFrame(rows)
+
+
+def baseline_table(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..report import fmt
+
+    console = Console(width=max(Console().width, 120))
+    console.print(f"[bold]{result['setting']}[/]: train {','.join(result['train_cells'])} → test "
+                  f"{','.join(result['test_cells'])}; n={result['n']:,} test pairs "
+                  f"({result['n_pert_seen_in_train_lines']:,} with the perturbation seen in another training line)")
+    strata = ["overall"] + (["seen", "unseen"] if result["n_pert_seen_in_train_lines"] else [])
+    for stratum in strata:
+        df = metrics_rows(result["baselines"], stratum)
+        table = Table(title=f"baselines — {stratum}", show_lines=False)
+        table.add_column("predictor", no_wrap=True)
+        for col in ["n", *TABLE_METRICS, "f1_up", "f1_down", "f1_not_de"]:
+            table.add_column(SHORT_HEADERS.get(col, col), justify="right", no_wrap=True)
+        for _, r in df.iterrows():
+            if r.get("note"):
+                table.add_row(r["predictor"], "", *["—"] * 8)
+                continue
+            table.add_row(r["predictor"], f"{int(r['n']):,}",
+                          *[fmt(r[c]) for c in (*TABLE_METRICS, "f1_up", "f1_down", "f1_not_de")])
+        console.print(table)
+    notes = [f"{k}: {v['unavailable']}" for k, v in result["baselines"].items() if "unavailable" in v]
+    for n in dict.fromkeys(notes):
+        console.print(f"[dim]{n}[/]")
+    console.print("[dim]Per-gene AUROC of the gene priors is 0.5 by construction (one score per gene).[/]")
+
+
+def register(app: typer.Typer) -> None:
+    data_app.command("fetch")(data_fetch)
+    data_app.command("build")(data_build)
+    app.add_typer(data_app, name="data")
+    app.command("baselines")(baselines_cmd)

@@ -1,0 +1,62 @@
+"""The `synthpert` app: every command group registers itself; SynthpertErrors become messages and exit codes.
+
+Heavy libraries (torch, transformers, trl, vllm) are imported only inside the commands that need them, so
+`synthpert --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from ..errors import SynthpertError
+from . import data, evaluate, generate, run, train
+
+app = typer.Typer(
+    name="synthpert",
+    help="Distil frontier-model reasoning about genetic perturbations into small language models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _echo_err(msg: str) -> None:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
+    if version:
+        from .. import __version__
+
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+for group in (data, generate, train, evaluate, run):
+    group.register(app)
+
+
+def main() -> None:
+    try:
+        rc = app(standalone_mode=False)
+    except SynthpertError as e:
+        _echo_err(str(e))
+        sys.exit(2)
+    except KeyboardInterrupt:
+        _echo_err("interrupted; finished work is saved and a rerun resumes")
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        _echo_err("aborted")
+        sys.exit(130)
+    except typer.TyperException as e:  # usage errors: bad option, missing argument
+        show = getattr(e, "show", None)
+        if show is None:
+            raise
+        show()
+        sys.exit(getattr(e, "exit_code", 2))
+    sys.exit(rc if isinstance(rc, int) else 0)

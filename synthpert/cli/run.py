@@ -1,0 +1,131 @@
+"""`synthpert run`: the whole pipeline from one config (or its --dry-run plan), with progress and outcome printed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ..config import load_section
+from ..config.run import RunConfig
+
+
+def run_cmd(
+    config: Path = typer.Argument(..., help="Run config (YAML). Shipped ones are found by name: quickstart.yaml"),
+    overrides: list[str] = typer.Argument(None, help="key.sub=value overrides, e.g. train.lora.r=16"),
+    merge: list[Path] = typer.Option(None, "--merge", help="Another config whose sections go on top (repeatable), "
+                                     "e.g. --merge teacher_openai.yaml for a real teacher and judge."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Parent folder of run directories."),
+    name: str | None = typer.Option(None, "--name", help="Run name (default: the config's `name`)."),
+    from_stage: str | None = typer.Option(None, "--from", help="Rerun this stage and every later one."),
+    force: list[str] = typer.Option(None, "--force", help="Rerun this stage (repeatable)."),
+    until: str | None = typer.Option(None, "--until", help="Stop after this stage."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Build the data, print what each stage would do "
+                                 "(requests, cost, training steps, eval pairs) and stop before any request "
+                                 "is sent or model loaded."),
+) -> None:
+    """Run data -> generate -> judge -> train -> eval in runs/NAME/, skipping stages already complete."""
+    from rich.console import Console
+
+    from ..pipeline import Pipeline, run_pipeline
+
+    ovr = list(overrides or [])
+    if name:
+        ovr.append(f"name={name}")
+    cfg = load_section(RunConfig, None, config, ovr, merge=list(merge or []))
+    console = Console()
+    log = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731
+    run_dir = Path(runs_dir) / cfg.name
+    if dry_run:
+        console.print(f"[bold]synthpert run {cfg.name} --dry-run[/] → {run_dir}")
+        print_plan(console, Pipeline(cfg, run_dir, log=log).dry_run(until))
+        return
+    console.print(f"[bold]synthpert run[/] {cfg.name} → {run_dir}")
+    pipe, summaries = run_pipeline(cfg, runs_dir, from_stage=from_stage, force=list(force or []), until=until,
+                                   log=log)
+    _print_outcome(console, pipe, summaries)
+
+
+def _print_outcome(console, pipe, summaries: dict) -> None:
+    """Counts, each evaluation's report, how to serve the model, where the manifest is."""
+    counts = pipe.manifest.data.get("counts", {})
+    console.print(f"traces generated: {counts.get('traces_generated')}, kept: {counts.get('traces_kept')}, "
+                  f"trained on: {counts.get('examples_trained')}")
+    for name in pipe.cfg.eval_sets:
+        report = pipe.stage_dir("eval") / name / "result" / "report.md"
+        if report.exists():
+            console.rule(f"eval: {name}")
+            console.print(report.read_text(), markup=False, highlight=False)
+    if "train" in summaries:
+        console.print("\nServe the trained model locally:")
+        evidence = f" --evidence-from {pipe.train_data}" if pipe.cfg.train.evidence else ""
+        console.print(f"  synthpert serve --model {pipe.base_model} --adapter {pipe.stage_dir('train')}{evidence}",
+                      markup=False, highlight=False, soft_wrap=True)
+    console.print(f"manifest: {pipe.manifest.path}")
+
+
+
+def _usd(x) -> str:
+    return "unknown (no price configured)" if x is None else f"${x:,.2f}"
+
+
+def _client_line(est: dict) -> str:
+    if est["base_url"] == "local":
+        return f"{est['model']}: {est['requests']:,} items, no API, no cost"
+    return (f"{est['model']} at {est['base_url']}: {est['http_requests_needed']:,} requests to send "
+            f"({est['already_cached']:,} cached), {est['samples_to_generate']:,} samples, "
+            f"~{est['est_prompt_tokens']:,} "
+            f"prompt + ~{est['est_completion_tokens']:,} completion tokens; est. cost {_usd(est['est_cost_usd'])}, "
+            f"at most {_usd(est['max_cost_usd'])} (every completion at its token cap)")
+
+
+def plan_lines(plan: dict) -> list[str]:
+    """The dry-run plan as lines of text, one block per stage."""
+    lines = []
+    d = plan["data"]
+    sp = d["splits"]
+    lines.append(f"[data] {d['setting']}: train {sp['train']['n']:,} triples, validation {sp['validation']['n']:,}, "
+                 f"test {sp['test']['n']:,} (built; a real run reuses it)")
+    if "generate" in plan:
+        g = plan["generate"]
+        lines.append(f"[generate] teacher ({g['mode']}) on {g['examples']:,} training triples: {_client_line(g)}")
+    if "judge" in plan:
+        j = plan["judge"]
+        lines.append(f"[judge] at most {j['traces']:,} traces judged (those whose answer is not the label are "
+                     f"rejected free): {_client_line(j)}")
+    if "generate" in plan and "judge" in plan:
+        costs = [plan[s]["est_cost_usd"] for s in ("generate", "judge")]
+        total = None if None in costs else sum(costs)
+        worst = [plan[s]["max_cost_usd"] for s in ("generate", "judge")]
+        lines.append(f"[cost] teacher + judge: est. {_usd(total)}, at most "
+                     f"{_usd(None if None in worst else sum(worst))}")
+    if "train" in plan:
+        t = plan["train"]
+        lines.append(f"[train] {t['base_model']} ({t['mode']}, LoRA r={t['lora_r']}, quantization {t['quantization']}, "
+                     f"max_length {t['max_length']}): at most {t['max_examples']:,} examples "
+                     f"({t['examples_bound']}), at most {t['steps_per_epoch_max']:,} optimizer steps per epoch × "
+                     f"{t['epochs']:g} epochs = {t['optimizer_steps_max']:,} steps; CUDA here: "
+                     f"{'yes' if t['cuda_available'] else 'no'}")
+        rate = t.get("published_keep_rate")
+        if rate and t["max_examples"]:
+            n = round(t["max_examples"] * rate)
+            lines.append(f"[train] at SynthPert's published keep rate (about 2 traces in 15) that is ~{n:,} examples, "
+                         f"~{round(t['optimizer_steps_max'] * rate):,} optimizer steps")
+    if "eval" in plan:
+        e = plan["eval"]
+        sets = ", ".join(f"{k} ({'+'.join(v['test_cells'])}) {v['pairs']:,} pairs" for k, v in e["sets"].items())
+        lines.append(f"[eval] backend {e['backend']}, up to {e['max_new_tokens']} new tokens per answer: {sets}; "
+                     f"at most {e['max_generated_tokens']:,} generated tokens")
+    for p in plan.get("problems", []):
+        lines.append(f"would stop: {p}")
+    lines.append("dry run: nothing was sent and no model was loaded")
+    return lines
+
+
+def print_plan(console, plan: dict) -> None:
+    for line in plan_lines(plan):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("run")(run_cmd)

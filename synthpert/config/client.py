@@ -1,0 +1,62 @@
+"""Settings of the chat engine: endpoint, key variable, concurrency, retries, prices, budget, sampling."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from . import StrictModel
+
+
+class ModelPrice(StrictModel):
+    """USD per million tokens. Reasoning tokens are billed as completion tokens (OpenAI's accounting)."""
+
+    input: float = Field(..., ge=0, description="USD per 1M prompt tokens")
+    output: float = Field(..., ge=0, description="USD per 1M completion tokens (reasoning included)")
+    cached_input: float | None = Field(None, ge=0, description="USD per 1M cached prompt tokens (default: input)")
+
+
+class SamplingConfig(StrictModel):
+    """Sampling parameters sent with every request (None = not sent, the server's default applies)."""
+
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1, description="completion cap (use max_completion_tokens for "
+                                   "OpenAI reasoning models, which reject max_tokens)")
+    max_completion_tokens: int | None = Field(None, ge=1)
+    seed: int | None = None
+    reasoning_effort: str | None = None
+    extra: dict[str, Any] = Field(default_factory=dict, description="other request fields, sent as they are "
+                                  "(e.g. vLLM's top_k)")
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in self.model_dump().items() if v is not None and k != "extra"}
+        return {**d, **self.extra}
+
+
+class ClientConfig(StrictModel):
+    """Where and how to send requests. Any OpenAI-compatible server: OpenAI, vLLM, others."""
+
+    model: str = Field("gpt-4o-mini", description="model name as the server knows it")
+    base_url: str = Field("https://api.openai.com/v1", description="OpenAI-compatible endpoint, e.g. "
+                          "http://localhost:8000/v1 for a vLLM server")
+    api_key_env: str | None = Field("OPENAI_API_KEY", description="NAME of the environment variable holding the "
+                                    "API key (the key itself never goes in a config); null for servers "
+                                    "without auth")
+    concurrency: int = Field(16, ge=1, le=4096, description="requests in flight at once")
+    rpm: int | None = Field(None, ge=1, description="requests-per-minute limit")
+    tpm: int | None = Field(None, ge=1, description="tokens-per-minute limit (prompt estimate + max tokens)")
+    timeout: float = Field(120.0, gt=0, description="seconds per request attempt")
+    max_retries: int = Field(6, ge=0, description="retries per request on retryable errors")
+    backoff_initial: float = Field(1.0, ge=0, description="first retry delay in seconds (doubles, with jitter)")
+    backoff_max: float = Field(60.0, ge=0)
+    prices: dict[str, ModelPrice] = Field(default_factory=dict, description="per-model prices; a key also "
+                                          "matches dated variants (gpt-4o-mini matches gpt-4o-mini-2024-07-18)")
+    max_cost: float | None = Field(None, gt=0, description="USD this invocation may spend; stops before exceeding")
+    cache_path: str | None = Field(None, description="SQLite response cache (default: <out>/cache.sqlite)")
+    native_n: bool = Field(True, description="send n samples as one request with n=...; false for servers "
+                           "that ignore n (then n requests are sent, seeds offset per sample)")
+    completion_tokens_estimate: int = Field(800, ge=1, description="expected completion tokens per sample, "
+                                            "for the dry-run estimate (and the budget when no max_tokens)")
+    progress: bool = Field(True, description="rich progress bar with the running cost")

@@ -1,0 +1,60 @@
+"""Settings of evaluation: how a model is run (inference) and what it is scored on."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from . import StrictModel
+
+
+class InferenceConfig(StrictModel):
+    """How a model is run. Recorded in full with every evaluation."""
+
+    backend: Literal["transformers", "vllm", "openai"] = "transformers"
+    model: str | None = Field(None, description="model folder (local backends) or model name (openai)")
+    adapter: str | None = Field(None, description="LoRA adapter folder as `synthpert train` saves it")
+    merge_adapter: bool = Field(False, description="transformers: merge the adapter into the weights first")
+    max_new_tokens: int = Field(512, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n_samples: int = Field(1, ge=1, le=64, description="samples per example (vote share needs > 1)")
+    seed: int = 0
+    probability_method: Literal["auto", "answer_logprob", "votes"] = Field(
+        "auto", description="auto: answer_logprob on local backends, votes on openai")
+    batch_size: int = Field(16, ge=1, description="examples per generate call (transformers) / per chunk")
+    dtype: str = Field("auto", description="auto: float32 on CPU, bfloat16 on GPU")
+    device: str = Field("auto", description="transformers: auto, cpu, cuda, cuda:1 ...")
+    # vLLM engine settings; None = chosen by platform (CPU needs eager mode, float32 and a RAM share)
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    enforce_eager: bool | None = None
+    max_model_len: int | None = Field(None, ge=64)
+    # openai backend
+    base_url: str | None = None
+    api_key_env: str = Field("OPENAI_API_KEY", description="name of the env var holding the key (never the key)")
+    concurrency: int = Field(8, ge=1)
+    cache_path: str | None = Field(None, description="openai: response cache (eval default: <out>/cache.sqlite)")
+    client: dict = Field(default_factory=dict, description="openai: more ClientConfig fields (timeout, prices, "
+                         "max_cost, max_retries, rpm, ...)")
+
+    @model_validator(mode="after")
+    def _logprobs_need_a_local_backend(self):
+        if self.probability_method == "answer_logprob" and self.backend == "openai":
+            raise ValueError("probability_method answer_logprob needs a local backend; the openai backend returns "
+                             "no log-probabilities: use votes with n_samples > 1")
+        return self
+
+
+class EvalConfig(StrictModel):
+    dataset: str | None = Field(None, description="folder written by `synthpert data build`")
+    split: str = Field("test", description="train / validation / test")
+    n: int | None = Field(None, ge=1, description="seeded subsample of the split (all when unset)")
+    seed: int = Field(0, description="seed of the subsample and the bootstrap")
+    evidence: bool | None = Field(None, description="evidence context in the prompt; unset = as the adapter "
+                                  "was trained (its manifest), else off")
+    n_bootstrap: int = Field(200, ge=0, description="bootstrap resamples of perturbations for CIs")
+    chunk_size: int = Field(64, ge=1, description="examples per write to predictions.jsonl")
+    figures: bool = True
+    name: str | None = Field(None, description="display name of the model in the report")
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)

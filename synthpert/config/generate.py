@@ -1,0 +1,51 @@
+"""Settings of trace generation: the teacher (what it is asked) and the judge (rubric and keep rule)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ..schema import JUDGE_RATINGS
+from .client import ClientConfig, SamplingConfig
+from .data import SubsampleConfig
+
+
+class TeacherConfig(ClientConfig):
+    """The teacher: where it runs (ClientConfig fields) and what it is asked."""
+
+    mode: Literal["rationalise", "predict", "evidence"] = Field(
+        "rationalise", description="rationalise: told the label; predict: label-blind with rejection sampling; "
+        "evidence: the OFFLINE evidence heuristic (no API, no cost)")
+    samples: int = Field(1, ge=1, le=64, description="samples per triple (predict mode: e.g. 4)")
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_completion_tokens=2048))
+    split: str = Field("train", description="split of the built dataset to write traces for")
+    subsample: SubsampleConfig | None = Field(None, description="which triples to send (seeded), e.g. n: 500")
+    seed: int = 0
+    evidence_context: bool = Field(False, description="show the teacher observed training evidence (leakage-safe)")
+    system_prompt: str | None = Field("teacher_system.txt", description="system prompt file in prompts/ (null: none)")
+    prompt: str | None = Field(None, description="user prompt template in prompts/ (default: per mode)")
+
+
+class JudgeConfig(ClientConfig):
+    """The judge: where it runs (ClientConfig fields), the rubric and the keep rule."""
+
+    kind: Literal["llm", "rules"] = Field("llm", description="llm: a model with the rubric; rules: the OFFLINE "
+                                          "rules heuristic (no API, no cost)")
+    threshold: Literal["excellent", "good", "average", "bad", "terrible"] = Field(
+        "good", description="keep traces rated at least this (SynthPert's main run kept only 'excellent')")
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.0,
+                                                                            max_completion_tokens=512))
+    system_prompt: str | None = Field("judge_system.txt", description="system prompt file in prompts/ (null: none)")
+    prompt: str = Field("judge.j2", description="rubric template in prompts/")
+    judge_mismatched: bool = Field(False, description="also pay to judge traces whose answer != label (they "
+                                   "cannot be kept; useful only to study the judge)")
+    min_chars: int = Field(200, ge=0, description="rules judge: shortest acceptable reasoning")
+    max_chars: int = Field(20000, ge=1, description="rules judge: longest acceptable reasoning")
+
+    @model_validator(mode="after")
+    def _rules_threshold(self):
+        if self.kind == "rules" and JUDGE_RATINGS.index(self.threshold) < JUDGE_RATINGS.index("good"):
+            raise ValueError(f"the rules judge rates at most 'good' (it checks form, not biology); threshold "
+                             f"{self.threshold!r} would keep nothing. Use judge.threshold=good or an LLM judge")
+        return self

@@ -1,0 +1,35 @@
+"""Settings of the local endpoint: binding, auth, request caps, batching, and the model it serves."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from . import StrictModel
+from .evaluate import InferenceConfig
+
+
+class ServeSettings(StrictModel):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key_env: str = Field("SYNTHPERT_API_KEY", description="NAME of the env var holding the key; unset = no auth")
+    max_batch: int = Field(64, ge=1, description="items per /v1/predict/batch request")
+    max_n_samples: int = Field(8, ge=1)
+    max_tokens: int = Field(1024, ge=1, description="cap on max_tokens of chat completions")
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    max_messages: int = Field(64, ge=1)
+    batch_window_ms: float = Field(5.0, ge=0, description="how long the batcher waits to fill a batch")
+    served_name: str | None = Field(None, description="model id for /v1/models (default: adapter or model folder name)")
+    evidence_dataset: str | None = Field(None, description="built dataset folder whose training rows provide the "
+                                         "evidence context (for models trained with it)")
+
+
+class ServeConfig(ServeSettings):
+    """What `synthpert serve` runs: the endpoint's settings and the local model behind it (``inference``)."""
+
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+
+    @model_validator(mode="after")
+    def _local_model(self):
+        if self.inference.backend == "openai":
+            raise ValueError("serve runs a local model: use --backend transformers or vllm")
+        return self

