@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Install the test environment (.venv, with the vLLM CPU build) and run the whole test-suite.
+# The fast tier while developing (no training, vLLM or whole-pipeline runs): bash scripts/test.sh -m "not slow"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test

@@ -41,6 +41,7 @@ from .cache import ResponseCache, cache_key
 from .chat import Call, ChatRequest, ChatResult, EngineRun, RunStats
 from .config.client import ClientConfig, ModelPrice
 from .errors import SynthpertError, scrub
+from .progress import CostProgress
 from .ratelimit import HINTS, RETRYABLE_STATUS, RateLimiter, Retryable, retry_after, server_message
 from .schema import Usage
 
@@ -259,7 +260,7 @@ class ChatEngine:
             handler_installed = True
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread / not supported
             pass
-        progress = _Progress(self.cfg.progress, self.description, total, done_before)
+        progress = CostProgress(self.cfg.progress, self.description, total, done_before)
         self._progress = progress
         try:
             n_workers = 1 if self.local is not None else min(self.cfg.concurrency, len(todo))
@@ -411,36 +412,6 @@ def _shape_problem(raw: dict, n: int) -> str | None:
         if not isinstance(content, str):
             return "a choice has no text content"
     return None
-
-
-class _Progress:
-    """A rich progress bar with the running cost; silent when stderr is not a terminal."""
-
-    def __init__(self, enabled: bool, description: str, total: int, done: int):
-        self.bar = None
-        if not enabled:
-            return
-        from rich.console import Console
-
-        console = Console(stderr=True)
-        if not console.is_terminal:
-            return
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
-
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("[green]${task.fields[cost]:.4f}"), TimeElapsedColumn(),
-                            TimeRemainingColumn(), console=console)
-        self.bar.start()
-        self.task = self.bar.add_task(description, total=total, completed=done, cost=0.0)
-
-    def advance(self, cost: float) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, advance=1, cost=cost)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 def engine_for(cfg: ClientConfig, out_dir: Path, local: LocalBackend | None = None,

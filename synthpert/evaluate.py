@@ -30,6 +30,7 @@ from .data import built_config, load_examples
 from .errors import SynthpertError
 from .evidence import evidence_text, training_stats
 from .inference import Predictor, Triple
+from .progress import count_progress
 from .prompting import student_prompt_hash
 from .report import write_figures, write_report
 from .runs import adapter_manifest, library_versions
@@ -107,15 +108,6 @@ def append_predictions(path: Path, records: list[Prediction]) -> None:
         os.fsync(f.fileno())
 
 
-def _progress(total: int, done: int, label: str):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                   transient=False)
-    task = bar.add_task(label, total=total, completed=done)
-    return bar, task
-
-
 def predict_missing(predictor: Predictor, examples: pd.DataFrame, out: Path, evidence_stats, chunk_size: int,
                     progress: bool = True) -> int:
     """Predict the examples without a record yet, appending each chunk as it finishes. Returns how many."""
@@ -125,7 +117,7 @@ def predict_missing(predictor: Predictor, examples: pd.DataFrame, out: Path, evi
     todo = examples[~examples["id"].isin(done)]
     if todo.empty:
         return 0
-    bar, task = _progress(len(examples), len(examples) - len(todo), "eval") if progress else (None, None)
+    bar, task = count_progress(len(examples), len(examples) - len(todo), "eval") if progress else (None, None)
     written = 0
     try:
         if bar is not None:

@@ -119,13 +119,6 @@ def probabilities_from_labels(pred_labels) -> np.ndarray:
     return probs
 
 
-def auroc_metrics(genes, y_true_labels, probs: np.ndarray) -> dict:
-    out = {}
-    for task, (auroc, _) in _auroc_tasks(genes, y_true_labels, probs).items():
-        out[f"auroc_{task}_per_gene"], out[f"auroc_{task}_genes"] = auroc()
-    return out
-
-
 def compute_metrics(y_true, y_pred, probs: np.ndarray | None = None, genes=None, perturbations=None,
                     n_bootstrap: int = 0, seed: int = 0, ci: float = 0.95) -> dict:
     """All metrics for one set of predictions.

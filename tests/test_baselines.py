@@ -4,7 +4,6 @@ import sys
 
 import numpy as np
 import pytest
-from _paths import PERTURBQA
 
 from synthpert.answer import LABELS
 from synthpert.baselines import baseline_predictions, baseline_report, crosscell_probabilities, run_baselines
@@ -16,14 +15,14 @@ ALL = ["k562", "rpe1", "hepg2", "jurkat"]
 
 
 @pytest.fixture(scope="module")
-def multi():
-    cfg = DataConfig(source=str(PERTURBQA), train_cells=ALL, test_cells=["k562"], val_fraction=0.0)
+def multi(perturbqa_dir):
+    cfg = DataConfig(source=str(perturbqa_dir), train_cells=ALL, test_cells=["k562"], val_fraction=0.0)
     fr = build_frames(cfg, load_lines(cfg))
     return fr["train"], fr["test"], TrainingStats(fr["train"])
 
 
-def test_k562_within_cell_baselines_match_reference():
-    res = run_baselines(DataConfig(source=str(PERTURBQA), train_cells=["k562"], test_cells=["k562"]))
+def test_k562_within_cell_baselines_match_reference(perturbqa_dir):
+    res = run_baselines(DataConfig(source=str(perturbqa_dir), train_cells=["k562"], test_cells=["k562"]))
     b = res["baselines"]
     assert res["n"] == 23212
     assert b["majority"]["accuracy"] == pytest.approx(0.866, abs=0.001)
@@ -75,8 +74,8 @@ def test_evidence_leaves_the_examples_own_perturbation_out(multi):
     assert row.gene in text and "K562" in text
 
 
-def test_baselines_cli_json_and_bad_cell_line():
-    cmd = [sys.executable, "-m", "synthpert.cli", "baselines", "--source", str(PERTURBQA),
+def test_baselines_cli_json_and_bad_cell_line(perturbqa_dir):
+    cmd = [sys.executable, "-m", "synthpert.cli", "baselines", "--source", str(perturbqa_dir),
            "--train-cells", "k562", "--test-cells", "k562", "--json"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     res = json.loads(out.stdout)

@@ -3,37 +3,42 @@ import shutil
 
 import pandas as pd
 import pytest
-from _paths import PERTURBQA
 
 from synthpert.answer import DOWN, NOT_DE, UP
 from synthpert.config.data import DataConfig, SubsampleConfig
-from synthpert.data import build, build_frames, fetch, load_cell_line, load_lines
+from synthpert.data import build, build_frames, load_cell_line, load_lines
+from synthpert.fetch import fetch
 from synthpert.errors import SynthpertError
 
 ALL = ["k562", "rpe1", "hepg2", "jurkat"]
 
 
 @pytest.fixture(scope="module")
-def lines():
-    return load_lines(DataConfig(source=str(PERTURBQA), train_cells=ALL, test_cells=["k562"]))
+def lines(perturbqa_dir):
+    return load_lines(DataConfig(source=str(perturbqa_dir), train_cells=ALL, test_cells=["k562"]))
 
 
-def cfg(**kw):
-    kw.setdefault("source", str(PERTURBQA))
+@pytest.fixture
+def cfg(perturbqa_dir):
+    return lambda **kw: _cfg(perturbqa_dir, **kw)
+
+
+def _cfg(perturbqa_dir, **kw):
+    kw.setdefault("source", str(perturbqa_dir))
     return DataConfig(**kw)
 
 
-def test_k562_three_class_counts_match_the_csvs(lines):
+def test_k562_three_class_counts_match_the_csvs(lines, cfg, perturbqa_dir):
     test = build_frames(cfg(val_fraction=0.0), lines)["test"]
     assert test["label"].value_counts().to_dict() == {NOT_DE: 20093, UP: 2530, DOWN: 589}
-    de = pd.read_csv(PERTURBQA / "k562-de.csv")
-    d = pd.read_csv(PERTURBQA / "k562-dir.csv")
+    de = pd.read_csv(perturbqa_dir / "k562-de.csv")
+    d = pd.read_csv(perturbqa_dir / "k562-dir.csv")
     assert len(test) == (de.split == "test").sum()
     assert (test.label != NOT_DE).sum() == ((de.split == "test") & (de.label == 1)).sum()
     assert (test.label == UP).sum() == ((d.split == "test") & (d.label == 1)).sum()
 
 
-def test_within_cell_split_is_by_perturbation_and_validation_too(lines):
+def test_within_cell_split_is_by_perturbation_and_validation_too(lines, cfg):
     fr = build_frames(cfg(val_fraction=0.1, seed=3), lines)
     tr, va, te = (set(fr[k].perturbation) for k in ("train", "validation", "test"))
     assert not tr & te and not tr & va and not va & te
@@ -43,7 +48,7 @@ def test_within_cell_split_is_by_perturbation_and_validation_too(lines):
     assert again["validation"].id.tolist() == fr["validation"].id.tolist()
 
 
-def test_multi_line_marks_perturbations_seen_elsewhere(lines):
+def test_multi_line_marks_perturbations_seen_elsewhere(lines, cfg):
     fr = build_frames(cfg(train_cells=ALL, test_cells=["k562"], val_fraction=0.0), lines)
     te = fr["test"]
     share = (te.pert_seen_in_train_lines.map(len) > 0).mean()
@@ -57,7 +62,7 @@ def test_multi_line_marks_perturbations_seen_elsewhere(lines):
     assert all((c, row.perturbation, row.gene) in pairs for c in row.pair_seen_in_train_lines)
 
 
-def test_unseen_cell_and_published_protocol(lines):
+def test_unseen_cell_and_published_protocol(lines, cfg):
     split = build_frames(cfg(train_cells=["k562"], test_cells=["rpe1"], val_fraction=0.0), lines)
     assert set(split["test"].cell_line) == {"rpe1"} and set(split["test"].split) == {"test"}
     pub = build_frames(cfg(train_cells=["k562"], test_cells=["rpe1"], protocol="published", val_fraction=0.0), lines)
@@ -66,7 +71,7 @@ def test_unseen_cell_and_published_protocol(lines):
         cfg(train_cells=["k562"], test_cells=["k562"], protocol="published")
 
 
-def test_subsample_is_seeded_balanced_and_capped(lines):
+def test_subsample_is_seeded_balanced_and_capped(lines, cfg):
     fr = build_frames(cfg(train_subsample=SubsampleConfig(n=300, balance=True), seed=1), lines)
     counts = fr["train"].label.value_counts()
     assert counts.to_dict() == {UP: 100, DOWN: 100, NOT_DE: 100}
@@ -84,7 +89,7 @@ def test_subsample_is_seeded_balanced_and_capped(lines):
     assert len(frac) == round(0.1 * 23212)
 
 
-def test_build_saves_datasetdict_and_summary(tmp_path, lines):
+def test_build_saves_datasetdict_and_summary(tmp_path, lines, cfg):
     dd, summary = build(cfg(train_subsample=SubsampleConfig(n=60, balance=True)), tmp_path, lines)
     assert set(dd) == {"train", "validation", "test"}
     saved = json.loads((tmp_path / "summary.json").read_text())
@@ -106,7 +111,7 @@ GOOD_DE = [("A", "X", 1, "train"), ("A", "Y", 0, "train"), ("B", "X", 0, "test")
 GOOD_DIR = [("A", "X", 1, "train"), ("B", "Y", 0, "test")]
 
 
-def test_unknown_cell_line_lists_available():
+def test_unknown_cell_line_lists_available(cfg):
     with pytest.raises(SynthpertError, match="unknown cell line 'hela'.*k562"):
         load_lines(cfg(train_cells=["hela"], test_cells=["hela"]))
 
@@ -144,12 +149,12 @@ def test_users_own_screen_goes_through_the_same_build(tmp_path):
     assert "MyCells" in student_messages("myscreen", "A", "X")[1]["content"]
 
 
-def test_fetch_from_local_copy_verifies_checksums(tmp_path):
-    out = fetch(tmp_path / "copy", from_dir=PERTURBQA, log=lambda *_: None)
+def test_fetch_from_local_copy_verifies_checksums(tmp_path, perturbqa_dir):
+    out = fetch(tmp_path / "copy", from_dir=perturbqa_dir, log=lambda *_: None)
     assert sorted(p.name for p in out.glob("*.csv")) == sorted(
         f"{k}-{s}.csv" for k in ALL for s in ("de", "dir"))
     bad = tmp_path / "bad"
-    shutil.copytree(PERTURBQA, bad)
+    shutil.copytree(perturbqa_dir, bad)
     (bad / "rpe1-dir.csv").chmod(0o644)
     with open(bad / "rpe1-dir.csv", "a") as f:
         f.write("X,Y,1,train\n")
@@ -159,21 +164,21 @@ def test_fetch_from_local_copy_verifies_checksums(tmp_path):
     assert not list((tmp_path / "copy2").glob(".*"))
 
 
-def test_fetch_downloads_over_http_and_rejects_a_corrupt_mirror(tmp_path):
+def test_fetch_downloads_over_http_and_rejects_a_corrupt_mirror(tmp_path, perturbqa_dir):
     """The real download path (urllib over HTTP), against a local server standing in for GitHub."""
     import functools
     import http.server
     import threading
 
     mirror = tmp_path / "mirror"
-    shutil.copytree(PERTURBQA, mirror)
+    shutil.copytree(perturbqa_dir, mirror)
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(mirror))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
     try:
         out = fetch(tmp_path / "dl", base_url=url, log=lambda *_: None)
-        assert (out / "k562-de.csv").read_bytes() == (PERTURBQA / "k562-de.csv").read_bytes()
+        assert (out / "k562-de.csv").read_bytes() == (perturbqa_dir / "k562-de.csv").read_bytes()
         (mirror / "hepg2-de.csv").chmod(0o644)
         (mirror / "hepg2-de.csv").write_text("pert,gene,label,split\n")
         with pytest.raises(SynthpertError, match="hepg2-de.csv.*failed verification: size"):
@@ -205,7 +210,7 @@ def test_built_config_restores_a_users_own_cell_line(tmp_path):
     assert dataset_training_stats(tmp_path / "built") is stats  # cached: the CSVs are read once per process
 
 
-def test_val_fraction_zero_round_trips_through_save_and_load(tmp_path, lines):
+def test_val_fraction_zero_round_trips_through_save_and_load(tmp_path, lines, cfg):
     """The published recipe keeps no validation split: the empty split saves and loads back, typed."""
     from synthpert.data import load_built
 
@@ -238,7 +243,7 @@ def test_empty_test_split_round_trips_and_empty_train_split_fails_at_build(tmp_p
     assert not (tmp_path / "built2").exists()
 
 
-def test_an_unreadable_built_dataset_is_a_clear_error(tmp_path, lines):
+def test_an_unreadable_built_dataset_is_a_clear_error(tmp_path, lines, cfg):
     from synthpert.data import load_built
 
     build(cfg(train_subsample=SubsampleConfig(n=10)), tmp_path, lines)

@@ -124,7 +124,12 @@ def test_metrics_json_equals_recomputation_from_predictions(tiny_built_dataset, 
     report = (out / "report.md").read_text()
     for name in ("majority", "gene_prior", "gene_prior_balanced", "macro-F1", "AUROC DE", "Verdict", "hard labels"):
         assert name in report
-    assert ("does not beat" in report) or ("beats it" in report)
+    # the verdict section says, metric by metric, what metrics.json's verdict computed
+    assert metrics["verdict"], "the verdict compared no headline metric"
+    for metric, v in metrics["verdict"].items():
+        line = next(x for x in report.splitlines() if x.startswith(f"- {metric}: model "))
+        assert f"{v['model']:.3f} vs best baseline {v['best_baseline']} {v['baseline']:.3f}" in line
+        assert ("**beats it**" in line) == v["beats"] and ("**does not beat it**" in line) == (not v["beats"])
     for fig in ("confusion_matrix", "per_class_f1", "calibration"):
         png = out / "figures" / f"{fig}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"figures/{fig}.png" in report

@@ -23,20 +23,17 @@ from synthpert.generate import run_generate  # noqa: E402
 from synthpert.judge import parse_verdict, run_judge  # noqa: E402
 from synthpert.schema import TraceRecord, read_jsonl  # noqa: E402
 
-DATA = Path(os.environ.get("SYNTHPERT_TEST_DATA", "/work/shared/data/perturbqa"))
 KEY_ENV = "SYNTHPERT_TEST_API_KEY"
 KEY = "sk-test-SECRET-0123456789abcdef"
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    if not (DATA / "k562-de.csv").exists():
-        pytest.skip(f"PerturbQA CSVs not found in {DATA} (set SYNTHPERT_TEST_DATA)")
+def dataset(tmp_path_factory, perturbqa_dir) -> Path:
     from synthpert.data import build
 
     out = tmp_path_factory.mktemp("run") / "data"
-    cfg = DataConfig(source=str(DATA), train_cells=["k562"], test_cells=["k562"], seed=0,
+    cfg = DataConfig(source=str(perturbqa_dir), train_cells=["k562"], test_cells=["k562"], seed=0,
                      train_subsample=SubsampleConfig(n=24, balance=True), val_subsample=SubsampleConfig(n=5),
                      test_subsample=SubsampleConfig(n=5))
     build(cfg, out)

@@ -126,4 +126,5 @@ def test_bootstrap_gives_auroc_intervals_around_the_estimate():
                         n_bootstrap=100, seed=0)
     for task in ("de", "dir"):
         lo, hi = m["ci"][f"auroc_{task}_per_gene"]
-        assert lo <= m[f"auroc_{task}_per_gene"] <= hi and hi - lo < 0.5
+        # 1,000 rows over 40 perturbations: a real interval around the estimate, well under 0.2 wide
+        assert lo < m[f"auroc_{task}_per_gene"] < hi and 0 < hi - lo < 0.2

@@ -24,7 +24,7 @@ def data_fetch(
     from_dir: Path | None = typer.Option(None, "--from", help="Copy from a local folder instead of downloading."),
 ) -> None:
     """Download PerturbQA's CSVs (CC BY 4.0) and verify their size and SHA-256."""
-    from ..data import fetch
+    from ..fetch import fetch
 
     out = fetch(dest, from_dir, log=typer.echo)
     typer.echo(f"PerturbQA CSVs ready in {out}")
