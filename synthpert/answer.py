@@ -33,6 +33,8 @@ LABELS: tuple[str, str, str] = (UP, DOWN, NOT_DE)
 SHORT = {UP: "up", DOWN: "down", NOT_DE: "not_de"}
 UNPARSEABLE = "unparseable"
 
+THINK_OPEN = "<think>"  # what a prompt ends with to start a reasoning block (merge's probes)
+
 STRICT = "strict"
 LENIENT = "lenient"
 MODES = (STRICT, LENIENT)

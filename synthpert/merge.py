@@ -29,10 +29,11 @@ def _dtype(name: str, device: str):
 
 
 def _probe_batch(tokenizer, device: str):
+    from .answer import THINK_OPEN
     from .prompting import student_messages
 
     texts = [tokenizer.apply_chat_template(student_messages(c, p, g), tokenize=False, add_generation_prompt=True)
-             + "<think>\n" for c, p, g in PROBES]
+             + THINK_OPEN + "\n" for c, p, g in PROBES]
     pad_side = tokenizer.padding_side
     tokenizer.padding_side = "right"
     if tokenizer.pad_token is None:

@@ -102,12 +102,13 @@ def _evidence_samples(rng: random.Random, cells: list[str], pert: str, gene: str
     """An evidence block rendered by the real renderer (made-up counts) so its wording is in the vocabulary."""
     import numpy as np
 
+    from .answer import UP
     from .evidence import PairEvidence, render_evidence
 
     counts = lambda: np.array([rng.randint(0, 9), rng.randint(0, 9), rng.randint(0, 200)])  # noqa: E731
     others = [c for c in cells if c != cells[0]][:2]
     ev = PairEvidence(cells[0], pert, gene, counts(), {c: counts() for c in others},
-                      {c: counts() for c in others[:1]}, {others[0]: "upregulated"} if others else {})
+                      {c: counts() for c in others[:1]}, {others[0]: UP} if others else {})
     return render_evidence(ev)
 
 

@@ -1,4 +1,4 @@
-"""CLI commands of the generate stage: ``synthpert generate`` (teacher) and ``synthpert judge``.
+"""`synthpert generate` (the teacher) and `synthpert judge`, with exit codes that say how a run stopped.
 
 Both read an optional YAML (its ``teacher:`` / ``judge:`` section, so one run config can hold every
 stage) and ``key=value`` overrides (``teacher.model=gpt-4o-mini`` or just ``model=gpt-4o-mini``).
