@@ -261,8 +261,6 @@ class OpenAIBackend(Backend):
 
     def __init__(self, cfg: InferenceConfig):
         super().__init__(cfg)
-        from .config.client import ClientConfig
-
         if not cfg.model:
             raise SynthpertError("the openai backend needs a model name (--model)")
         if not cfg.base_url:
@@ -270,12 +268,7 @@ class OpenAIBackend(Backend):
                                  "https://api.openai.com/v1)")
         if not cfg.cache_path:
             raise SynthpertError("the openai backend needs cache_path (run_eval sets <out>/cache.sqlite)")
-        from .config import validate_config
-
-        self.client_cfg = validate_config(ClientConfig, {
-            "model": cfg.model, "base_url": cfg.base_url, "api_key_env": cfg.api_key_env,
-            "concurrency": cfg.concurrency, "cache_path": cfg.cache_path, "progress": False, **cfg.client},
-            origin="inference.client")
+        self.client_cfg = cfg.client_config()
         self.last_stats: dict = {}
 
     def _generate(self, queries, n, max_new_tokens, temperature, top_p, seed):

@@ -26,6 +26,15 @@ def test_answer_logprob_needs_a_local_backend():
     assert InferenceConfig(backend="openai", probability_method="votes").backend == "openai"
 
 
+def test_inference_client_fields_are_checked_at_load():
+    with pytest.raises(ValidationError, match="did you mean 'timeout'"):
+        InferenceConfig(backend="openai", client={"timout": 5})
+    cfg = InferenceConfig(backend="openai", model="m", base_url="http://x/v1", cache_path="c.sqlite",
+                          client={"timeout": 5, "max_retries": 1})
+    engine = cfg.client_config()
+    assert (engine.model, engine.timeout, engine.max_retries, engine.progress) == ("m", 5, 1, False)
+
+
 def test_serve_runs_a_local_model_only():
     with pytest.raises(ValidationError, match="serve runs a local model"):
         ServeConfig(inference={"backend": "openai", "model": "m"})

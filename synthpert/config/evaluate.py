@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from . import StrictModel
+from . import StrictModel, format_validation_error, validate_config
+from .client import ClientConfig
 
 
 class InferenceConfig(StrictModel):
@@ -37,6 +38,23 @@ class InferenceConfig(StrictModel):
     cache_path: str | None = Field(None, description="openai: response cache (eval default: <out>/cache.sqlite)")
     client: dict = Field(default_factory=dict, description="openai: more ClientConfig fields (timeout, prices, "
                          "max_cost, max_retries, rpm, ...)")
+
+    @field_validator("client")
+    @classmethod
+    def _client_fields(cls, v: dict) -> dict:
+        """The extra ClientConfig fields are checked when the config loads (a misspelt one is named)."""
+        try:
+            ClientConfig.model_validate(v)
+        except ValidationError as e:
+            raise ValueError(format_validation_error(e, ClientConfig, "inference.client")) from None
+        return v
+
+    def client_config(self) -> ClientConfig:
+        """The chat-engine settings of the openai backend: this config's endpoint fields + ``client``."""
+        return validate_config(ClientConfig, {
+            "model": self.model, "base_url": self.base_url, "api_key_env": self.api_key_env,
+            "concurrency": self.concurrency, "cache_path": self.cache_path, "progress": False, **self.client},
+            origin="inference.client")
 
     @model_validator(mode="after")
     def _logprobs_need_a_local_backend(self):
