@@ -164,9 +164,9 @@ def train_tokenizer(texts: list[str], vocab_size: int = 2048, chat_format: str =
                                    pad_token=R1_PAD if r1 else PAD_TOKEN, unk_token=None,
                                    bos_token=R1_BOS if r1 else None, clean_up_tokenization_spaces=False)
     if r1:
-        from .resources import resource_dir
+        from .tokenizer import resolve_chat_template
 
-        fast.chat_template = (resource_dir("configs") / "chat_templates" / "r1_distill_train.jinja").read_text()
+        fast.chat_template = resolve_chat_template("r1_distill_train")
     else:
         fast.chat_template = CHAT_TEMPLATE
     fast.padding_side = "right"
