@@ -381,7 +381,8 @@ def load_built(path: Path, split: str | None = None):
     return dd[split]
 
 
-def load_examples(dataset: Path | str, split: str, sample: SubsampleConfig | None = None, seed: int = 0) -> pd.DataFrame:
+def load_examples(dataset: Path | str, split: str, sample: SubsampleConfig | None = None,
+                  seed: int = 0) -> pd.DataFrame:
     """One split of a built dataset as a DataFrame (seeded subsample); a user's own cell lines in its config
     are registered, so prompts resolve them."""
     dataset = Path(dataset)

@@ -268,3 +268,54 @@ def load_decision(path: str | Path, adapter_hash: str | None = None) -> Decision
         raise SynthpertError(f"{path} was fitted for adapter {decision.adapter_hash[:12]}…, not for this adapter "
                              f"{adapter_hash[:12]}…; {refit}")
     return decision
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Which rule applies to an adapter
+
+
+DECISION_SPECS = ("auto", "argmax", "prior", "tuned")
+
+
+def resolve_decision(spec: str, adapter_dir: str | Path | None, adapter_hash: str | None,
+                     pi_train: list[float] | None, pi_target: list[float] | None) -> Decision:
+    """The decision an evaluation or the endpoint applies.
+
+    ``spec``: ``argmax``; ``prior`` (π_train from the adapter's training manifest, π_target the class shares of
+    the training lines' full training split); ``tuned`` (``decision.json`` in the adapter folder, fitted on
+    validation rows by ``synthpert decide``); ``auto`` (``decision.json`` if the adapter has one, else
+    ``prior`` when π_train is known, else ``argmax``); or a path to a ``decision.json``."""
+    if spec.endswith(".json") or "/" in spec:
+        return load_decision(spec, adapter_hash)
+    if spec not in DECISION_SPECS:
+        guess = difflib.get_close_matches(spec, DECISION_SPECS, n=1)
+        raise SynthpertError(f"unknown decision {spec!r}" + (f" (did you mean {guess[0]!r}?)" if guess else "")
+                             + f"; use one of {', '.join(DECISION_SPECS)} or a path to a {DECISION_FILE}")
+    folder = Path(adapter_dir) if adapter_dir else None
+    if spec == "tuned" or (spec == "auto" and folder is not None and (folder / DECISION_FILE).exists()):
+        if folder is None:
+            raise SynthpertError("decision 'tuned' needs an adapter folder holding decision.json")
+        return load_decision(folder / DECISION_FILE, adapter_hash)
+    if spec == "argmax" or (spec == "auto" and (pi_train is None or pi_target is None)):
+        return Decision()
+    if pi_train is None:
+        raise SynthpertError("decision 'prior' needs the class shares the model was trained on (class_shares in "
+                             "the adapter's manifest.json, written by `synthpert train`); use 'argmax' or 'tuned'")
+    if pi_target is None:
+        raise SynthpertError("decision 'prior' needs the class shares of the training data (none given)")
+    d = prior_shift(pi_train, pi_target)
+    return d.model_copy(update={"adapter_hash": adapter_hash,
+                                "fitted_on": {"pi_train": "adapter manifest class_shares",
+                                              "pi_target": "full training split of the training lines"}})
+
+
+def decision_for(spec: str, adapter: str | None, stats) -> Decision:
+    """The decision rule an evaluation or the endpoint applies to ``adapter`` (see ``resolve_decision``):
+    π_train from the adapter's manifest, π_target = the class shares of the training lines' full training
+    split (``stats``: evidence.TrainingStats, or None when no training data is at hand)."""
+    from .backends import adapter_version
+    from .runs import adapter_manifest
+
+    manifest = adapter_manifest(adapter) if adapter else {}
+    return resolve_decision(spec, adapter, adapter_version(adapter) if adapter else None,
+                            manifest.get("class_shares"), stats.global_rate.tolist() if stats is not None else None)

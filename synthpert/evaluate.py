@@ -27,6 +27,7 @@ from .baselines import baseline_report, score_predictions
 from .config.data import SubsampleConfig
 from .config.evaluate import EvalConfig, InferenceConfig
 from .data import built_config, load_examples
+from .decision import Decision, decision_for
 from .errors import SynthpertError
 from .evidence import evidence_text, training_stats
 from .inference import Predictor, Triple
@@ -143,17 +144,28 @@ def predict_missing(predictor: Predictor, examples: pd.DataFrame, out: Path, evi
 # Metrics
 
 
-def model_metrics(examples: pd.DataFrame, preds: dict[str, Prediction], n_bootstrap: int, seed: int) -> dict:
-    """Strict and lenient metrics of the model on ``examples`` (which must all have predictions)."""
+SCORED, DECIDED = "scored", "decided"  # rows from class probabilities: their argmax, and the decision rule
+
+
+def model_metrics(examples: pd.DataFrame, preds: dict[str, Prediction], n_bootstrap: int, seed: int,
+                  decision: Decision | None = None) -> dict:
+    """Metrics of the model on ``examples`` (which must all have predictions): its generated answer parsed
+    strictly and leniently (unparseable answers count as wrong) and, where class probabilities exist, their
+    argmax (``scored``: every example gets a label) and the decision rule's label (``decided``)."""
     recs = [preds[i] for i in examples["id"]]
     method = _method(recs)
     out = {}
+    probs = None
+    if method != HARD_LABEL:
+        probs = np.array([r.prob_vector() or [1 / 3] * 3 for r in recs], dtype=float)
     for mode in (STRICT, LENIENT):
         labels = [r.label(mode) for r in recs]
-        probs = None
-        if method != HARD_LABEL:
-            probs = np.array([r.prob_vector() or [1 / 3] * 3 for r in recs], dtype=float)
         out[mode] = score_predictions(examples, labels, probs, n_bootstrap=n_bootstrap, seed=seed)
+    if probs is not None:
+        out[SCORED] = score_predictions(examples, Decision().labels_for(probs), probs, n_bootstrap, seed)
+        if decision is not None and decision.rule != "argmax":
+            out[DECIDED] = score_predictions(examples, decision.labels_for(probs), decision.adjusted(probs),
+                                             n_bootstrap, seed)
     return out
 
 
@@ -165,7 +177,7 @@ def _method(recs: list[Prediction]) -> str:
 
 
 def compute_all_metrics(examples: pd.DataFrame, preds: dict[str, Prediction], stats, train_cells: list[str],
-                        n_bootstrap: int, seed: int) -> dict:
+                        n_bootstrap: int, seed: int, decision: Decision | None = None) -> dict:
     scored = examples[examples["id"].isin(preds)].reset_index(drop=True)
     recs = [preds[i] for i in scored["id"]]
     out = {
@@ -173,8 +185,11 @@ def compute_all_metrics(examples: pd.DataFrame, preds: dict[str, Prediction], st
         "probability_method": _method(recs) if recs else None,
         "n_pert_seen_in_train_lines": int((scored["pert_seen_in_train_lines"].map(len) > 0).sum()),
         "class_counts": {SHORT[lab]: int((scored["label"] == lab).sum()) for lab in LABELS},
-        "model": model_metrics(scored, preds, n_bootstrap, seed) if len(scored) else {},
-        "baselines": baseline_report(stats, scored, train_cells, n_bootstrap=n_bootstrap, seed=seed) if len(scored) else {},
+        "model": model_metrics(scored, preds, n_bootstrap, seed, decision) if len(scored) else {},
+        "decision": ({**decision.model_dump(mode="json"), "description": decision.describe()}
+                     if decision is not None else None),
+        "baselines": (baseline_report(stats, scored, train_cells, n_bootstrap=n_bootstrap, seed=seed)
+                      if len(scored) else {}),
         "tokens": {"prompt_mean": float(np.mean([r.prompt_tokens for r in recs])) if recs else None,
                    "completion_mean": float(np.mean([r.completion_tokens for r in recs])) if recs else None,
                    "finished_by_length": int(sum(any(s.finish_reason == "length" for s in r.samples) for r in recs))},
@@ -183,10 +198,15 @@ def compute_all_metrics(examples: pd.DataFrame, preds: dict[str, Prediction], st
     return jsonable(out)
 
 
+def verdict_row(m: dict) -> str:
+    """The model's answer the verdict judges: the decision rule's when one applies, else the strict parse."""
+    return DECIDED if DECIDED in (m.get("model") or {}) else STRICT
+
+
 def verdict(m: dict) -> dict:
-    """Does the model (strict parse) beat the best available baseline, metric by metric?"""
+    """Does the model (its decided label, else its strict parse) beat the best baseline, metric by metric?"""
     res = {}
-    model = (m.get("model") or {}).get(STRICT, {}).get("overall")
+    model = (m.get("model") or {}).get(verdict_row(m), {}).get("overall")
     if not model:
         return res
     for metric in HEADLINE_METRICS:
@@ -203,7 +223,8 @@ def verdict(m: dict) -> dict:
         if metric.endswith("_per_gene") and model.get(metric.replace("_per_gene", "_genes"), 0) < MIN_AUROC_GENES:
             continue  # an average over a handful of genes says nothing; the table still shows it with its count
         majority = m["baselines"].get("majority", {}).get("overall", {}).get(metric)
-        res[metric] = {"model": mv, "best_baseline": best_name, "baseline": best, "beats": bool(mv > best),
+        res[metric] = {"model": mv, "row": verdict_row(m), "best_baseline": best_name, "baseline": best,
+                       "beats": bool(mv > best),
                        "majority": majority, "beats_majority": None if majority is None else bool(mv > majority)}
     return res
 
@@ -244,6 +265,7 @@ def run_eval(cfg: EvalConfig, dataset_path: str | Path | None = None, out_dir: s
     _check_resume(out, fp, overwrite)
 
     stats = training_stats(data_cfg)
+    decision = decision_for(cfg.decision, inf.adapter, stats)
     owned = backend is None
     if backend is None:
         backend = make_backend(inf)
@@ -260,7 +282,8 @@ def run_eval(cfg: EvalConfig, dataset_path: str | Path | None = None, out_dir: s
             backend.close()
 
     preds = read_predictions(out / PREDICTIONS)
-    metrics = compute_all_metrics(examples, preds, stats, list(data_cfg.train_cells), cfg.n_bootstrap, cfg.seed)
+    metrics = compute_all_metrics(examples, preds, stats, list(data_cfg.train_cells), cfg.n_bootstrap, cfg.seed,
+                                  decision)
     metrics["run"] = jsonable(run)
     if engine_stats:
         metrics["client"] = engine_stats
@@ -294,10 +317,58 @@ def _check_resume(out: Path, fp: dict, overwrite: bool) -> None:
 def summary(metrics: dict, out: Path) -> dict:
     m = (metrics.get("model") or {}).get(STRICT, {}).get("overall", {})
     lm = (metrics.get("model") or {}).get(LENIENT, {}).get("overall", {})
+    dm = (metrics.get("model") or {}).get(DECIDED, {}).get("overall", {})
     return {"out": str(out), "n": metrics["n_predicted"], "complete": metrics["complete"],
             "accuracy": m.get("accuracy"), "macro_f1": m.get("macro_f1"),
             "balanced_accuracy": m.get("balanced_accuracy"), "auroc_de_per_gene": m.get("auroc_de_per_gene"),
             "auroc_dir_per_gene": m.get("auroc_dir_per_gene"), "unparseable_rate": m.get("unparseable_rate"),
             "macro_f1_lenient": lm.get("macro_f1"), "unparseable_rate_lenient": lm.get("unparseable_rate"),
             "probability_method": metrics.get("probability_method"),
+            "decision": (metrics.get("decision") or {}).get("rule"),
+            "macro_f1_decided": dm.get("macro_f1"), "accuracy_decided": dm.get("accuracy"),
             "beats_baselines": {k: v["beats"] for k, v in metrics.get("verdict", {}).items()}}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fitting a decision rule on validation rows
+
+
+def fit_decision(cfg: EvalConfig, out_dir: str | Path, objective: str = "macro_f1", progress: bool = True,
+                 backend: Backend | None = None) -> dict:
+    """Predict the dataset's VALIDATION split with the adapter, fit tuned log-offsets on it (starting from the
+    prior-shift rule), and save ``decision.json`` beside the adapter. Returns the fitted rule and its scores."""
+    from .decision import ValidationRows, fit_tuned, objective_value, save_decision
+
+    adapter = backend.cfg.adapter if backend is not None else cfg.inference.adapter
+    if not adapter:
+        raise SynthpertError("a decision rule is fitted for an adapter: pass --adapter DIR")
+    if cfg.split != "validation":
+        raise SynthpertError(f"decision rules are fitted on the validation split, not {cfg.split!r}")
+    from .data import load_built
+
+    if not cfg.dataset or len(load_built(Path(cfg.dataset), "validation")) == 0:
+        raise SynthpertError(f"the dataset {cfg.dataset} has no validation rows to fit a decision rule on (built with "
+                             "data.val_fraction 0?): rebuild it with val_fraction > 0, or use decision 'prior'")
+    vcfg = cfg.model_copy(update={"decision": "argmax", "figures": False, "n_bootstrap": 0})
+    run_eval(vcfg, out_dir=out_dir, progress=progress, backend=backend)
+    examples = examples_of(vcfg)
+    preds = read_predictions(Path(out_dir) / PREDICTIONS)
+    recs = [preds[i] for i in examples["id"]]
+    if any(r.prob_vector() is None for r in recs):
+        raise SynthpertError("fitting a decision rule needs class probabilities (answer_logprob or votes); these "
+                             "predictions have hard labels only")
+    probs = np.array([r.prob_vector() for r in recs], dtype=float)
+    val = ValidationRows.from_rows(probs, examples["label"].tolist(), [cfg.split] * len(examples),
+                                   source=f"{cfg.dataset} (validation split)")
+    stats = training_stats(built_config(Path(cfg.dataset)))
+    start = decision_for("prior" if adapter_manifest(adapter).get("class_shares") else "argmax", adapter, stats)
+    tuned = fit_tuned(val, objective, start=start)
+    tuned = tuned.model_copy(update={"adapter_hash": adapter_version(adapter),
+                                     "fitted_on": {**tuned.fitted_on, "dataset": str(Path(cfg.dataset).resolve()),
+                                                   "predictions": str(Path(out_dir).resolve())}})
+    path = save_decision(tuned, adapter)
+    y = np.array([LABELS.index(lab) for lab in examples["label"]])
+    scores = {name: round(objective_value(y, d.apply(probs), objective), 4)
+              for name, d in (("argmax", Decision()), (start.rule, start), ("tuned", tuned))}
+    return {"decision": str(path), "rule": tuned.describe(), "objective": objective, "n_validation": len(y),
+            f"validation_{objective}": scores}

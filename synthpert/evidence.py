@@ -62,7 +62,7 @@ class TrainingStats:
         self.line_counts: dict[str, np.ndarray] = {
             c: onehot[cells == c].sum(axis=0) for c in self.lines}
         self.gene_counts_pooled: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(3, np.int64))
-        for (c, g), v in self.gene_counts.items():
+        for (_, g), v in self.gene_counts.items():
             self.gene_counts_pooled[g] = self.gene_counts_pooled[g] + v
 
     def counts_excluding(self, line: str) -> np.ndarray:

@@ -140,7 +140,7 @@ class Pipeline:
         """Each eval set is built with the run's training lines, then scored (predictions resume)."""
         from .backends import make_backend
         from .data import build, load_lines
-        from .evaluate import run_eval
+        from .evaluate import fit_decision, run_eval
 
         out = {}
         adapter = str(self.stage_dir("train"))
@@ -159,6 +159,13 @@ class Pipeline:
                     if adp not in backends:
                         backends[adp] = make_backend(ecfg.inference.model_copy(
                             update={"model": self.base_model, "adapter": adp}))
+                        if adp and ecfg.decision == "tuned":  # fitted on the run's validation rows, never test
+                            self.log(f"[eval] fitting the tuned decision rule on {ecfg.decision_fit_n} validation rows")
+                            fit = fit_decision(ecfg.model_copy(update={"dataset": str(self.train_data),
+                                                                       "split": "validation",
+                                                                       "n": ecfg.decision_fit_n}),
+                                               folder / "decision_fit", backend=backends[adp])
+                            out["decision_fit"] = fit
                     out[label] = run_eval(ecfg, data_dir, folder / label / "result", backend=backends[adp],
                                           overwrite=not resume)
         finally:

@@ -35,7 +35,8 @@ class CostProgress:
 
 def count_progress(total: int, done: int, label: str):
     """Evaluation's bar: examples predicted of the total (``done`` already finished); returns (bar, task)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
     bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                    transient=False)

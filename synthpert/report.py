@@ -45,12 +45,26 @@ TABLE_HEAD = ("| predictor | n | accuracy | macro-F1 | balanced acc. | F1 up | F
               "(per gene) | AUROC dir (per gene) | unparseable |\n|" + "---|" * 11)
 
 
+MODEL_ROWS = {  # metrics["model"] key -> how the report names the row
+    STRICT: "generated answer, strict parse",
+    LENIENT: "generated answer, lenient parse",
+    "scored": "argmax of class probabilities",
+    "decided": "decided",
+}
+
+
+def _row_name(mode: str, metrics: dict) -> str:
+    if mode == "decided":
+        return f"decided: {(metrics.get('decision') or {}).get('rule', '?')} rule"
+    return MODEL_ROWS[mode]
+
+
 def metrics_table(metrics: dict, model_name: str, stratum: str) -> str | None:
     lines = [TABLE_HEAD]
-    for mode in (STRICT, LENIENT):
+    for mode in MODEL_ROWS:
         m = metrics["model"].get(mode, {}).get(stratum)
         if m:
-            lines.append(_row(f"**{model_name}** ({mode} parse)", m))
+            lines.append(_row(f"**{model_name}** ({_row_name(mode, metrics)})", m))
     for name, b in metrics["baselines"].items():
         if "unavailable" in b:
             lines.append(f"| {name} | — | unavailable: {b['unavailable']} |" + " |" * 8)
@@ -74,6 +88,9 @@ def write_report(out: Path, metrics: dict, run: dict, figures: list[str]) -> Pat
                  + (" (hard labels: AUROC from one-hot scores is a weak statistic)"
                     if metrics["probability_method"] == HARD_LABEL else ""))
     lines.append(f"- sampling: `{json.dumps(run['sampling'])}`")
+    if metrics.get("decision"):
+        lines.append(f"- decision rule: {metrics['decision']['description']}; the verdict judges the "
+                     f"{'decided' if 'decided' in metrics['model'] else 'generated (strict)'} answer")
     lines.append(f"- prompt template sha256 `{run['prompt_sha256'][:16]}…`, chat template sha256 "
                  f"`{(run['backend_info'].get('chat_template_sha256') or 'n/a')[:16]}…`")
     lines += ["", "## Verdict", ""]
@@ -115,7 +132,8 @@ def write_report(out: Path, metrics: dict, run: dict, figures: list[str]) -> Pat
         lines += ["", f"![{Path(fig).stem}]({fig})"]
     tok = metrics["tokens"]
     lines += ["", f"Tokens: prompt {tok['prompt_mean']:.0f} on average, completion {tok['completion_mean']:.0f}; "
-              f"{tok['finished_by_length']} outputs stopped at max_new_tokens." if tok["prompt_mean"] is not None else ""]
+              f"{tok['finished_by_length']} outputs stopped at max_new_tokens."
+              if tok["prompt_mean"] is not None else ""]
     path = out / REPORT
     path.write_text("\n".join(lines) + "\n")
     return path

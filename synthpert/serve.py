@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 from .cells import get_cell_line
 from .config.serve import ServeConfig, ServeSettings
+from .decision import decision_for
 from .errors import SynthpertError, scrub
 from .evidence import dataset_training_stats, evidence_text
 from .inference import Predictor, Triple
@@ -190,8 +191,9 @@ def served_model_name(predictor, settings: ServeSettings) -> str:
     return Path(cfg.adapter).name if cfg.adapter else Path(cfg.model or "model").name
 
 
-def create_app(predictor, settings: ServeSettings | None = None, evidence_stats=None):
-    """The FastAPI app around a loaded ``Predictor`` (its backend is transformers or vllm)."""
+def create_app(predictor, settings: ServeSettings | None = None, evidence_stats=None, decision=None):
+    """The FastAPI app around a loaded ``Predictor`` (its backend is transformers or vllm). ``decision``: the
+    rule turning class probabilities into /v1/predict's label (default: the model's own answer)."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
@@ -278,8 +280,14 @@ def create_app(predictor, settings: ServeSettings | None = None, evidence_stats=
                       item.perturbation, item.gene, None, ev)
 
     def answer(p, return_reasoning: bool) -> dict:
+        probs = p.prob_vector()
+        decided = decision is not None and decision.rule != "argmax" and probs is not None
+        label = decision.labels_for([probs])[0] if decided else p.label_lenient
         return {"cell_line": p.cell_line, "perturbation": p.perturbation, "gene": p.gene,
-                "label": p.label_lenient, "label_strict": p.label_strict,
+                "label": label, "label_generated": p.label_lenient, "label_strict": p.label_strict,
+                "decision": {"rule": decision.rule if decided else "generated answer",
+                             "description": decision.describe() if decided else
+                             "the label the model generated (lenient parse)"},
                 "unparseable_reason": p.unparseable_reason_lenient, "probabilities": p.probabilities,
                 "probability_method": p.probability_method,
                 "reasoning": (p.reasoning if p.reasoning is not None else p.raw_text) if return_reasoning else None,
@@ -371,8 +379,9 @@ def serve(cfg: ServeConfig) -> None:
     settings = cfg
     check_evidence_setting(cfg.inference.adapter, settings.evidence_dataset)
     stats = dataset_training_stats(settings.evidence_dataset) if settings.evidence_dataset else None
+    decision = decision_for(settings.decision, cfg.inference.adapter, stats)
     predictor = load_predictor(cfg)
-    app = create_app(predictor, settings, stats)
+    app = create_app(predictor, settings, stats, decision)
     if settings.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding %s: the endpoint is reachable from other machines%s", settings.host,
                     "" if os.environ.get(settings.api_key_env) else f" and has NO API key (set {settings.api_key_env})")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import dump_config
+from .decision import class_shares
 from .config.train import TrainConfig
 from .errors import SynthpertError
 from .loss_mask import check_overlength, check_vocab, end_of_turn_ids, mask_mode, tokenize_rows
@@ -303,6 +304,8 @@ def train_model(cfg: TrainConfig, source, out_dir: str | Path) -> TrainResult:
     summary = {
         "run_dir": str(out_dir), "base_model": cfg.base_model, "mode": cfg.mode, "loss_mask": mode,
         "n_train": len(train_records), "n_eval": len(eval_records),
+        # the prior the model learns: a decision rule corrects from it to the test-time prior
+        "class_shares": class_shares([r["label"] for r in examples["train"]]),
         "skipped": dict(examples["skipped"]),
         "n_overlength": len(over) + len(eval_over), "overlength_policy": cfg.overlength,
         "global_step": trainer.state.global_step, "resumed_from": resume_from,
@@ -333,7 +336,7 @@ def _write_manifest(out_dir, cfg, summary, examples, tokenizer, dhash, base_conf
         "precision": precision, "device": _device_kind(), "num_processes": _num_processes(),
         **{k: summary[k] for k in ("loss_mask", "n_train", "n_eval", "skipped", "n_overlength", "global_step",
                                    "train_loss", "first_logged_loss", "last_logged_loss", "eval_loss",
-                                   "trainable_params", "runtime_s")},
+                                   "trainable_params", "runtime_s", "class_shares")},
         "config": cfg.model_dump(mode="json"),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -41,8 +41,8 @@ def test_wheel_ships_prompts_data_configs_and_finds_them(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True, capture_output=True)
     code = ("import synthpert, synthpert.resources as r; from synthpert.prompting import student_messages; "
-            "assert str(synthpert.__file__).startswith(%r); print(r.resource_dir('prompts')); "
-            "print(student_messages('rpe1', 'A', 'B')[1]['content'][:40])" % str(target))
+            f"assert str(synthpert.__file__).startswith({str(target)!r}); print(r.resource_dir('prompts')); "
+            "print(student_messages('rpe1', 'A', 'B')[1]['content'][:40])")
     env = {**os.environ, "PYTHONPATH": str(target)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr

@@ -104,3 +104,33 @@ def test_shipped_run_configs_validate(name):
 
     cfg = load_section(RunConfig, None, ROOT / "configs" / name)
     assert cfg.name == name.removesuffix(".yaml") and cfg.eval_sets
+
+
+@pytest.mark.slow
+def test_run_fits_the_tuned_decision_on_validation_rows_before_eval(tmp_path, perturbqa_dir):
+    """eval.decision: tuned → the run fits decision.json on its validation split, then every set applies it."""
+    cfg = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    cfg["name"] = "tuned"
+    cfg["data"]["train_subsample"] = {"n": 60, "balance": True}
+    cfg["train"]["mode"] = "label_only"
+    cfg["train"]["optim"]["epochs"] = 1
+    cfg["eval_sets"] = {"k562_test": {"test_cells": ["k562"], "n": 20}}
+    cfg["eval"].update({"n_bootstrap": 0, "figures": False, "decision": "tuned", "decision_fit_n": 30})
+    cfg["eval"]["inference"]["max_new_tokens"] = 12
+    path = tmp_path / "tuned.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "SYNTHPERT_DATA": str(perturbqa_dir), "HF_HUB_OFFLINE": "1"}
+    r = _run(path, tmp_path / "runs", env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "tuned"
+    decision = json.loads((run_dir / "train" / "decision.json").read_text())
+    assert decision["rule"] == "tuned" and decision["fitted_on"]["split"] == "validation"
+    assert decision["fitted_on"]["n"] == 30
+    fitted = [json.loads(line)["id"] for line in (run_dir / "eval" / "decision_fit" / "predictions.jsonl").open()]
+    assert fitted and all(i.startswith("k562:") for i in fitted)
+    from synthpert.data import load_built
+
+    test_ids = set(load_built(run_dir / "eval" / "k562_test" / "data", "test")["id"])
+    assert not test_ids & set(fitted)  # fitted on validation rows only, never on a test pair
+    metrics = json.loads((run_dir / "eval" / "k562_test" / "result" / "metrics.json").read_text())
+    assert metrics["decision"]["rule"] == "tuned" and "decided" in metrics["model"]

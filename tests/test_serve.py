@@ -127,7 +127,7 @@ def test_concurrent_load_all_succeed(server):
     assert all(abs(sum(b["probabilities"].values()) - 1) < 1e-6 for _, b in results)
     # identical questions got identical answers whatever batch they landed in
     by_q = {}
-    for i, (_, b) in enumerate(results):
+    for _, b in results:
         by_q.setdefault((b["perturbation"], b["gene"]), []).append(b["probabilities"]["up"])
     assert all(max(v) - min(v) < 1e-5 for v in by_q.values())
 

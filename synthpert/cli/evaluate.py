@@ -42,6 +42,30 @@ def eval_cmd(
     typer.echo(f"report: {Path(summary['out']) / 'report.md'}")
 
 
+def decide_cmd(
+    model: str = typer.Option(..., "--model", help="Base model folder."),
+    adapter: str = typer.Option(..., "--adapter", help="LoRA adapter folder (decision.json is written there)."),
+    dataset: Path = typer.Option(..., "--dataset", help="Built dataset folder whose VALIDATION split is used."),
+    out: Path | None = typer.Option(None, "--out", help="Folder for the validation predictions (default: "
+                                       "ADAPTER/decision_fit)."),
+    n: int | None = typer.Option(2000, "--n", help="Seeded subsample of the validation split."),
+    objective: str = typer.Option("macro_f1", "--objective", help="macro_f1, balanced_accuracy or accuracy."),
+    backend: str | None = typer.Option(None, "--backend", help="transformers (default) or vllm."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML with eval settings (inference)."),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. inference.batch_size=64"),
+) -> None:
+    """Fit the adapter's decision rule on validation rows (never test rows) and save it as decision.json."""
+    from ..evaluate import fit_decision
+
+    flags = {"dataset": str(dataset), "split": "validation", "n": n, "inference.backend": backend,
+             "inference.model": model, "inference.adapter": adapter}
+    cfg = load_section(EvalConfig, "eval", config, overrides, flags)
+    res = fit_decision(cfg, out or Path(adapter) / "decision_fit", objective)
+    scores = ", ".join(f"{k} {v:.3f}" for k, v in res[f"validation_{objective}"].items())
+    typer.echo(f"{res['rule']}\nvalidation {objective} ({res['n_validation']} rows): {scores}\n"
+               f"saved {res['decision']} (synthpert eval and serve apply it to this adapter)")
+
+
 def serve_cmd(
     model: str = typer.Option(..., "--model", help="Base (or merged) model folder."),
     adapter: str | None = typer.Option(None, "--adapter", help="LoRA adapter folder."),
@@ -67,4 +91,5 @@ def serve_cmd(
 
 def register(app: typer.Typer) -> None:
     app.command("eval")(eval_cmd)
+    app.command("decide")(decide_cmd)
     app.command("serve")(serve_cmd)

@@ -75,4 +75,10 @@ class EvalConfig(StrictModel):
     chunk_size: int = Field(64, ge=1, description="examples per write to predictions.jsonl")
     figures: bool = True
     name: str | None = Field(None, description="display name of the model in the report")
+    decision: str = Field("auto", description="how class probabilities become a label: argmax, prior (prior-shift "
+                          "correction from the trained class shares to the training data's), tuned (the adapter's "
+                          "decision.json, fitted on validation rows by `synthpert decide`), auto (tuned if fitted, "
+                          "else prior), or a path to a decision.json")
+    decision_fit_n: int = Field(2000, ge=10, description="synthpert run with decision 'tuned': validation rows (seeded "
+                                "sample of the run's validation split) the rule is fitted on before evaluation")
     inference: InferenceConfig = Field(default_factory=InferenceConfig)

@@ -21,6 +21,9 @@ class ServeSettings(StrictModel):
     served_name: str | None = Field(None, description="model id for /v1/models (default: adapter or model folder name)")
     evidence_dataset: str | None = Field(None, description="built dataset folder whose training rows provide the "
                                          "evidence context (for models trained with it)")
+    decision: str = Field("auto", description="how class probabilities become /v1/predict's label: argmax, prior, "
+                          "tuned (the adapter's decision.json) or auto (tuned if fitted, else prior when the training "
+                          "data is at hand via evidence_dataset, else argmax); see synthpert eval")
 
 
 class ServeConfig(ServeSettings):
