@@ -54,8 +54,13 @@ class Predictor:
     """Turns (cell line, perturbation, gene) triples into ``Prediction`` records with one backend."""
 
     def __init__(self, backend: Backend):
+        from .runs import adapter_manifest
+
         self.backend = backend
         self.cfg = backend.cfg
+        # A multitask student is asked for the label at once (its answer task), as it was trained to.
+        mode = adapter_manifest(self.cfg.adapter).get("mode") if self.cfg.adapter else None
+        self.task = "answer" if mode == "multitask" else None
 
     def method(self, n_samples: int) -> str:
         m = self.cfg.probability_method
@@ -81,7 +86,7 @@ class Predictor:
         n = n_samples or self.cfg.n_samples
         method = self.method(n)
         t0 = time.perf_counter()
-        queries = [self.backend.prepare(student_messages(t.cell_line, t.perturbation, t.gene, t.evidence))
+        queries = [self.backend.prepare(student_messages(t.cell_line, t.perturbation, t.gene, t.evidence, self.task))
                    for t in triples]
         gens = self.backend.generate(queries, n=n)
         logprobs = None

@@ -63,9 +63,16 @@ def triple_variables(cell_line: str, perturbation: str, gene: str, evidence: str
             "perturbation": perturbation.strip(), "gene": gene.strip(), "evidence": evidence}
 
 
-def student_messages(cell_line: str, perturbation: str, gene: str, evidence: str | None = None) -> list[dict]:
-    """System + user messages of the question a student model answers (no label, ever)."""
-    variables = triple_variables(cell_line, perturbation, gene, evidence)
+STUDENT_TASKS = (None, "answer", "explain")
+
+
+def student_messages(cell_line: str, perturbation: str, gene: str, evidence: str | None = None,
+                     task: str | None = None) -> list[dict]:
+    """System + user messages of the question a student model answers (no label, ever). ``task``: None or
+    "explain" (reason, then answer), "answer" (the label at once: a multitask student's direct prediction)."""
+    if task not in STUDENT_TASKS:
+        raise SynthpertError(f"unknown student task {task!r}; tasks: answer, explain")
+    variables = {**triple_variables(cell_line, perturbation, gene, evidence), "task": task}
     return [{"role": "system", "content": load_template(STUDENT_SYSTEM).render(**variables)},
             {"role": "user", "content": load_template(STUDENT_USER).render(**variables)}]
 

@@ -25,7 +25,16 @@ from .schema import TraceRecord, read_jsonl, write_jsonl
 
 def _student_prompt(row: dict, stats) -> list[dict]:
     evidence = evidence_text(stats, row["cell_line"], row["perturbation"], row["gene"]) if stats else None
-    return student_messages(row["cell_line"], row["perturbation"], row["gene"], evidence)
+    return student_messages(row["cell_line"], row["perturbation"], row["gene"], evidence, row.get("task"))
+
+
+def _multitask(rows: list[dict]) -> list[dict]:
+    """Each trace row as two tasks: the label at once ("answer") and the trace ("explain")."""
+    out = []
+    for r in rows:
+        out.append({**r, "task": "answer", "assistant": format_answer(r["label"])})
+        out.append({**r, "task": "explain"})
+    return out
 
 
 def _evidence_stats(cfg: TrainConfig, source: Path | None):
@@ -103,7 +112,7 @@ def training_examples(cfg: TrainConfig, source) -> dict[str, Any]:
             eval_rows = _dataset_rows(src_path, "validation") if cfg.eval_fraction > 0 else []
         else:
             if src_path.is_dir():
-                raise SynthpertError(f"mode=reasoning trains on a kept-traces JSONL file, but {src_path} is a "
+                raise SynthpertError(f"mode={cfg.mode} trains on a kept-traces JSONL file, but {src_path} is a "
                                      "folder (for answer-only training on a built dataset set mode=label_only)")
             rows = _trace_rows(src_path, cfg, skipped)
             eval_rows = None
@@ -121,6 +130,8 @@ def training_examples(cfg: TrainConfig, source) -> dict[str, Any]:
         rows, eval_rows = _split_eval(rows, cfg.eval_fraction, cfg.eval_max_examples, cfg.seed)
     else:
         eval_rows = eval_rows[: cfg.eval_max_examples]
+    if cfg.mode == "multitask":  # after the split: both tasks of a triple stay on the same side
+        rows, eval_rows = _multitask(rows), _multitask(eval_rows)
     stats = _evidence_stats(cfg, src_path) if cfg.evidence else None
     for r in [*rows, *eval_rows]:
         r["prompt"] = _student_prompt(r, stats)

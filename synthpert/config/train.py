@@ -39,9 +39,12 @@ class TrainConfig(StrictModel):
 
     base_model: str | None = Field(None, description="hub id or local folder of the base (student) model")
     revision: str | None = Field(None, description="hub revision (commit / tag) of the base model")
-    mode: Literal["reasoning", "label_only"] = Field(
+    mode: Literal["reasoning", "label_only", "multitask"] = Field(
         "reasoning", description="'reasoning': assistant = kept trace + answer (input: traces JSONL); "
-        "'label_only': assistant = just the answer (input: a built dataset folder), the ablation")
+        "'label_only': assistant = just the answer (input: a built dataset folder), the ablation; 'multitask': "
+        "each kept trace gives two examples (distilling step-by-step, Hsieh et al. 2023): answer at once, and "
+        "explain then answer; the student predicts with the answer task, so its class probabilities come "
+        "before it commits to any reasoning")
     data_path: str | None = Field(None, description="kept traces JSONL, or a built dataset folder (label_only)")
     dataset_dir: str | None = Field(
         None, description="built dataset folder (`synthpert data build --out`) whose data_config.json gives the "

@@ -1,0 +1,56 @@
+"""The multitask student (distilling step-by-step): each kept trace trains an answer-at-once task and an
+explain-then-answer task; evaluation asks the answer task, so class probabilities come before any reasoning."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_multitask_trains_both_tasks_and_predicts_with_the_answer_task(tiny_model_dir, tiny_traces_path,
+                                                                       tiny_built_dataset, tmp_path):
+    from synthpert.backends import make_backend
+    from synthpert.config.evaluate import InferenceConfig
+    from synthpert.config.train import TrainConfig
+    from synthpert.inference import Predictor, Triple
+    from synthpert.train import run_train
+    from synthpert.train_data import training_examples
+
+    cfg = TrainConfig.model_validate({
+        "base_model": str(tiny_model_dir), "mode": "multitask", "max_length": 512, "seed": 0, "eval_fraction": 0.1,
+        "max_examples": 40, "logging_steps": 2, "lora": {"r": 8, "alpha": 16},
+        "optim": {"lr": 1e-2, "epochs": 1, "batch_size": 8, "grad_accum": 1, "warmup": 0.0}})
+    ex = training_examples(cfg, tiny_traces_path)
+    tasks = [r["task"] for r in ex["train"]]
+    assert tasks.count("answer") == tasks.count("explain") == len(tasks) // 2
+    for r in ex["train"]:
+        user = r["prompt"][-1]["content"]
+        if r["task"] == "answer":
+            assert "Answer at once" in user and "<think>" not in r["assistant"] and "<answer>" in r["assistant"]
+        else:
+            assert "Answer at once" not in user and "<think>" in r["assistant"]
+    # both tasks of a triple sit on the same side of the eval hold-out
+    groups = lambda rows: {(r["cell_line"], r["perturbation"]) for r in rows}  # noqa: E731
+    assert not groups(ex["train"]) & groups(ex["eval"])
+
+    out = tmp_path / "mt"
+    summary = run_train(cfg, tiny_traces_path, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["mode"] == "multitask" and summary["n_train"] == len(ex["train"])
+
+    backend = make_backend(InferenceConfig(backend="transformers", model=str(tiny_model_dir), adapter=str(out),
+                                           max_new_tokens=8))
+    try:
+        predictor = Predictor(backend)
+        assert predictor.task == "answer"
+        [p] = predictor.predict([Triple("k562:MYC:GAPDH", "k562", "MYC", "GAPDH", None, None)])
+        assert p.probability_method == "answer_logprob" and abs(sum(p.probabilities.values()) - 1) < 1e-6
+    finally:
+        backend.close()
+    # a reasoning adapter keeps asking for reasoning
+    from synthpert.runs import adapter_manifest
+
+    assert adapter_manifest(out)["mode"] == "multitask"
