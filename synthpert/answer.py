@@ -34,6 +34,9 @@ SHORT = {UP: "up", DOWN: "down", NOT_DE: "not_de"}
 UNPARSEABLE = "unparseable"
 
 THINK_OPEN = "<think>"  # what a prompt ends with to start a reasoning block (merge's probes)
+THINK_CLOSE = "</think>"
+ANSWER_OPEN = "<answer>"
+ANSWER_CLOSE = "</answer>"
 
 STRICT = "strict"
 LENIENT = "lenient"
@@ -86,8 +89,8 @@ def format_answer(label: str, reasoning: str | None = None) -> str:
     """Canonical text of an answer; what training targets and what the strict parser accepts."""
     check_label(label)
     if reasoning is None:
-        return f"<answer>{label}</answer>"
-    return f"<think>\n{reasoning.strip()}\n</think>\n<answer>{label}</answer>"
+        return f"{ANSWER_OPEN}{label}{ANSWER_CLOSE}"
+    return f"{THINK_OPEN}\n{reasoning.strip()}\n{THINK_CLOSE}\n{ANSWER_OPEN}{label}{ANSWER_CLOSE}"
 
 
 def check_label(label: str) -> str:
@@ -206,3 +209,12 @@ def _parse_lenient(text: str) -> ParsedAnswer:
                 return ParsedAnswer(label, reasoning is not None, reasoning, None, LENIENT)
             return _fail(f"final answer line {m.group(1)[:60]!r} is not a recognised label", LENIENT, reasoning)
     return _fail("no answer tag and no recognisable final answer", LENIENT, reasoning)
+
+
+def template_globals() -> dict:
+    """What every prompt template sees: the tags, the labels and the answer format, so no prompt file
+    spells them itself (a change of format here changes every prompt with it)."""
+    return {"THINK_OPEN": THINK_OPEN, "THINK_CLOSE": THINK_CLOSE, "ANSWER_OPEN": ANSWER_OPEN,
+            "ANSWER_CLOSE": ANSWER_CLOSE, "UP": UP, "DOWN": DOWN, "NOT_DE": NOT_DE, "answer_tag": format_answer,
+            "label_list": f"{UP}, {DOWN}, or {NOT_DE}",
+            "answer_choices": f"{format_answer(UP)}, {format_answer(DOWN)} or {format_answer(NOT_DE)}"}

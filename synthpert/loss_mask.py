@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import unicodedata
 
-from .answer import answer_block, think_block
+from .answer import THINK_CLOSE, THINK_OPEN, answer_block, think_block
 from .config.train import TrainConfig
 from .errors import SynthpertError
 
@@ -86,8 +86,9 @@ def check_loss_mask(tokenizer, ids: list[int], labels: list[int], assistant: str
     think = think_block(assistant)
     if think and think not in text:
         raise SynthpertError(
-            "the chat template removes the reasoning from the assistant turn: the <think>…</think> block of the "
-            "training target receives no loss (DeepSeek-R1-style templates drop everything before </think> from "
+            f"the chat template removes the reasoning from the assistant turn: the {THINK_OPEN}…{THINK_CLOSE} block of "
+            f"the training target receives no loss (DeepSeek-R1-style templates drop everything before {THINK_CLOSE} "
+            "from "
             "assistant messages). Training would silently teach answers only. Use a template that keeps it, e.g. "
             "chat_template=r1_distill_train (configs/chat_templates/).\n"
             f"trained text: {text[:300]!r}")

@@ -39,8 +39,11 @@ class Template:
 @cache
 def _compiled(text: str) -> jinja2.Template:
     """Compiling costs ~1 ms; a 20,000-request teacher run renders each template 20,000 times."""
+    from .answer import template_globals
+
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False,
                              trim_blocks=True, lstrip_blocks=True)
+    env.globals.update(template_globals())
     return env.from_string(text)
 
 

@@ -105,3 +105,22 @@ def test_disagreeing_answer_tags_never_parse(labels, filler):
     text = filler.replace("<", "").replace(">", "") + "".join(f"<answer>{lab}</answer>" for lab in labels)
     for mode in (STRICT, LENIENT):
         assert parse_answer(text, mode).label is None
+
+
+def test_prompt_files_take_tags_and_labels_from_answer_py():
+    """No prompt file spells the answer tags or the labels: they come from answer.template_globals, so a
+    format change in answer.py changes every prompt with it."""
+    import re
+    from pathlib import Path
+
+    from synthpert.answer import ANSWER_OPEN, LABELS, THINK_OPEN
+    from synthpert.prompting import student_messages
+
+    prompts = Path(__file__).resolve().parents[1] / "prompts"
+    for f in prompts.iterdir():
+        text = re.sub(r"\{#.*?#\}", "", f.read_text(), flags=re.DOTALL)  # comments may name them
+        for literal in ("<think>", "</think>", "<answer>", "</answer>", *LABELS):
+            assert literal not in text, f"{f.name} spells {literal!r}"
+    user = student_messages("k562", "MYC", "GAPDH")[1]["content"]
+    assert all(f"{ANSWER_OPEN}{lab}" in user for lab in LABELS)
+    assert THINK_OPEN in student_messages("k562", "MYC", "GAPDH")[0]["content"]

@@ -47,3 +47,13 @@ def test_wheel_ships_prompts_data_configs_and_finds_them(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "_resources" in out.stdout and "Analyze the regulatory effect" in out.stdout
+
+
+def test_version_flag_prints_the_version_without_a_command():
+    import subprocess
+    import sys
+
+    from synthpert import __version__
+
+    r = subprocess.run([sys.executable, "-m", "synthpert.cli", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == __version__, r.stdout + r.stderr
