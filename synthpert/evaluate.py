@@ -273,7 +273,7 @@ def run_eval(cfg: EvalConfig, dataset_path: str | Path | None = None, out_dir: s
         predictor = Predictor(backend)
         run = {**fp, "backend_info": backend.describe(), "model_name": cfg.name or _default_name(inf),
                "versions": library_versions(), "data_config": data_cfg.model_dump(mode="json"),
-               "n_bootstrap": cfg.n_bootstrap}
+               "n_bootstrap": cfg.n_bootstrap, "config": cfg.model_dump(mode="json")}
         (out / RUN_FILE).write_text(json.dumps(jsonable(run), indent=2))
         predict_missing(predictor, examples, out, stats if evidence else None, cfg.chunk_size, progress)
         engine_stats = getattr(backend, "last_stats", None)

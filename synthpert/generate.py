@@ -185,4 +185,5 @@ def run_generate(cfg: TeacherConfig, dataset_path: str | Path, out_dir: str | Pa
         "traces_path": str(out_dir / "traces.jsonl"),
     }
     write_json_atomic(out_dir / "summary.json", summary)
+    write_json_atomic(out_dir / "teacher_config.json", cfg.model_dump(mode="json"))  # names the key's variable only
     return summary

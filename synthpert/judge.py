@@ -205,4 +205,5 @@ def run_judge(cfg: JudgeConfig, traces_path: str | Path, out_dir: str | Path, dr
         "kept_path": str(out_dir / "kept.jsonl"), "rejected_path": str(out_dir / "rejected.jsonl"),
     }
     write_json_atomic(out_dir / "summary.json", summary)
+    write_json_atomic(out_dir / "judge_config.json", cfg.model_dump(mode="json"))
     return summary

@@ -172,6 +172,11 @@ def test_recipe_run_config(config, teacher_fraction, tmp_path, perturbqa_dir):
     first_set = next(iter(shipped["eval_sets"]))
     run_info = json.loads((run_dir / "eval" / first_set / "result" / "eval_run.json").read_text())
     assert run_info["backend_info"]["backend"] == "vllm"
+    # every stage wrote its resolved settings next to its output
+    teacher_cfg = json.loads((run_dir / "generate" / "teacher_config.json").read_text())
+    judge_cfg = json.loads((run_dir / "judge" / "judge_config.json").read_text())
+    assert teacher_cfg["model"] == shipped["teacher"]["model"] and teacher_cfg["base_url"].startswith("http://127.0.0.1")
+    assert judge_cfg["threshold"] == "excellent" and run_info["config"]["n_bootstrap"] == 20
     _no_secret_in(run_dir)
 
 
