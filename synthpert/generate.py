@@ -36,7 +36,8 @@ from .schema import TraceRecord, Usage
 log = logging.getLogger("synthpert.generate")
 
 PROMPTS = {"rationalise": "teacher_rationalise.j2", "predict": "teacher_predict.j2",
-           "evidence": "teacher_rationalise.j2"}
+           "evidence": "teacher_rationalise.j2", "evidence_blind": "teacher_predict.j2"}
+OFFLINE_MODES = ("evidence", "evidence_blind")  # the offline evidence teacher, told the label or not
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -69,7 +70,7 @@ def _messages(cfg: TeacherConfig, row, evidence: str | None) -> tuple[list[dict]
 
     name = cfg.prompt or PROMPTS[cfg.mode]
     variables = triple_variables(row.cell_line, row.perturbation, row.gene, evidence)
-    variables["label"] = row.label if cfg.mode != "predict" else None
+    variables["label"] = row.label if cfg.mode not in ("predict", "evidence_blind") else None
     user = load_template(name)
     messages = []
     prompt_hash = user.sha256
@@ -90,17 +91,18 @@ def build_requests(cfg: TeacherConfig, df: pd.DataFrame,
     if cfg.samples > 1:
         sampling["n"] = cfg.samples
     key_extra = None
-    if cfg.mode == "evidence":
+    if cfg.mode in OFFLINE_MODES:
         from .prompting import load_template
 
         sampling = {"n": cfg.samples} if cfg.samples > 1 else {}
-        key_extra = {"evidence_template": load_template(EVIDENCE_TEMPLATE).sha256}
+        key_extra = {"evidence_template": load_template(EVIDENCE_TEMPLATE).sha256,
+                     **({"label_blind": "v1"} if cfg.mode == "evidence_blind" else {})}
     reqs, info = [], {}
-    use_evidence = cfg.evidence_context or cfg.mode == "evidence"
+    use_evidence = cfg.evidence_context or cfg.mode in OFFLINE_MODES
     for row in df.itertuples(index=False):
         ev_text = evidence.text(row.cell_line, row.perturbation, row.gene) if use_evidence else None
         messages, name, phash = _messages(cfg, row, ev_text)
-        model = OFFLINE_EVIDENCE_MODEL if cfg.mode == "evidence" else None
+        model = OFFLINE_EVIDENCE_MODEL if cfg.mode in OFFLINE_MODES else None
         reqs.append(ChatRequest(id=row.id, messages=messages, sampling=sampling, model=model, key_extra=key_extra,
                                 context=row))
         info[row.id] = {"prompt_name": name, "prompt_hash": phash}
@@ -121,7 +123,7 @@ def _split_usage(usage: Usage, n: int) -> list[Usage]:
 
 def to_records(cfg: TeacherConfig, req: ChatRequest, res: ChatResult, info: dict) -> list[TraceRecord]:
     row = req.context
-    teacher = "evidence" if cfg.mode == "evidence" else res.model
+    teacher = "evidence" if cfg.mode in OFFLINE_MODES else res.model
     usages = _split_usage(res.usage, len(res.texts))
     out = []
     for i, text in enumerate(res.texts):
@@ -133,7 +135,7 @@ def to_records(cfg: TeacherConfig, req: ChatRequest, res: ChatResult, info: dict
             sampling=req.sampling, raw_text=text or "", reasoning=parsed.reasoning, parsed_label=parsed.label,
             parse_error=parsed.error, usage=usages[i], cost_usd=res.cost_usd / max(len(res.texts), 1),
             cache_key=res.keys[min(i, len(res.keys) - 1)])
-        if cfg.mode == "predict" and parsed.label != row.label:
+        if cfg.mode in ("predict", "evidence_blind") and parsed.label != row.label:
             rec.kept = False  # rejection sampling: the raw sample is kept, marked unusable
             rec.reject_reason = f"rejection sampling: answer {parsed.label or 'unparseable'} != label {row.label}"
         out.append(rec)
@@ -148,9 +150,10 @@ def run_generate(cfg: TeacherConfig, dataset_path: str | Path, out_dir: str | Pa
     """Write traces for the dataset's ``cfg.split``; returns the summary (also in <out>/summary.json)."""
     out_dir = Path(out_dir)
     df = load_examples(dataset_path, cfg.split, cfg.subsample, cfg.seed)
-    needs_evidence = cfg.evidence_context or cfg.mode == "evidence"
+    needs_evidence = cfg.evidence_context or cfg.mode in OFFLINE_MODES
     evidence = EvidenceSource(Path(dataset_path)) if needs_evidence else None
-    local = evidence_backend(evidence) if cfg.mode == "evidence" else None
+    blind = cfg.mode == "evidence_blind"
+    local = evidence_backend(evidence, label_blind=blind) if cfg.mode in OFFLINE_MODES else None
     requests, info = build_requests(cfg, df, evidence)
     engine = engine_for(cfg, out_dir, local=local, description=f"teacher ({cfg.mode})")
     if dry_run:
@@ -167,13 +170,13 @@ def run_generate(cfg: TeacherConfig, dataset_path: str | Path, out_dir: str | Pa
     matches = sum(1 for r in records if r.parsed_label == r.label)
     summary = {
         "complete": run.stats.completed == len(requests),
-        "mode": cfg.mode, "offline_heuristic": cfg.mode == "evidence",
-        "teacher": "evidence" if cfg.mode == "evidence" else cfg.model,
-        "base_url": None if cfg.mode == "evidence" else cfg.base_url,
+        "mode": cfg.mode, "offline_heuristic": cfg.mode in OFFLINE_MODES,
+        "teacher": "evidence" if cfg.mode in OFFLINE_MODES else cfg.model,
+        "base_url": None if cfg.mode in OFFLINE_MODES else cfg.base_url,
         "prompt_name": (cfg.prompt or PROMPTS[cfg.mode]),
         "prompt_hash": next(iter(info.values()))["prompt_hash"] if info else None,
         "evidence_template_hash": (requests[0].key_extra["evidence_template"]
-                                   if cfg.mode == "evidence" and requests else None),
+                                   if cfg.mode in OFFLINE_MODES and requests else None),
         "evidence_context": needs_evidence, "sampling": requests[0].sampling if requests else {},
         "examples": len(df), "examples_done": run.stats.completed, "traces": len(records),
         "parse_failures": parse_failures, "answer_matches_label": matches,

@@ -61,12 +61,43 @@ def evidence_reasoning(stats, row, names: dict[str, str]) -> str:
     return format_answer(row.label, load_template(EVIDENCE_TEMPLATE).render(**variables))
 
 
-def evidence_backend(evidence):
-    """The evidence teacher as a local backend; ``evidence.stats`` (built lazily) are the training counts."""
+def blind_answer(stats, row, sample_index: int) -> str:
+    """The label-blind evidence teacher's answer: what the evidence alone suggests, never the label.
+
+    Class probabilities = the mean of the gene prior and the cross-cell transfer score, divided by the global
+    class rates (the balanced Bayes decision: rare changes are not drowned by "not DE"). Sample 0 takes the
+    most likely class; later samples draw from these probabilities, seeded by the triple and sample index."""
+    import hashlib
+
+    import numpy as np
+    import pandas as pd
+
+    from .baselines import crosscell_probabilities, gene_prior_probabilities
+
+    one = pd.DataFrame({"cell_line": [row.cell_line], "perturbation": [row.perturbation], "gene": [row.gene]})
+    q = 0.5 * gene_prior_probabilities(stats, one)[0] + 0.5 * crosscell_probabilities(stats, one)[0][0]
+    b = q / np.clip(stats.global_rate, 1e-9, None)
+    b = b / b.sum()
+    if sample_index == 0:
+        return LABELS[int(np.argmax(b))]
+    seed = int.from_bytes(hashlib.sha256(f"{row.id}#{sample_index}".encode()).digest()[:8], "little")
+    return LABELS[int(np.random.default_rng(seed).choice(3, p=b))]
+
+
+def evidence_backend(evidence, label_blind: bool = False):
+    """The evidence teacher as a local backend; ``evidence.stats`` (built lazily) are the training counts.
+    ``label_blind``: it reasons towards ``blind_answer`` instead of the observed label."""
     from .cells import all_cell_lines
 
     names = {k: v.name for k, v in all_cell_lines().items()}
-    return lambda req, i: evidence_reasoning(evidence.stats, req.context, names)
+    if not label_blind:
+        return lambda req, i: evidence_reasoning(evidence.stats, req.context, names)
+
+    def blind(req, i):
+        row = req.context
+        return evidence_reasoning(evidence.stats, row._replace(label=blind_answer(evidence.stats, row, i)), names)
+
+    return blind
 
 
 def rules_verdict(trace: TraceRecord, cfg: JudgeConfig) -> str:

@@ -25,7 +25,8 @@ from .runs import Manifest, StageRecord, Timer, hash_json, hash_paths, write_jso
 from .schema import jsonable
 
 STAGES = ("data", "base_model", "generate", "judge", "train", "eval")
-TINY = "tiny"  # train.base_model value: build the offline tiny model inside the run
+TINY = "tiny"
+OFFLINE_TEACHER_MODES = ("evidence", "evidence_blind")  # no API, no key  # train.base_model value: build the offline tiny model inside the run
 # SynthPert sent 15% of the training triples to the teacher and about 2% of the training data survived
 # the judge: about 2 traces in 15 were kept. Shown beside the dry run's upper bound, as an expectation.
 PUBLISHED_KEEP_RATE = 2 / 15
@@ -196,7 +197,7 @@ class Pipeline:
         problems = []
         cfg = self.cfg
         clients = []
-        if cfg.teacher.mode != "evidence":
+        if cfg.teacher.mode not in OFFLINE_TEACHER_MODES:
             clients.append(("generate", "teacher", cfg.teacher.api_key_env))
         if cfg.judge.kind == "llm":
             clients.append(("judge", "judge", cfg.judge.api_key_env))

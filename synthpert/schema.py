@@ -79,7 +79,7 @@ class TraceRecord(BaseModel):
     perturbation: str
     gene: str
     label: str
-    mode: Literal["rationalise", "predict", "evidence"] = "rationalise"
+    mode: Literal["rationalise", "predict", "evidence", "evidence_blind"] = "rationalise"
     sample_index: int = 0
     teacher: str  # model name, or "evidence" for the offline evidence teacher
     prompt_name: str = ""

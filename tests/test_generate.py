@@ -79,6 +79,34 @@ def test_offline_evidence_teacher_and_rules_judge_keep_traces(dataset, tmp_path)
     assert list(read_jsonl(tmp_path / "traces" / "traces.jsonl", TraceRecord)) == traces
 
 
+def test_label_blind_evidence_teacher_answers_from_evidence_and_misses_are_rejected(dataset, tmp_path):
+    """evidence_blind: the offline analogue of predict mode. Its prompt and its answers do not depend on the
+    label; answers that miss the label are kept in the file, marked rejected, and the judge keeps the rest."""
+    from synthpert.evidence import dataset_training_stats
+    from synthpert.offline import blind_answer
+
+    cfg = TeacherConfig(mode="evidence_blind", samples=3, progress=False)
+    summary = run_generate(cfg, dataset, tmp_path / "traces")
+    assert summary["complete"] and summary["offline_heuristic"] and summary["traces"] == 72
+    traces = list(read_jsonl(tmp_path / "traces" / "traces.jsonl", TraceRecord))
+    assert all("Observed outcome" not in json.dumps(t.messages) for t in traces)  # never told the label
+    stats = dataset_training_stats(dataset)
+    by_example = {}
+    for t in traces:
+        by_example.setdefault(t.example_id, []).append(t)
+        row = type("Row", (), {"id": t.example_id, "cell_line": t.cell_line, "perturbation": t.perturbation,
+                               "gene": t.gene})
+        assert t.parsed_label == blind_answer(stats, row, t.sample_index)  # a function of the evidence only
+        if t.parsed_label != t.label:
+            assert t.kept is False and "rejection sampling" in t.reject_reason
+    assert 0 < summary["answer_matches_label"] < 72
+    judged = run_judge(JudgeConfig(kind="rules", progress=False), tmp_path / "traces" / "traces.jsonl",
+                       tmp_path / "judged")
+    assert judged["kept"] == summary["answer_matches_label"]
+    again = run_generate(cfg, dataset, tmp_path / "traces")
+    assert again["engine"]["http_requests"] == 0 and again["engine"]["from_cache"] == 24
+
+
 def test_rules_judge_rejects_bad_form(dataset, tmp_path):
     run_generate(TeacherConfig(mode="evidence", progress=False), dataset, tmp_path / "t")
     traces = list(read_jsonl(tmp_path / "t" / "traces.jsonl", TraceRecord))

@@ -14,9 +14,11 @@ from .data import SubsampleConfig
 class TeacherConfig(ClientConfig):
     """The teacher: where it runs (ClientConfig fields) and what it is asked."""
 
-    mode: Literal["rationalise", "predict", "evidence"] = Field(
+    mode: Literal["rationalise", "predict", "evidence", "evidence_blind"] = Field(
         "rationalise", description="rationalise: told the label; predict: label-blind with rejection sampling; "
-        "evidence: the OFFLINE evidence heuristic (no API, no cost)")
+        "evidence: the OFFLINE evidence heuristic, told the label (no API, no cost); evidence_blind: the same "
+        "heuristic label-blind — it answers from the evidence alone (sample 0 its best guess, later samples drawn "
+        "from its class probabilities) and answers that miss the label are rejected, as in predict mode")
     samples: int = Field(1, ge=1, le=64, description="samples per triple (predict mode: e.g. 4)")
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_completion_tokens=2048))
     split: str = Field("train", description="split of the built dataset to write traces for")
