@@ -114,7 +114,7 @@ class Backend:
                                   c.top_p if top_p is None else top_p, c.seed if seed is None else seed)
 
     def answer_logprobs(self, queries: list[Query], texts: list[str]) -> list[list[float]]:
-        """Sum of log-probabilities of each ``<answer>LABEL</answer>`` after prompt + generated reasoning."""
+        """Sum of log-probabilities of each answer block (answer.format_answer) after prompt + generated reasoning."""
         conts = answer_continuations(self.tokenizer)
         contexts = []
         for q, text in zip(queries, texts):

@@ -14,7 +14,7 @@ backends receive token ids, so transformers and vLLM see byte-identical prompts.
 Class probabilities (``probability_method``):
 
 * ``answer_logprob``: after the generated reasoning, the teacher-forced log-probability of each whole
-  answer string ``<answer>LABEL</answer>`` through the same model, normalised over the three. Local
+  answer block (answer.format_answer(label)) through the same model, normalised over the three. Local
   backends only (vLLM through ``prompt_logprobs``).
 * ``votes``: the share of each label among ``n_samples`` parsed samples (the only way for API models).
   With one sample it is a hard one-hot label and the record says ``hard_label``.

@@ -1,7 +1,7 @@
 """Tokenisation through the chat template and the loss-mask guards, checked before the first training step.
 
 * the whole assistant turn (reasoning block and answer) receives loss: some reasoning-model templates
-  (DeepSeek-R1 family) drop everything before ``</think>`` from assistant turns, which would silently
+  (DeepSeek-R1 family) drop everything before the closing think tag from assistant turns, which would silently
   train on answers only;
 * nothing outside the assistant turn receives loss, and the end-of-turn token does (else the model never
   learns to stop);

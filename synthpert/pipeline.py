@@ -25,8 +25,8 @@ from .runs import Manifest, StageRecord, Timer, hash_json, hash_paths, write_jso
 from .schema import jsonable
 
 STAGES = ("data", "base_model", "generate", "judge", "train", "eval")
-TINY = "tiny"
-OFFLINE_TEACHER_MODES = ("evidence", "evidence_blind")  # no API, no key  # train.base_model value: build the offline tiny model inside the run
+TINY = "tiny"  # train.base_model value: build the offline tiny model inside the run
+OFFLINE_TEACHER_MODES = ("evidence", "evidence_blind")  # no API, no key
 # SynthPert sent 15% of the training triples to the teacher and about 2% of the training data survived
 # the judge: about 2 traces in 15 were kept. Shown beside the dry run's upper bound, as an expectation.
 PUBLISHED_KEEP_RATE = 2 / 15
