@@ -6,8 +6,8 @@
 
 Each variant is the quickstart recipe trained on K562 + HepG2 + Jurkat (evidence block with cross-line
 observations) with a few overrides, run through `synthpert run` into its own run folder (so a rerun
-resumes and skips finished stages), evaluated on the SAME pairs: every K562 test pair of 250 random readout
-genes (held-out perturbations) and every RPE1 test pair of 250 (an unseen line). Every variant fits the
+resumes and skips finished stages), evaluated on the SAME pairs: every K562 test pair of 300 random readout
+genes (held-out perturbations) and every RPE1 test pair of 300 (an unseen line). Every variant fits the
 tuned decision rule on validation rows; the table shows each model three ways from the same predictions —
 argmax of its class probabilities, prior shift, tuned — beside majority, gene prior, cross-cell and
 combined. Writes a Markdown table (stdout and --out) with the date, the machine and the wall time.
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BASE = {  # quickstart.yaml's recipe, trained across lines, eval sets large enough for per-gene AUROC
     "data.train_cells": "[k562,hepg2,jurkat]",
     "data.train_subsample.n": 1500,
-    "eval_sets": "{k562_test: {test_cells: [k562], genes: 250}, rpe1_unseen: {test_cells: [rpe1], genes: 250}}",
+    "eval_sets": "{k562_test: {test_cells: [k562], genes: 300}, rpe1_unseen: {test_cells: [rpe1], genes: 300}}",
     "eval.decision": "tuned",
     "eval.decision_fit_n": 1500,
     "eval.figures": "false",
