@@ -33,10 +33,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from fastapi import HTTPException as FastAPIHTTPException
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .cells import get_cell_line
 from .config.serve import ServeConfig, ServeSettings
-from .decision import decision_for
+from .decision import Decision, decision_for
 from .errors import SynthpertError, scrub
 from .evidence import dataset_training_stats, evidence_text
 from .inference import Predictor, Triple
@@ -45,7 +47,42 @@ from .schema import Example
 
 log = logging.getLogger("synthpert.serve")
 
-Symbol = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+# Gene symbols and cell-line keys: letters, digits and . _ - (HLA-A, MT-ND1, RP11-34P13.7, C5orf24); no
+# whitespace inside, no control characters, nothing a model prompt should not carry.
+SYMBOL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-]*$"
+Symbol = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64, pattern=SYMBOL_PATTERN)]
+
+
+class BodyTooLarge(FastAPIHTTPException):
+    """Raised while the body streams in, as soon as it passes the cap (chunked bodies have no length). An
+    HTTPException, because FastAPI turns any other exception raised while reading a body into a 400."""
+
+    def __init__(self):
+        super().__init__(status_code=413, detail="request body too large")
+
+
+class BodyLimit:
+    """ASGI middleware: count request-body bytes as they arrive and stop reading past ``max_bytes``, so a
+    ``Transfer-Encoding: chunked`` body cannot exhaust memory (the Content-Length check cannot see it)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise BodyTooLarge()
+            return message
+
+        await self.app(scope, limited, send)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -228,12 +265,15 @@ def create_app(predictor, settings: ServeSettings | None = None, evidence_stats=
     app = FastAPI(title="synthpert", version=_version(), lifespan=lifespan, debug=False,
                   docs_url=None, redoc_url=None, openapi_url=None)
 
+    # Added before the guard, so it sits inside it: the route reads the body through it directly (a
+    # BaseHTTPMiddleware between the two would turn its exception into a 400).
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+
     @app.middleware("http")
     async def guard(request: Request, call_next):
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-            return JSONResponse(_error_body(f"request body larger than {settings.max_body_bytes} bytes",
-                                            "invalid_request_error", code="request_too_large"), status_code=413)
+            return too_large()
         if api_key is not None and request.url.path != "/health":
             auth = request.headers.get("authorization", "")
             token = auth[7:] if auth.lower().startswith("bearer ") else ""
@@ -241,6 +281,23 @@ def create_app(predictor, settings: ServeSettings | None = None, evidence_stats=
                 return JSONResponse(_error_body("missing or invalid API key (Authorization: Bearer ...)",
                                                 "authentication_error", code="invalid_api_key"), status_code=401)
         return await call_next(request)
+
+    def too_large():
+        return JSONResponse(_error_body(f"request body larger than {settings.max_body_bytes} bytes",
+                                        "invalid_request_error", code="request_too_large"), status_code=413,
+                            headers={"connection": "close"})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException):
+        """404, 405 and the like in the same error shape as every other error (OpenAI clients read it)."""
+        if isinstance(exc, BodyTooLarge):
+            return too_large()
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        message = {404: f"no route {request.method} {request.url.path}",
+                   405: f"method {request.method} not allowed on {request.url.path}"}.get(exc.status_code,
+                                                                                         str(exc.detail))
+        return JSONResponse(_error_body(message, kind, code=str(exc.status_code)), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError):
@@ -279,15 +336,31 @@ def create_app(predictor, settings: ServeSettings | None = None, evidence_stats=
         return Triple(Example.make_id(item.cell_line, item.perturbation, item.gene), item.cell_line,
                       item.perturbation, item.gene, None, ev)
 
+    def unseen_warnings(p) -> list[str]:
+        """Well-formed symbols the training data never measured are answered, with a warning saying so."""
+        if evidence_stats is None:
+            return []
+        out = []
+        if p.gene not in evidence_stats.gene_counts_pooled:
+            out.append(f"gene {p.gene} was not measured in the training data")
+        if p.perturbation not in evidence_stats.pert_lines:
+            out.append(f"perturbation {p.perturbation} was not in the training data")
+        return out
+
     def answer(p, return_reasoning: bool) -> dict:
         probs = p.prob_vector()
         decided = decision is not None and decision.rule != "argmax" and probs is not None
         label = decision.labels_for([probs])[0] if decided else p.label_lenient
+        scored = not decided and label is None and probs is not None  # unparseable answer: its probabilities decide
+        if scored:
+            label = Decision().labels_for([probs])[0]
         return {"cell_line": p.cell_line, "perturbation": p.perturbation, "gene": p.gene,
-                "label": label, "label_generated": p.label_lenient, "label_strict": p.label_strict,
-                "decision": {"rule": decision.rule if decided else "generated answer",
+                "warnings": unseen_warnings(p), "label": label, "label_generated": p.label_lenient,
+                "label_strict": p.label_strict,
+                "decision": {"rule": decision.rule if decided else "argmax" if scored else "generated answer",
                              "description": decision.describe() if decided else
-                             "the label the model generated (lenient parse)"},
+                             "the generated answer was unparseable: argmax of the class probabilities" if scored
+                             else "the label the model generated (lenient parse)"},
                 "unparseable_reason": p.unparseable_reason_lenient, "probabilities": p.probabilities,
                 "probability_method": p.probability_method,
                 "reasoning": (p.reasoning if p.reasoning is not None else p.raw_text) if return_reasoning else None,

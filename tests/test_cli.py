@@ -57,3 +57,23 @@ def test_version_flag_prints_the_version_without_a_command():
 
     r = subprocess.run([sys.executable, "-m", "synthpert.cli", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == __version__, r.stdout + r.stderr
+
+
+def test_baselines_config_values_survive_when_no_flag_is_given(tmp_path, perturbqa_dir):
+    """The --train-cells / --test-cells defaults used to win over the config's data section."""
+    import json
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"data:\n  source: {perturbqa_dir}\n  train_cells: [hepg2]\n  test_cells: [hepg2]\n")
+    r = subprocess.run([sys.executable, "-m", "synthpert.cli", "baselines", "-c", str(cfg), "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["train_cells"] == ["hepg2"] and out["test_cells"] == ["hepg2"]
+    # a flag given on the command line still wins over the file
+    r = subprocess.run([sys.executable, "-m", "synthpert.cli", "baselines", "-c", str(cfg), "--json",
+                        "--test-cells", "hepg2", "--train-cells", "hepg2,k562"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["train_cells"] == ["hepg2", "k562"]

@@ -64,9 +64,11 @@ def data_build(
 
 def baselines_cmd(
     source: str | None = typer.Option(None, "--source", help="Folder with PerturbQA CSVs."),
-    train_cells: str = typer.Option("k562", "--train-cells", help="Comma-separated training lines."),
-    test_cells: str = typer.Option("k562", "--test-cells", help="Comma-separated test lines."),
-    protocol: str = typer.Option("split", "--protocol", help="'split' (default) or 'published'."),
+    train_cells: str | None = typer.Option(None, "--train-cells", help="Comma-separated training lines "
+                                           "(default: the config's, else k562)."),
+    test_cells: str | None = typer.Option(None, "--test-cells", help="Comma-separated test lines (default: the "
+                                          "config's, else k562)."),
+    protocol: str | None = typer.Option(None, "--protocol", help="'split' (default) or 'published'."),
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML with data settings (optional)."),
     bootstrap: int = typer.Option(0, "--bootstrap", help="Bootstrap resamples of perturbations for CIs."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),

@@ -48,7 +48,8 @@ def decide_cmd(
     dataset: Path = typer.Option(..., "--dataset", help="Built dataset folder whose VALIDATION split is used."),
     out: Path | None = typer.Option(None, "--out", help="Folder for the validation predictions (default: "
                                        "ADAPTER/decision_fit)."),
-    n: int | None = typer.Option(2000, "--n", help="Seeded subsample of the validation split."),
+    n: int | None = typer.Option(None, "--n", help="Seeded subsample of the validation split (default: the "
+                                 "config's n, else 2000)."),
     objective: str = typer.Option("macro_f1", "--objective", help="macro_f1, balanced_accuracy or accuracy."),
     backend: str | None = typer.Option(None, "--backend", help="transformers (default) or vllm."),
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML with eval settings (inference)."),
@@ -60,6 +61,8 @@ def decide_cmd(
     flags = {"dataset": str(dataset), "split": "validation", "n": n, "inference.backend": backend,
              "inference.model": model, "inference.adapter": adapter}
     cfg = load_section(EvalConfig, "eval", config, overrides, flags)
+    if cfg.n is None:
+        cfg = cfg.model_copy(update={"n": 2000})
     res = fit_decision(cfg, out or Path(adapter) / "decision_fit", objective)
     scores = ", ".join(f"{k} {v:.3f}" for k, v in res[f"validation_{objective}"].items())
     typer.echo(f"{res['rule']}\nvalidation {objective} ({res['n_validation']} rows): {scores}\n"
