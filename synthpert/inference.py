@@ -140,3 +140,60 @@ def _vote(labels: list[str | None]) -> tuple[str | None, str | None]:
         tied = sorted(lab for lab, c in counts if c == counts[0][1])
         return None, f"vote tied between {tied}"
     return counts[0][0], None
+
+
+def unseen_warnings(p: Prediction, stats) -> list[str]:
+    """Well-formed symbols the training data never measured are answered, with a warning saying so."""
+    if stats is None:
+        return []
+    out = []
+    if p.gene not in stats.gene_counts_pooled:
+        out.append(f"gene {p.gene} was not measured in the training data")
+    if p.perturbation not in stats.pert_lines:
+        out.append(f"perturbation {p.perturbation} was not in the training data")
+    return out
+
+
+def answer_record(p: Prediction, decision, stats=None, return_reasoning: bool = False) -> dict:
+    """What a user is told about one prediction (the endpoint's /v1/predict body, `synthpert predict`'s rows):
+    the decided label and the rule that decided it, the model's own answer, class probabilities, warnings."""
+    from .decision import Decision
+
+    probs = p.prob_vector()
+    decided = decision is not None and decision.rule != "argmax" and probs is not None
+    label = decision.labels_for([probs])[0] if decided else p.label_lenient
+    scored = not decided and label is None and probs is not None  # unparseable answer: its probabilities decide
+    if scored:
+        label = Decision().labels_for([probs])[0]
+    return {"cell_line": p.cell_line, "perturbation": p.perturbation, "gene": p.gene,
+            "warnings": unseen_warnings(p, stats), "label": label, "label_generated": p.label_lenient,
+            "label_strict": p.label_strict,
+            "decision": {"rule": decision.rule if decided else "argmax" if scored else "generated answer",
+                         "description": decision.describe() if decided else
+                         "the generated answer was unparseable: argmax of the class probabilities" if scored
+                         else "the label the model generated (lenient parse)"},
+            "unparseable_reason": p.unparseable_reason_lenient, "probabilities": p.probabilities,
+            "probability_method": p.probability_method,
+            "reasoning": (p.reasoning if p.reasoning is not None else p.raw_text) if return_reasoning else None,
+            "completion_tokens": p.completion_tokens}
+
+
+def load_predictor(cfg) -> Predictor:
+    """A Predictor over the backend ``cfg.inference`` (a ServeConfig) describes."""
+    from .backends import make_backend
+
+    return Predictor(make_backend(cfg.inference))
+
+
+def check_evidence_setting(adapter: str | None, evidence_dataset: str | None) -> None:
+    """Serve the question the way the adapter was trained: with the evidence block iff it was trained with it."""
+    from .runs import adapter_manifest
+
+    trained_with = bool(adapter_manifest(adapter).get("evidence")) if adapter else False
+    if trained_with and not evidence_dataset:
+        raise SynthpertError(f"the adapter {adapter} was trained with the evidence context in its prompt: pass "
+                             "--evidence-from DATASET_DIR (the `synthpert data build` folder it was trained on) so "
+                             "the model is asked the question the way it learned it")
+    if evidence_dataset and adapter and not trained_with:
+        raise SynthpertError(f"--evidence-from was given but the adapter {adapter} was trained without the evidence "
+                             "context: drop --evidence-from")

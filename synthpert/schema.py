@@ -43,6 +43,11 @@ class Example(BaseModel):
         return f"{cell_line}:{perturbation}:{gene}"
 
 
+# Gene symbols and cell-line keys: letters, digits and . _ - (HLA-A, MT-ND1, RP11-34P13.7, C5orf24); no
+# whitespace inside, no control characters, nothing a model prompt should not carry.
+SYMBOL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-]*$"
+
+
 class Usage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 

@@ -38,18 +38,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .cells import get_cell_line
 from .config.serve import ServeConfig, ServeSettings
-from .decision import Decision, decision_for
+from .decision import decision_for
 from .errors import SynthpertError, scrub
 from .evidence import dataset_training_stats, evidence_text
-from .inference import Predictor, Triple
-from .runs import adapter_manifest
-from .schema import Example
+from .inference import Triple, answer_record, check_evidence_setting, load_predictor
+from .schema import SYMBOL_PATTERN, Example
 
 log = logging.getLogger("synthpert.serve")
 
-# Gene symbols and cell-line keys: letters, digits and . _ - (HLA-A, MT-ND1, RP11-34P13.7, C5orf24); no
-# whitespace inside, no control characters, nothing a model prompt should not carry.
-SYMBOL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-]*$"
 Symbol = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64, pattern=SYMBOL_PATTERN)]
 
 
@@ -336,35 +332,9 @@ def create_app(predictor, settings: ServeSettings | None = None, evidence_stats=
         return Triple(Example.make_id(item.cell_line, item.perturbation, item.gene), item.cell_line,
                       item.perturbation, item.gene, None, ev)
 
-    def unseen_warnings(p) -> list[str]:
-        """Well-formed symbols the training data never measured are answered, with a warning saying so."""
-        if evidence_stats is None:
-            return []
-        out = []
-        if p.gene not in evidence_stats.gene_counts_pooled:
-            out.append(f"gene {p.gene} was not measured in the training data")
-        if p.perturbation not in evidence_stats.pert_lines:
-            out.append(f"perturbation {p.perturbation} was not in the training data")
-        return out
-
     def answer(p, return_reasoning: bool) -> dict:
-        probs = p.prob_vector()
-        decided = decision is not None and decision.rule != "argmax" and probs is not None
-        label = decision.labels_for([probs])[0] if decided else p.label_lenient
-        scored = not decided and label is None and probs is not None  # unparseable answer: its probabilities decide
-        if scored:
-            label = Decision().labels_for([probs])[0]
-        return {"cell_line": p.cell_line, "perturbation": p.perturbation, "gene": p.gene,
-                "warnings": unseen_warnings(p), "label": label, "label_generated": p.label_lenient,
-                "label_strict": p.label_strict,
-                "decision": {"rule": decision.rule if decided else "argmax" if scored else "generated answer",
-                             "description": decision.describe() if decided else
-                             "the generated answer was unparseable: argmax of the class probabilities" if scored
-                             else "the label the model generated (lenient parse)"},
-                "unparseable_reason": p.unparseable_reason_lenient, "probabilities": p.probabilities,
-                "probability_method": p.probability_method,
-                "reasoning": (p.reasoning if p.reasoning is not None else p.raw_text) if return_reasoning else None,
-                "completion_tokens": p.completion_tokens, "model": name, "adapter": predictor.cfg.adapter}
+        return {**answer_record(p, decision, evidence_stats, return_reasoning), "model": name,
+                "adapter": predictor.cfg.adapter}
 
     @app.get("/health")
     async def health():
@@ -425,24 +395,6 @@ def _version() -> str:
     from . import __version__
 
     return __version__
-
-
-def load_predictor(cfg: ServeConfig) -> Predictor:
-    from .backends import make_backend
-
-    return Predictor(make_backend(cfg.inference))
-
-
-def check_evidence_setting(adapter: str | None, evidence_dataset: str | None) -> None:
-    """Serve the question the way the adapter was trained: with the evidence block iff it was trained with it."""
-    trained_with = bool(adapter_manifest(adapter).get("evidence")) if adapter else False
-    if trained_with and not evidence_dataset:
-        raise SynthpertError(f"the adapter {adapter} was trained with the evidence context in its prompt: pass "
-                             "--evidence-from DATASET_DIR (the `synthpert data build` folder it was trained on) so "
-                             "the endpoint asks the question the way the model learned it")
-    if evidence_dataset and adapter and not trained_with:
-        raise SynthpertError(f"--evidence-from was given but the adapter {adapter} was trained without the evidence "
-                             "context: drop --evidence-from")
 
 
 def serve(cfg: ServeConfig) -> None:

@@ -33,7 +33,8 @@ def test_decide_then_eval_and_serve_apply_the_same_rule(tiny_model_dir, tiny_ada
     from synthpert.decision import decision_for, load_decision
     from synthpert.errors import SynthpertError
     from synthpert.evaluate import read_predictions, run_eval
-    from synthpert.serve import create_app, load_predictor
+    from synthpert.inference import load_predictor
+    from synthpert.serve import create_app
 
     adapter = tmp_path / "adapter"
     shutil.copytree(tiny_adapter_dir, adapter)  # the session's adapter stays without a decision.json

@@ -23,6 +23,7 @@ STAGES = {
     "evaluate": {"evaluate"},
     "report": {"report"},
     "serve": {"serve"},
+    "predict": {"predict"},
 }
 ALLOWED_BETWEEN_STAGES = {("evaluate", "report")}
 # What stages share: contracts (answer format, records, configs, runs, prompts, hashing) and the engines

@@ -17,7 +17,7 @@ MAX_NEW = 8
 @pytest.fixture(scope="module")
 def predictor(tiny_model_dir, tiny_adapter_dir):
     from synthpert.config.serve import ServeConfig
-    from synthpert.serve import load_predictor
+    from synthpert.inference import load_predictor
 
     return load_predictor(ServeConfig(inference={"backend": "transformers", "model": str(tiny_model_dir),
                                                  "adapter": str(tiny_adapter_dir), "max_new_tokens": MAX_NEW}))
@@ -182,7 +182,7 @@ def test_serve_refuses_an_evidence_mismatch(tmp_path):
     import json
 
     from synthpert.errors import SynthpertError
-    from synthpert.serve import check_evidence_setting
+    from synthpert.inference import check_evidence_setting
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()

@@ -38,7 +38,8 @@ def test_body_limit_stops_reading_a_chunked_body_at_the_cap():
 def server(tiny_model_dir, tiny_adapter_dir, tiny_built_dataset):
     from synthpert.config.serve import ServeConfig, ServeSettings
     from synthpert.evidence import dataset_training_stats
-    from synthpert.serve import create_app, load_predictor
+    from synthpert.inference import load_predictor
+    from synthpert.serve import create_app
 
     predictor = load_predictor(ServeConfig(inference={"backend": "transformers", "model": str(tiny_model_dir),
                                                       "adapter": str(tiny_adapter_dir), "max_new_tokens": 4}))

@@ -69,6 +69,52 @@ def decide_cmd(
                f"saved {res['decision']} (synthpert eval and serve apply it to this adapter)")
 
 
+def predict_cmd(
+    model: str = typer.Option(..., "--model", help="Base (or merged) model folder."),
+    adapter: str | None = typer.Option(None, "--adapter", help="LoRA adapter folder."),
+    input_csv: Path | None = typer.Option(None, "--input", help="CSV with columns cell_line, perturbation, gene."),
+    out: Path | None = typer.Option(None, "--out", help="CSV to write (label, decision_rule, p_up, p_down, "
+                                       "p_not_de, label_generated, warnings, reasoning)."),
+    cell: str | None = typer.Option(None, "--cell", help="One triple instead of --input: the cell line ..."),
+    perturbation: str | None = typer.Option(None, "--perturbation", help="... the knocked-down gene ..."),
+    gene: str | None = typer.Option(None, "--gene", help="... and the readout gene (printed as JSON)."),
+    backend: str | None = typer.Option(None, "--backend", help="transformers (default) or vllm."),
+    evidence_from: str | None = typer.Option(None, "--evidence-from", help="Built dataset folder giving the "
+                                                "evidence context (for models trained with it) and the priors."),
+    decision: str | None = typer.Option(None, "--decision", help="auto (default), argmax, prior, tuned or a "
+                                           "decision.json path."),
+    reasoning: bool = typer.Option(False, "--reasoning", help="Include the generated text."),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. inference.max_new_tokens=256"),
+) -> None:
+    """Predict your own (cell line, perturbation, gene) triples with a trained model, without a server."""
+    import pandas as pd
+
+    from ..errors import SynthpertError
+    from ..predict import check_triples, predict_triples, read_triples, write_predictions
+
+    one = (cell, perturbation, gene)
+    if input_csv is None and not all(one):
+        raise SynthpertError("give --input pairs.csv (with --out), or one triple with --cell, --perturbation, --gene")
+    if input_csv is not None and any(one):
+        raise SynthpertError("give either --input or --cell/--perturbation/--gene, not both")
+    if input_csv is not None and out is None:
+        raise SynthpertError("--input needs --out (the CSV to write the predictions to)")
+    flags = {"evidence_dataset": evidence_from, "decision": decision, "inference.backend": backend,
+             "inference.model": model, "inference.adapter": adapter}
+    cfg = load_section(ServeConfig, "serve", None, overrides, flags)
+    triples = (read_triples(input_csv) if input_csv is not None else
+               check_triples(pd.DataFrame([dict(zip(("cell_line", "perturbation", "gene"), one))]), "command line"))
+    records = predict_triples(cfg, triples, return_reasoning=reasoning)
+    if input_csv is None:
+        typer.echo(json.dumps(records[0], indent=2))
+        return
+    path = write_predictions(records, out)
+    labels = pd.Series([r["label"] for r in records]).value_counts().to_dict()
+    warned = sum(1 for r in records if r["warnings"])
+    typer.echo(f"{len(records)} predictions written to {path}; labels {labels}; "
+               f"decision rule: {records[0]['decision']['rule']}" + (f"; {warned} with warnings" if warned else ""))
+
+
 def serve_cmd(
     model: str = typer.Option(..., "--model", help="Base (or merged) model folder."),
     adapter: str | None = typer.Option(None, "--adapter", help="LoRA adapter folder."),
@@ -95,4 +141,5 @@ def serve_cmd(
 def register(app: typer.Typer) -> None:
     app.command("eval")(eval_cmd)
     app.command("decide")(decide_cmd)
+    app.command("predict")(predict_cmd)
     app.command("serve")(serve_cmd)

@@ -1,0 +1,99 @@
+"""`synthpert predict`: a trained model's answers for your own (cell line, perturbation, gene) triples, without
+a server — the endpoint's /v1/predict answer (decided label, rule, class probabilities, warnings) as rows."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from .cells import get_cell_line
+from .config.serve import ServeConfig
+from .decision import decision_for
+from .errors import SynthpertError
+from .evidence import dataset_training_stats, evidence_text
+from .inference import Triple, answer_record, check_evidence_setting, load_predictor
+from .schema import SYMBOL_PATTERN, Example
+
+COLUMNS = ("cell_line", "perturbation", "gene")
+_SYMBOL = re.compile(SYMBOL_PATTERN)
+
+
+def check_triples(df: pd.DataFrame, origin: str) -> pd.DataFrame:
+    """Columns cell_line, perturbation, gene; every symbol well formed, every cell line known. Errors name the
+    row (as a spreadsheet counts it: the header is row 1) and the value."""
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise SynthpertError(f"{origin} lacks column(s) {missing}; expected {list(COLUMNS)}, found {list(df.columns)}")
+    df = df[list(COLUMNS)].astype(str).apply(lambda col: col.str.strip())
+    for col in COLUMNS:
+        for i, value in enumerate(df[col].tolist()):
+            if len(value) > 64 or not _SYMBOL.match(value):
+                raise SynthpertError(f"{origin} row {i + 2}: {col} {value!r} is not a symbol (letters, digits and "
+                                     "._- only, at most 64 characters)")
+    keys = {}
+    for i, value in enumerate(df["cell_line"].tolist()):
+        if value not in keys:
+            try:
+                keys[value] = get_cell_line(value).key
+            except SynthpertError as e:
+                raise SynthpertError(f"{origin} row {i + 2}: {e}") from None
+    df["cell_line"] = df["cell_line"].map(keys)
+    if df.empty:
+        raise SynthpertError(f"{origin} holds no triples")
+    return df.reset_index(drop=True)
+
+
+def read_triples(path: str | Path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.exists():
+        raise SynthpertError(f"input file not found: {path}")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except Exception as e:  # pandas raises many parser error types
+        raise SynthpertError(f"{path} is not a readable CSV: {e}") from None
+    return check_triples(df, str(path))
+
+
+def predict_triples(cfg: ServeConfig, triples: pd.DataFrame, return_reasoning: bool = False,
+                    chunk: int = 64) -> list[dict]:
+    """One answer record per triple, in input order, through the same predictor and decision as the endpoint."""
+    adapter = cfg.inference.adapter
+    check_evidence_setting(adapter, cfg.evidence_dataset)
+    stats = dataset_training_stats(cfg.evidence_dataset) if cfg.evidence_dataset else None
+    decision = decision_for(cfg.decision, adapter, stats)
+    predictor = load_predictor(cfg)
+    out = []
+    try:
+        for start in range(0, len(triples), chunk):
+            part = triples.iloc[start:start + chunk]
+            batch = [Triple(Example.make_id(r.cell_line, r.perturbation, r.gene), r.cell_line, r.perturbation, r.gene,
+                            None, evidence_text(stats, r.cell_line, r.perturbation, r.gene) if stats else None)
+                     for r in part.itertuples()]
+            out += [answer_record(p, decision, stats, return_reasoning) for p in predictor.predict(batch)]
+    finally:
+        predictor.backend.close()
+    return out
+
+
+def to_frame(records: list[dict]) -> pd.DataFrame:
+    """Flat rows for a CSV: probabilities as p_up / p_down / p_not_de, warnings joined."""
+    rows = []
+    for r in records:
+        probs = r.get("probabilities") or {}
+        rows.append({"cell_line": r["cell_line"], "perturbation": r["perturbation"], "gene": r["gene"],
+                     "label": r["label"], "decision_rule": r["decision"]["rule"],
+                     "p_up": probs.get("up"), "p_down": probs.get("down"), "p_not_de": probs.get("not_de"),
+                     "label_generated": r["label_generated"], "unparseable_reason": r["unparseable_reason"],
+                     "warnings": "; ".join(r["warnings"]), "reasoning": r["reasoning"]})
+    return pd.DataFrame(rows)
+
+
+def write_predictions(records: list[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    to_frame(records).to_csv(tmp, index=False)
+    tmp.replace(path)  # never a half-written file under the name asked for
+    return path
