@@ -70,18 +70,16 @@ def _prior_row(run: Path, eval_set: str) -> dict:
     """The prior-shift rule on the same predictions (the run itself applied the tuned rule)."""
     from synthpert.baselines import score_predictions
     from synthpert.data import built_config, load_built
-    from synthpert.decision import prior_shift
+    from synthpert.decision import decision_for
     from synthpert.evaluate import read_predictions
     from synthpert.evidence import training_stats
-    from synthpert.runs import adapter_manifest
 
     data = run / "eval" / eval_set / "data"
     test = load_built(data, "test").to_pandas()
     preds = read_predictions(run / "eval" / eval_set / "result" / "predictions.jsonl")
     test = test[test["id"].isin(preds)].reset_index(drop=True)
     probs = np.array([preds[i].prob_vector() for i in test["id"]])
-    shares = adapter_manifest(run / "train")["class_shares"]
-    d = prior_shift(shares, training_stats(built_config(data)).global_rate)
+    d = decision_for("prior", str(run / "train"), training_stats(built_config(data)))  # what eval.decision=prior does
     return score_predictions(test, d.labels_for(probs), d.adjusted(probs), n_bootstrap=200, seed=0)["overall"]
 
 

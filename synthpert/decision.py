@@ -181,20 +181,10 @@ class ValidationRows:
 
 
 def objective_value(y_true: np.ndarray, y_pred: np.ndarray, objective: str) -> float:
-    k = len(LABELS)
-    if objective == "accuracy":
-        return float((y_true == y_pred).mean())
-    recalls, f1s = [], []
-    for c in range(k):
-        tp = float(((y_true == c) & (y_pred == c)).sum())
-        fp = float(((y_true != c) & (y_pred == c)).sum())
-        fn = float(((y_true == c) & (y_pred != c)).sum())
-        if tp + fn > 0:
-            recalls.append(tp / (tp + fn))
-        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn > 0 else 0.0)
-    if objective == "balanced_accuracy":
-        return float(np.mean(recalls)) if recalls else 0.0
-    return float(np.mean(f1s))
+    """The objective as the reports compute it (metrics.py), so a rule is tuned for the number it is judged by."""
+    from .metrics import scores_of_codes
+
+    return scores_of_codes(y_true, y_pred)[objective]
 
 
 def fit_tuned(validation: ValidationRows, objective: str = "macro_f1", start: Decision | None = None,

@@ -56,6 +56,12 @@ def _from_confusion(cm: np.ndarray) -> dict:
     }
 
 
+def scores_of_codes(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
+    """accuracy / macro_f1 / balanced_accuracy (and per-class figures) of class codes in LABELS order: the
+    same definitions every report uses, for callers that score many candidate labelings (decision fitting)."""
+    return _from_confusion(_confusion(np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)))
+
+
 class PerGeneAUROC:
     """PerturbQA's metric under row weights: the AUROC within each readout gene (ties count half), averaged
     over genes that have both classes. Weights are bootstrap multiplicities (all ones for the plain metric);
