@@ -99,6 +99,12 @@ class Backend:
     def _score(self, contexts: list[list[int]], continuations: list[list[int]]) -> list[list[float]]:
         raise NotImplementedError
 
+    def _score_shared(self, contexts: list[list[int]], continuations: list[list[int]]) -> list[list[list[float]]]:
+        """Per-token log-probabilities of EVERY continuation after each context: [context][continuation]."""
+        k = len(continuations)
+        flat = self._score([c for c in contexts for _ in range(k)], continuations * len(contexts))
+        return [flat[i * k:(i + 1) * k] for i in range(len(contexts))]
+
     # -- public
     def prepare(self, messages: list[dict]) -> Query:
         ids = render_prompt_ids(self.tokenizer, messages) if self.tokenizer is not None else None
@@ -116,13 +122,11 @@ class Backend:
     def answer_logprobs(self, queries: list[Query], texts: list[str]) -> list[list[float]]:
         """Sum of log-probabilities of each answer block (answer.format_answer) after prompt + generated reasoning."""
         conts = answer_continuations(self.tokenizer)
-        contexts = []
-        for q, text in zip(queries, texts):
-            ctx = q.prompt_ids + self.tokenizer.encode(reasoning_context(text), add_special_tokens=False)
-            contexts.extend([ctx] * len(LABELS))
+        contexts = [q.prompt_ids + self.tokenizer.encode(reasoning_context(text), add_special_tokens=False)
+                    for q, text in zip(queries, texts)]
         with self._lock:
-            flat = self._score(contexts, conts * len(queries))
-        return [[sum(flat[i * 3 + j]) for j in range(3)] for i in range(len(queries))]
+            per = self._score_shared(contexts, conts)
+        return [[sum(tokens) for tokens in row] for row in per]
 
     @property
     def model_name(self) -> str:
@@ -217,6 +221,51 @@ class TransformersBackend(Backend):
                             break
                     samples.append(Generation(tok.decode(row, skip_special_tokens=True), len(row), finish))
                 out.append(samples)
+        return out
+
+    def _score_shared(self, contexts, continuations):
+        """One forward pass over each context (left-padded, explicit positions, so logits equal an unpadded
+        run), its KV cache repeated once per continuation, then the continuations alone; log-softmax only
+        where a continuation token is predicted. The answer blocks are a few tokens after a prompt of
+        hundreds, so this costs about a third of scoring prompt + continuation three times."""
+        import torch
+
+        k, pad = len(continuations), self.tokenizer.pad_token_id
+        kmax = max(len(c) for c in continuations)
+        cont = torch.full((k, kmax), pad, dtype=torch.long)
+        cont_mask = torch.zeros((k, kmax), dtype=torch.long)
+        for j, c in enumerate(continuations):
+            cont[j, :len(c)] = torch.tensor(c)
+            cont_mask[j, :len(c)] = 1
+        out: list[list[list[float]]] = []
+        for start in range(0, len(contexts), max(1, self.cfg.batch_size)):
+            batch = contexts[start:start + self.cfg.batch_size]
+            width = max(len(c) for c in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, c in enumerate(batch):
+                ids[i, width - len(c):] = torch.tensor(c)
+                mask[i, width - len(c):] = 1
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            with torch.inference_mode():
+                first = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                   position_ids=pos.to(self.device), use_cache=True, logits_to_keep=1)
+                cache = first.past_key_values
+                cache.batch_repeat_interleave(k)
+                b = len(batch)
+                rest = self.model(
+                    input_ids=cont.repeat(b, 1).to(self.device),
+                    attention_mask=torch.cat([mask.repeat_interleave(k, 0), cont_mask.repeat(b, 1)], 1).to(self.device),
+                    position_ids=(pos[:, -1:].repeat_interleave(k, 0) + 1 + torch.arange(kmax)).to(self.device),
+                    past_key_values=cache, use_cache=True)
+            lp0 = torch.log_softmax(first.logits[:, -1].float(), -1).cpu()  # predicts each continuation's 1st token
+            lpr = torch.log_softmax(rest.logits.float(), -1).cpu()  # position t predicts token t + 1
+            for i in range(b):
+                row = []
+                for j, c in enumerate(continuations):
+                    r = i * k + j
+                    row.append([float(lp0[i, c[0]])] + [float(lpr[r, t - 1, c[t]]) for t in range(1, len(c))])
+                out.append(row)
         return out
 
     def _score(self, contexts, continuations):

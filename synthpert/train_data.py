@@ -28,12 +28,16 @@ def _student_prompt(row: dict, stats) -> list[dict]:
     return student_messages(row["cell_line"], row["perturbation"], row["gene"], evidence, row.get("task"))
 
 
-def _multitask(rows: list[dict]) -> list[dict]:
-    """Each trace row as two tasks: the label at once ("answer") and the trace ("explain")."""
+def _multitask(rows: list[dict], explain_fraction: float = 1.0, seed: int = 0) -> list[dict]:
+    """Each trace row as two tasks: the label at once ("answer") and the trace ("explain"); the explain task
+    for a seeded ``explain_fraction`` of the rows only."""
+    n_explain = round(explain_fraction * len(rows))
+    explain = set(random.Random(seed).sample(range(len(rows)), n_explain)) if n_explain < len(rows) else None
     out = []
-    for r in rows:
+    for i, r in enumerate(rows):
         out.append({**r, "task": "answer", "assistant": format_answer(r["label"])})
-        out.append({**r, "task": "explain"})
+        if explain is None or i in explain:
+            out.append({**r, "task": "explain"})
     return out
 
 
@@ -131,7 +135,8 @@ def training_examples(cfg: TrainConfig, source) -> dict[str, Any]:
     else:
         eval_rows = eval_rows[: cfg.eval_max_examples]
     if cfg.mode == "multitask":  # after the split: both tasks of a triple stay on the same side
-        rows, eval_rows = _multitask(rows), _multitask(eval_rows)
+        rows = _multitask(rows, cfg.explain_fraction, cfg.seed)
+        eval_rows = _multitask(eval_rows, cfg.explain_fraction, cfg.seed)
     stats = _evidence_stats(cfg, src_path) if cfg.evidence else None
     for r in [*rows, *eval_rows]:
         r["prompt"] = _student_prompt(r, stats)

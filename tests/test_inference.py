@@ -41,6 +41,23 @@ def test_records_batched_equal_one_by_one(peft_backend):
         assert (b.label_strict is None) == (b.unparseable_reason_strict is not None)
 
 
+def test_shared_prompt_scoring_equals_scoring_each_sequence_whole(peft_backend):
+    """The KV-cache path (prompt once, left-padded, then each answer block) gives the log-probabilities of
+    the plain path (prompt + answer as one right-padded sequence), for prompts of different lengths."""
+    from synthpert.backends import answer_continuations
+
+    queries = [peft_backend.prepare(m) for m in _messages()]
+    contexts = [q.prompt_ids + q.prompt_ids[: 7 * i] for i, q in enumerate(queries)]
+    conts = answer_continuations(peft_backend.tokenizer) + [[5, 9, 11, 13, 2, 7, 8]]
+    assert len({len(c) for c in conts}) > 1  # continuations of unequal length
+    shared = peft_backend._score_shared(contexts, conts)
+    flat = peft_backend._score([c for c in contexts for _ in conts], conts * len(contexts))
+    assert len(shared) == len(contexts)
+    for i, row in enumerate(shared):
+        for j, tokens in enumerate(row):
+            assert tokens == pytest.approx(flat[i * len(conts) + j], abs=1e-4)
+
+
 def test_merged_model_matches_peft_adapter(peft_backend, tiny_model_dir, tiny_adapter_dir):
     from synthpert.backends import make_backend
     from synthpert.config.evaluate import InferenceConfig

@@ -54,3 +54,26 @@ def test_multitask_trains_both_tasks_and_predicts_with_the_answer_task(tiny_mode
     from synthpert.runs import adapter_manifest
 
     assert adapter_manifest(out)["mode"] == "multitask"
+
+
+@pytest.mark.parametrize("fraction", [0.25, 1.0])
+def test_explain_fraction_keeps_every_answer_task_and_a_seeded_share_of_explanations(tiny_traces_path, fraction):
+    from synthpert.config.train import TrainConfig
+    from synthpert.train_data import training_examples
+
+    cfg = TrainConfig.model_validate({"base_model": "unused", "mode": "multitask", "explain_fraction": fraction,
+                                      "eval_fraction": 0.0, "seed": 3})
+    rows = training_examples(cfg, tiny_traces_path)["train"]
+    answers = [(r["cell_line"], r["perturbation"], r["gene"]) for r in rows if r["task"] == "answer"]
+    explains = [(r["cell_line"], r["perturbation"], r["gene"]) for r in rows if r["task"] == "explain"]
+    assert len(set(answers)) == len(answers) > 0
+    assert len(explains) == round(fraction * len(answers)) and set(explains) <= set(answers)
+    again = training_examples(cfg, tiny_traces_path)["train"]
+    assert explains == [(r["cell_line"], r["perturbation"], r["gene"]) for r in again if r["task"] == "explain"]
+
+
+def test_explain_fraction_outside_multitask_is_refused():
+    from synthpert.config.train import TrainConfig
+
+    with pytest.raises(ValueError, match="explain_fraction applies to mode=multitask"):
+        TrainConfig.model_validate({"mode": "reasoning", "explain_fraction": 0.5})
