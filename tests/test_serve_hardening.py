@@ -97,4 +97,152 @@ def test_unknown_routes_and_methods_answer_the_json_error_shape(server, method, 
     r = httpx.request(method, f"{server.url}{path}", timeout=30)
     assert r.status_code == status
     err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and path in err["message"]
+    assert set(err) == {"message", "type", "param", "code", "request_id"} and path in err["message"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bounds, request ids, headers and CORS: HTTP behaviour, tested against a stand-in predictor (fast tier)
+
+BODY = {"cell_line": "k562", "perturbation": "MYC", "gene": "GAPDH"}
+SECURITY_HEADERS = {"x-content-type-options": "nosniff", "cache-control": "no-store",
+                    "referrer-policy": "no-referrer", "x-frame-options": "DENY",
+                    "content-security-policy": "default-src 'none'; frame-ancestors 'none'"}
+
+
+def fake_server(predictor=None, **settings):
+    from _fake_predictor import FakePredictor
+
+    from synthpert.config.serve import ServeSettings
+    from synthpert.serve import create_app
+
+    return LiveServer(create_app(predictor or FakePredictor(), ServeSettings(**settings)))
+
+
+def assert_error_shape(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code", "request_id"}
+    assert err["request_id"] and err["request_id"] == r.headers["x-request-id"]
+    assert "Traceback" not in r.text
+    return err
+
+
+def test_requests_beyond_the_in_flight_bound_are_503_with_retry_after_not_queued():
+    import threading
+
+    from _fake_predictor import FakePredictor
+
+    gate = threading.Event()
+    with fake_server(FakePredictor(gate=gate), max_in_flight=2) as srv:
+        async def run():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
+                tasks = [asyncio.create_task(client.post("/v1/predict", json=BODY)) for _ in range(5)]
+                refused = []
+                for fut in asyncio.as_completed(tasks):
+                    refused.append(await fut)  # the three past the bound answer while the other two still wait
+                    if len(refused) == 3:
+                        break
+                assert (await client.get("/health")).status_code == 200  # health is outside the bound
+                gate.set()
+                return refused, [await t for t in tasks]
+
+        refused, answers = asyncio.run(run())
+        for r in refused:
+            err = assert_error_shape(r, 503)
+            assert r.headers["retry-after"] == "1" and err["code"] == "overloaded"
+        assert sorted(r.status_code for r in answers) == [200, 200, 503, 503, 503]
+        assert httpx.post(f"{srv.url}/v1/predict", json=BODY).status_code == 200  # the slots were released
+
+
+def test_a_request_past_the_timeout_is_504_and_frees_its_slot():
+    import threading
+
+    from _fake_predictor import FakePredictor
+
+    gate = threading.Event()
+    with fake_server(FakePredictor(gate=gate), max_in_flight=1, request_timeout_s=0.3) as srv:
+        r = httpx.post(f"{srv.url}/v1/predict", json=BODY, timeout=30)
+        err = assert_error_shape(r, 504)
+        assert err["type"] == "timeout_error" and "0.3" in err["message"]
+        gate.set()
+        assert httpx.post(f"{srv.url}/v1/predict", json=BODY, timeout=30).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory):
+    with fake_server() as srv:
+        yield srv
+
+
+@pytest.mark.parametrize("method,path,body,status", [("GET", "/health", None, 200), ("POST", "/v1/predict", BODY, 200),
+                                                     ("GET", "/nope", None, 404), ("DELETE", "/health", None, 405),
+                                                     ("POST", "/v1/predict", {"gene": 1}, 422)])
+def test_every_response_has_a_request_id_and_the_json_api_security_headers(fake, method, path, body, status):
+    r = httpx.request(method, f"{fake.url}{path}", json=body)
+    assert r.status_code == status
+    assert len(r.headers["x-request-id"]) == 32  # generated: a uuid4 in hex
+    for name, value in SECURITY_HEADERS.items():
+        assert r.headers[name] == value, name
+    if status >= 400:
+        assert_error_shape(r, status)
+
+
+@pytest.mark.parametrize("sent,echoed", [("client-req_42.a:b", True), ("has space", False), ("x" * 129, False),
+                                         ("tab\there", False), ("", False)])
+def test_a_sane_client_request_id_is_echoed_and_anything_else_replaced(fake, sent, echoed):
+    r = httpx.get(f"{fake.url}/nope", headers={"X-Request-ID": sent})
+    err = assert_error_shape(r, 404)
+    assert (err["request_id"] == sent) is echoed
+    if not echoed:
+        assert len(err["request_id"]) == 32
+
+
+def test_an_unexpected_exception_is_500_in_the_error_shape_with_the_request_id():
+    from _fake_predictor import FakePredictor
+
+    boom = RuntimeError("backend exploded at /secret/path.py")
+    with fake_server(FakePredictor(fail=boom)) as srv:
+        r = httpx.post(f"{srv.url}/v1/predict", json=BODY, headers={"X-Request-ID": "trace-me-1"})
+        err = assert_error_shape(r, 500)
+        assert err["type"] == "server_error" and err["request_id"] == "trace-me-1" and "trace-me-1" in err["message"]
+        assert "exploded" not in r.text and "/secret/path.py" not in r.text
+        for name, value in SECURITY_HEADERS.items():
+            assert r.headers[name] == value, name
+        assert httpx.get(f"{srv.url}/health").status_code == 200
+
+
+def test_cors_is_off_unless_configured(fake):
+    origin = {"Origin": "http://app.example"}
+    preflight = {**origin, "Access-Control-Request-Method": "POST"}
+    r = httpx.get(f"{fake.url}/v1/models", headers=origin)
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    r = httpx.options(f"{fake.url}/v1/predict", headers=preflight)
+    assert "access-control-allow-origin" not in r.headers
+    assert_error_shape(r, 405)
+
+
+def test_cors_allows_exactly_the_configured_origins(monkeypatch):
+    monkeypatch.setenv("SYNTHPERT_TEST_CORS_KEY", "cors-key-1")
+    with fake_server(cors_origins=["http://app.example"], api_key_env="SYNTHPERT_TEST_CORS_KEY") as srv:
+        preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+        ok = httpx.options(f"{srv.url}/v1/predict", headers={"Origin": "http://app.example", **preflight})
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://app.example"
+        assert ok.headers["x-request-id"]  # the envelope covers preflights too
+        other = httpx.options(f"{srv.url}/v1/predict", headers={"Origin": "http://evil.example", **preflight})
+        assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+        r = httpx.post(f"{srv.url}/v1/predict", json=BODY, headers={"Origin": "http://app.example",
+                                                                    "Authorization": "Bearer cors-key-1"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
+        r = httpx.post(f"{srv.url}/v1/predict", json=BODY, headers={"Origin": "http://app.example"})
+        assert_error_shape(r, 401)  # CORS lets the browser in; the key is still required
+
+
+@pytest.mark.parametrize("settings", [{"max_in_flight": 0}, {"request_timeout_s": 0}, {"cors_origins": ["app.example"]},
+                                      {"cors_origins": ["http://app.example/path"]}])
+def test_bad_bound_and_cors_settings_fail_at_load(settings):
+    from pydantic import ValidationError
+
+    from synthpert.config.serve import ServeSettings
+
+    with pytest.raises(ValidationError):
+        ServeSettings(**settings)
