@@ -238,11 +238,22 @@ class BatchRequest(BaseModel):
     return_reasoning: bool = False
 
 
+def _encodable(v: str) -> str:
+    # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer and no UTF-8 response can carry.
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (a lone surrogate \\uD800-\\uDFFF is not)") from None
+    return v
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: str = Field(..., pattern="^(system|user|assistant)$")
     content: str = Field(..., max_length=100_000)
+
+    _v_content = field_validator("content")(classmethod(lambda cls, v: _encodable(v)))
 
 
 class ChatCompletionRequest(BaseModel):
@@ -257,6 +268,8 @@ class ChatCompletionRequest(BaseModel):
     n: int = Field(1, ge=1)
     seed: int | None = None
     stream: bool = False
+
+    _v_model = field_validator("model")(classmethod(lambda cls, v: _encodable(v)))
 
 
 class ApiError(Exception):

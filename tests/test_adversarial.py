@@ -153,6 +153,19 @@ def test_endpoint_chat_content_in_any_unicode_never_500(api, content, role):
     assert_clean(post_raw(api, "/v1/chat/completions", json.dumps(body).encode()))
 
 
+@pytest.mark.parametrize("field", ["model", "content"])
+def test_endpoint_lone_surrogates_are_422_not_500(api, field):
+    """\\ud800 is valid JSON but no valid text: a tokenizer or the UTF-8 error body would fail on it (a 500)."""
+    body = json.loads(json.dumps(VALID["/v1/chat/completions"]))
+    if field == "model":
+        body["model"] = "fake\ud800"
+    else:
+        body["messages"][0]["content"] = "hi \udfff there"
+    r = post_raw(api, "/v1/chat/completions", json.dumps(body).encode())
+    assert_clean(r, ok_allowed=False)
+    assert r.status_code == 422 and field in r.json()["error"]["param"]
+
+
 @given(routes, st.one_of(st.none(), st.text(alphabet=string.printable.strip("\r\n\x0b\x0c"), max_size=60),
                          st.just(f"Bearer {KEY[:-1]}"), st.just(f"Bearer {KEY}x"), st.just(f"Basic {KEY}"),
                          st.just(KEY), st.just(f"Bearer  {KEY}")))
