@@ -24,7 +24,7 @@ from synthpert.answer import LABELS, LENIENT, MODES, STRICT, parse_answer
 from synthpert.errors import SynthpertError
 
 COUNTS: Counter = Counter()
-FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                          HealthCheck.too_slow])
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -440,7 +440,7 @@ _filler = st.text(alphabet=st.characters(blacklist_characters="<>"), max_size=40
 
 
 @given(st.text(max_size=400))
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 def test_answer_random_text_never_raises(text):
     for mode in MODES:
         COUNTS["answer"] += 1
@@ -451,7 +451,7 @@ def test_answer_random_text_never_raises(text):
 @given(st.lists(st.one_of(_filler, _label_words, _tag_open, _tag_close, st.sampled_from(["<think>", "</think>",
                                                                                          "\n", "Answer: "])),
                 max_size=14).map("".join))
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 def test_answer_tag_soup_never_raises_and_strict_implies_lenient(text):
     """Whatever the strict parser accepts, the lenient one reads the same way (lenient only adds leniency)."""
     COUNTS["answer"] += 2
@@ -467,7 +467,7 @@ def _label_of(word: str) -> str:
 
 
 @given(_filler, _tag_open, _label_words, _tag_close, _filler, _tag_open, _label_words, _tag_close, _filler)
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 def test_answer_two_disagreeing_answer_blocks_in_any_spelling_never_parse(a, o1, w1, c1, b, o2, w2, c2, c):
     assume(_label_of(w1) != _label_of(w2))
     text = f"{a}{o1}{w1}{c1}{b}{o2}{w2}{c2}{c}"
@@ -478,7 +478,7 @@ def test_answer_two_disagreeing_answer_blocks_in_any_spelling_never_parse(a, o1,
 
 @given(_filler, _label_words, st.sampled_from([" or ", " and ", "/", " vs ", ", maybe ", " not "]), _label_words,
        st.booleans())
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 def test_answer_one_block_naming_two_labels_never_parses(reasoning, w1, joiner, w2, tagged):
     body = f"{w1}{joiner}{w2}"
     text = f"<think>{reasoning}</think>\n" + (f"<answer>{body}</answer>" if tagged else f"Answer: {body}")
