@@ -5,6 +5,7 @@ training data never measured (answered, with a warning)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import httpx
 import pytest
@@ -255,6 +256,20 @@ def test_bad_bound_and_cors_settings_fail_at_load(settings):
         ServeSettings(**settings)
 
 
+@contextlib.contextmanager
+def one_torch_thread():
+    """The model on one core, the 16 clients' event loop and the server's on the other: torch's default
+    (a thread per core) would fight them for both cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
 def test_bounded_load_16_clients_all_2xx_or_503_and_the_server_lives(tiny_predictor):
     """16 clients, 20 requests each across the endpoints, against the tiny model behind an in-flight bound
@@ -264,7 +279,7 @@ def test_bounded_load_16_clients_all_2xx_or_503_and_the_server_lives(tiny_predic
 
     genes = ["GAPDH", "ACTB", "MYC", "TP53", "XBP1", "ATF4", "HSPA5", "DDIT3"]
     app = create_app(tiny_predictor, ServeSettings(max_in_flight=8, max_batch=8, request_timeout_s=20))
-    with LiveServer(app) as srv:
+    with one_torch_thread(), LiveServer(app) as srv:
         name = httpx.get(f"{srv.url}/v1/models").json()["data"][0]["id"]
 
         def request(i: int) -> tuple[str, str, dict | None]:
