@@ -35,7 +35,7 @@ from .inference import Predictor, Triple
 from .progress import count_progress
 from .prompting import student_prompt_hash
 from .report import write_figures, write_report
-from .runs import adapter_manifest, library_versions
+from .runs import adapter_manifest, library_versions, write_json_atomic
 from .schema import HARD_LABEL, Prediction, jsonable, read_jsonl
 
 log = logging.getLogger("synthpert.evaluate")
@@ -288,7 +288,7 @@ def run_eval(cfg: EvalConfig, dataset_path: str | Path | None = None, out_dir: s
         run = {**fp, "backend_info": backend.describe(), "model_name": cfg.name or _default_name(inf),
                "versions": library_versions(), "data_config": data_cfg.model_dump(mode="json"),
                "n_bootstrap": cfg.n_bootstrap, "config": cfg.model_dump(mode="json")}
-        (out / RUN_FILE).write_text(json.dumps(jsonable(run), indent=2))
+        write_json_atomic(out / RUN_FILE, jsonable(run))
         predict_missing(predictor, examples, out, stats if evidence else None, cfg.chunk_size, progress)
         engine_stats = getattr(backend, "last_stats", None)
     finally:
@@ -301,7 +301,7 @@ def run_eval(cfg: EvalConfig, dataset_path: str | Path | None = None, out_dir: s
     metrics["run"] = jsonable(run)
     if engine_stats:
         metrics["client"] = engine_stats
-    (out / METRICS).write_text(json.dumps(metrics, indent=2))
+    write_json_atomic(out / METRICS, metrics)  # a full disk leaves the old file or none, never half of one
     figures = write_figures(out, metrics, examples, preds, run["model_name"]) if cfg.figures and preds else []
     write_report(out, metrics, run, figures)
     return summary(metrics, out)

@@ -120,3 +120,49 @@ def test_train_sigkilled_after_a_checkpoint_resumes_from_the_last_complete_one(t
     resumed, uninterrupted = _losses(ckpts / "checkpoint-6"), _losses(straight / "checkpoints" / "checkpoint-6")
     assert len(resumed) == len(uninterrupted) == 6
     assert resumed == pytest.approx(uninterrupted, rel=1e-3, abs=1e-4)
+
+
+def test_a_full_disk_is_a_clear_error_naming_the_file_and_leaves_no_partial_result(tiny_built_dataset, tmp_path,
+                                                                                   monkeypatch, capsys):
+    """The disk fills while eval writes metrics.json: the CLI says which file and why (no traceback), no
+    half-written metrics.json is left to be read as a result, and once there is space again the rerun asks
+    the model nothing more."""
+    import errno
+
+    from fake_openai_server import FakeOpenAIServer
+
+    from synthpert.cli.main import main
+
+    out = tmp_path / "ev"
+    real_write = Path.write_text
+
+    def disk_full_for_metrics(self, data, *a, **kw):
+        if self.parent == out and "metrics" in self.name:
+            with open(self, "w") as f:  # what a full disk does: part of the file is written, then ENOSPC
+                f.write(data[:10])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return real_write(self, data, *a, **kw)
+
+    def run_cli(srv) -> int:
+        monkeypatch.setattr(sys, "argv", ["synthpert", "eval", "--dataset", str(tiny_built_dataset), "--out", str(out),
+                                          "--backend", "openai", "--model", "fake-model", "--base-url", srv.base_url,
+                                          "--n", "8", "inference.api_key_env=FAKE_KEY", "n_bootstrap=0",
+                                          "figures=false"])
+        with pytest.raises(SystemExit) as exit_:
+            main()
+        return exit_.value.code
+
+    monkeypatch.setenv("FAKE_KEY", "k")
+    with FakeOpenAIServer() as srv:
+        monkeypatch.setattr(Path, "write_text", disk_full_for_metrics)
+        assert run_cli(srv) == 2
+        err = capsys.readouterr().err
+        assert f"{out / 'metrics.json'}: No space left on device" in err and "Traceback" not in err
+        assert not (out / "metrics.json").exists() and not list(out.glob(".metrics.json*"))
+        assert len((out / "predictions.jsonl").read_text().splitlines()) == 8  # the predictions are kept
+        asked = len(srv.received)
+
+        monkeypatch.setattr(Path, "write_text", real_write)  # space freed
+        assert run_cli(srv) == 0
+        assert len(srv.received) == asked  # re-asked: 0
+    assert json.loads((out / "metrics.json").read_text())["n_predicted"] == 8
