@@ -185,12 +185,12 @@ class Envelope:
         try:
             await asyncio.wait_for(self._inner(scope, receive, send_enveloped), self.timeout_s)
         except asyncio.TimeoutError:
-            log.warning("request %s on %s passed the %ss timeout", rid, scope["path"], self.timeout_s)
+            log.warning("request %s on %r passed the %ss timeout", rid, scope["path"], self.timeout_s)
             if not started:
                 await answer(504, f"request took longer than request_timeout_s={self.timeout_s:g}s",
                              "timeout_error", "timeout")
         except Exception as exc:
-            log.error("internal error on %s (request %s): %s", scope["path"], rid, scrub(repr(exc), self.secret),
+            log.error("internal error on %r (request %s): %s", scope["path"], rid, scrub(repr(exc), self.secret),
                       exc_info=exc)
             if not started:
                 await answer(500, f"internal server error (request id {rid})", "server_error", "internal_error")
