@@ -134,7 +134,8 @@ def _parse_strict(text: str) -> ParsedAnswer:
     answers = _ANSWER_STRICT.findall(text)
     if not answers:
         return _fail("no <answer>...</answer> tag", STRICT, reasoning)
-    if len(answers) > 1:
+    # A second answer tag in another spelling (<ANSWER>, < answer >) could mean a second label: ambiguous.
+    if len(answers) > 1 or len(_ANSWER_OPEN_LENIENT.findall(text)) > 1:
         return _fail("more than one <answer> tag", STRICT, reasoning)
     content = answers[0].strip()
     if content not in LABELS:

@@ -54,7 +54,10 @@ def _read_csv(path: Path) -> pd.DataFrame:
     if not path.exists():
         raise SynthpertError(f"missing file {path}")
     try:
-        df = pd.read_csv(path, dtype={"pert": str, "gene": str, "split": str})
+        # Only an empty cell is missing (pandas would read the symbols NA, NULL or None as missing), and a label
+        # is read as text, so "true" is refused rather than read as 1.
+        df = pd.read_csv(path, dtype={"pert": str, "gene": str, "label": str, "split": str}, keep_default_na=False,
+                         na_values=[""])
     except Exception as e:  # pandas raises many parser error types
         raise SynthpertError(f"{path} is not a readable CSV: {e}") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]

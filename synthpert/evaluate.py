@@ -14,6 +14,7 @@ Output folder::
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -34,8 +35,10 @@ from .inference import Predictor, Triple
 from .progress import count_progress
 from .prompting import student_prompt_hash
 from .report import write_figures, write_report
-from .runs import adapter_manifest, library_versions
+from .runs import adapter_manifest, library_versions, write_json_atomic
 from .schema import HARD_LABEL, Prediction, jsonable, read_jsonl
+
+log = logging.getLogger("synthpert.evaluate")
 
 PREDICTIONS = "predictions.jsonl"
 RUN_FILE = "eval_run.json"
@@ -79,16 +82,27 @@ def fingerprint(cfg: EvalConfig, evidence: bool) -> dict:
 # Resumable predictions
 
 
-def repair_tail(path: Path) -> None:
-    """Drop a torn last line (process killed mid-write) so appended records start on a fresh line."""
+def repair_tail(path: Path) -> int:
+    """Make the file end on a whole line before records are appended to it: a last line without its newline
+    is kept (the newline added) when it is a whole record, else cut and reported (the process was killed
+    mid-write; that example is predicted again). Returns the number of bytes cut."""
     if not path.exists() or path.stat().st_size == 0:
-        return
+        return 0
     with open(path, "rb+") as f:
         f.seek(-1, os.SEEK_END)
         if f.read(1) == b"\n":
-            return
+            return 0
         data = f.seek(0) or f.read()
-        f.truncate(data.rfind(b"\n") + 1)
+        start = data.rfind(b"\n") + 1
+        try:
+            json.loads(data[start:])
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError both
+            f.truncate(start)
+            log.warning("%s: cut a torn last line (%d bytes, the process was killed mid-write); its example is "
+                        "predicted again", path, len(data) - start)
+            return len(data) - start
+        f.write(b"\n")
+        return 0
 
 
 def read_predictions(path: Path) -> dict[str, Prediction]:
@@ -274,7 +288,7 @@ def run_eval(cfg: EvalConfig, dataset_path: str | Path | None = None, out_dir: s
         run = {**fp, "backend_info": backend.describe(), "model_name": cfg.name or _default_name(inf),
                "versions": library_versions(), "data_config": data_cfg.model_dump(mode="json"),
                "n_bootstrap": cfg.n_bootstrap, "config": cfg.model_dump(mode="json")}
-        (out / RUN_FILE).write_text(json.dumps(jsonable(run), indent=2))
+        write_json_atomic(out / RUN_FILE, jsonable(run))
         predict_missing(predictor, examples, out, stats if evidence else None, cfg.chunk_size, progress)
         engine_stats = getattr(backend, "last_stats", None)
     finally:
@@ -287,7 +301,7 @@ def run_eval(cfg: EvalConfig, dataset_path: str | Path | None = None, out_dir: s
     metrics["run"] = jsonable(run)
     if engine_stats:
         metrics["client"] = engine_stats
-    (out / METRICS).write_text(json.dumps(metrics, indent=2))
+    write_json_atomic(out / METRICS, metrics)  # a full disk leaves the old file or none, never half of one
     figures = write_figures(out, metrics, examples, preds, run["model_name"]) if cfg.figures and preds else []
     write_report(out, metrics, run, figures)
     return summary(metrics, out)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .answer import LABELS, LENIENT, SHORT, STRICT
+from .runs import write_text_atomic
 from .schema import HARD_LABEL, Prediction
 
 REPORT = "report.md"
@@ -135,7 +136,7 @@ def write_report(out: Path, metrics: dict, run: dict, figures: list[str]) -> Pat
               f"{tok['finished_by_length']} outputs stopped at max_new_tokens."
               if tok["prompt_mean"] is not None else ""]
     path = out / REPORT
-    path.write_text("\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
     return path
 
 

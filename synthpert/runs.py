@@ -71,11 +71,22 @@ def hash_paths(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    """Temporary file + rename: readers never see a half-written file, whatever kills the writer."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Temporary file + rename: readers never see a half-written file, whatever stops the writer (a kill, a
+    full disk). On an error the temporary file is removed and the error names ``path``, the file the user
+    knows."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from None
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
 def write_jsonl_atomic(path: Path, records) -> int:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -20,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .answer import LABELS, SHORT, STRICT, check_label, format_answer
 from .errors import SynthpertError
+
+log = logging.getLogger("synthpert.schema")
 
 JUDGE_RATINGS: tuple[str, ...] = ("excellent", "good", "average", "bad", "terrible")
 
@@ -177,21 +180,25 @@ def write_jsonl(path: Path, records: Iterable[BaseModel | dict], append: bool = 
 
 
 def read_jsonl(path: Path, model: type[BaseModel] | None = None) -> Iterator:
-    """Yield records; a torn last line (process killed mid-write) is skipped, any other bad line is an error."""
+    """Yield records. A torn last line (no newline and not a whole record: the writer was killed mid-line) is
+    skipped with a warning naming it; any other bad line (not UTF-8, not JSON, not a ``model``) is an error
+    naming the file and line."""
     path = Path(path)
     if not path.exists():
         raise SynthpertError(f"file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
+    lines = path.read_bytes().split(b"\n")  # bytes: a kill can cut a line inside a multi-byte character
+    for i, raw in enumerate(lines, 1):
+        if not raw.strip():
             continue
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            if i == len(lines) and not line.endswith("\n"):
-                return  # the writer was killed mid-line; everything before it is intact
-            raise SynthpertError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            obj = json.loads(raw.decode("utf-8-sig" if i == 1 else "utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            if i == len(lines):  # only the last piece can lack its newline
+                log.warning("%s:%d: torn last line (%d bytes without a newline, the writer was probably killed "
+                            "mid-write): skipped; everything before it is intact", path, i, len(raw))
+                return
+            what = "not UTF-8" if isinstance(e, UnicodeDecodeError) else f"not valid JSON ({e.msg})"
+            raise SynthpertError(f"{path}:{i}: {what}") from None
         if model is None:
             yield obj
         else:

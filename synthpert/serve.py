@@ -17,8 +17,15 @@ nothing of /v1/predict.)
 
 Security defaults: binds 127.0.0.1; when the environment variable named by ``api_key_env`` (default
 SYNTHPERT_API_KEY) is set, every endpoint but /health needs ``Authorization: Bearer <key>``; request
-bodies, batch sizes, n_samples and max_tokens are capped; errors are JSON ``{"error": {...}}`` and never
-carry a traceback or the key.
+bodies, batch sizes, n_samples and max_tokens are capped; at most ``max_in_flight`` requests are handled at
+once (the next is 503 with Retry-After, never queued) and each gets ``request_timeout_s`` (then 504); every
+response carries ``X-Request-ID`` and headers fit for a JSON API (nosniff, no-store, a CSP that allows
+nothing); CORS is off unless ``cors_origins`` names origins; errors are JSON ``{"error": {message, type,
+param, code, request_id}}`` and never carry a traceback or the key.
+
+Middleware, outermost first: ``Envelope`` (request id, headers, bound, timeout, last-resort 500), Starlette's
+``CORSMiddleware`` (only when configured; outside the key check, since browsers send preflights without
+it), ``Gate`` (declared length, API key), ``BodyLimit`` (streamed length), then FastAPI's routes.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import asyncio
 import hmac
 import logging
 import os
+import re
 import time
 import uuid
 from pathlib import Path
@@ -34,6 +42,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 from fastapi import HTTPException as FastAPIHTTPException
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .cells import get_cell_line
@@ -47,6 +56,35 @@ from .schema import SYMBOL_PATTERN, Example
 log = logging.getLogger("synthpert.serve")
 
 Symbol = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64, pattern=SYMBOL_PATTERN)]
+
+
+# A client's own request id is echoed only when it cannot smuggle anything into a header or a log line.
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+SECURITY_HEADERS = (
+    (b"x-content-type-options", b"nosniff"),
+    (b"cache-control", b"no-store"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'"),
+    (b"x-frame-options", b"DENY"),
+)
+_ENVELOPE_HEADERS = {name for name, _ in SECURITY_HEADERS} | {b"x-request-id"}
+
+
+def _error_body(message: str, kind: str, param: str | None = None, code: str | None = None,
+                request_id: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code, "request_id": request_id}}
+
+
+def request_id_of(scope) -> str | None:
+    return (scope.get("state") or {}).get("request_id")
+
+
+def error_response(scope, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                   code: str | None = None, headers: dict | None = None):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(_error_body(message, kind, param, code, request_id_of(scope)), status_code=status,
+                        headers=headers)
 
 
 class BodyTooLarge(FastAPIHTTPException):
@@ -79,6 +117,92 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited, send)
+
+
+def too_large(scope, max_bytes: int):
+    return error_response(scope, 413, f"request body larger than {max_bytes} bytes", code="request_too_large",
+                          headers={"connection": "close"})
+
+
+class Gate:
+    """ASGI middleware: refuse a declared oversize body and a missing or wrong API key before any body is read."""
+
+    def __init__(self, app, max_bytes: int, api_key: str | None):
+        self.app, self.max_bytes, self.api_key = app, max_bytes, api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await too_large(scope, self.max_bytes)(scope, receive, send)
+        if self.api_key is not None and scope["path"] != "/health":
+            auth = headers.get("authorization", "")
+            token = auth[7:] if auth.lower().startswith("bearer ") else ""
+            # compare_digest: the time taken does not tell how much of a guessed key was right
+            if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+                return await error_response(scope, 401, "missing or invalid API key (Authorization: Bearer ...)",
+                                            "authentication_error", code="invalid_api_key")(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class Envelope:
+    """Outermost ASGI middleware: give each request an id, add the id and the security headers to every
+    response, bound the requests in flight and the time each may take, and answer any exception that got
+    this far with a 500 in the error shape (never a traceback, never the text of the exception)."""
+
+    def __init__(self, app, max_in_flight: int, timeout_s: float, secret: str | None = None):
+        self.app, self.max_in_flight, self.timeout_s, self.secret = app, max_in_flight, timeout_s, secret
+        self.in_flight = 0  # one event loop: no lock needed
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        sent = Headers(scope=scope).get("x-request-id", "")
+        rid = sent if REQUEST_ID_PATTERN.fullmatch(sent) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        started = False
+
+        async def send_enveloped(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                kept = [(k, v) for k, v in message.get("headers", []) if k.lower() not in _ENVELOPE_HEADERS]
+                message = {**message, "headers": [*kept, *SECURITY_HEADERS, (b"x-request-id", rid.encode())]}
+            await send(message)
+
+        def answer(status, text, kind, code, headers=None):
+            return error_response(scope, status, text, kind, code=code, headers=headers)(scope, receive,
+                                                                                         send_enveloped)
+
+        # Health probes must get through a full server: they are instant and never reach the model.
+        bounded = scope["path"] != "/health"
+        if bounded and self.in_flight >= self.max_in_flight:
+            return await answer(503, f"server busy: {self.max_in_flight} requests in flight; retry shortly",
+                                "overloaded_error", "overloaded", {"retry-after": "1"})
+        self.in_flight += bounded
+        try:
+            await asyncio.wait_for(self._inner(scope, receive, send_enveloped), self.timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("request %s on %r passed the %ss timeout", rid, scope["path"], self.timeout_s)
+            if not started:
+                await answer(504, f"request took longer than request_timeout_s={self.timeout_s:g}s",
+                             "timeout_error", "timeout")
+        except Exception as exc:
+            log.error("internal error on %r (request %s): %s", scope["path"], rid, scrub(repr(exc), self.secret),
+                      exc_info=exc)
+            if not started:
+                await answer(500, f"internal server error (request id {rid})", "server_error", "internal_error")
+        finally:
+            self.in_flight -= bounded
+
+    async def _inner(self, scope, receive, send):
+        try:
+            await self.app(scope, receive, send)
+        except asyncio.TimeoutError as e:
+            # the app's own timeout is an internal error, not this request's deadline
+            raise RuntimeError(f"timeout inside the app: {e!r}") from e
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -114,11 +238,22 @@ class BatchRequest(BaseModel):
     return_reasoning: bool = False
 
 
+def _encodable(v: str) -> str:
+    # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer and no UTF-8 response can carry.
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (a lone surrogate \\uD800-\\uDFFF is not)") from None
+    return v
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: str = Field(..., pattern="^(system|user|assistant)$")
     content: str = Field(..., max_length=100_000)
+
+    _v_content = field_validator("content")(classmethod(lambda cls, v: _encodable(v)))
 
 
 class ChatCompletionRequest(BaseModel):
@@ -134,15 +269,13 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = None
     stream: bool = False
 
+    _v_model = field_validator("model")(classmethod(lambda cls, v: _encodable(v)))
+
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
         super().__init__(message)
         self.status, self.message, self.param, self.kind = status, message, param, kind
-
-
-def _error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -185,6 +318,8 @@ class Batcher:
                 pending.append(self.queue.get_nowait())
             groups: dict[Any, list] = {}
             for key, items, fut in pending:
+                if fut.done():  # its request timed out or its client left while it waited: spend nothing on it
+                    continue
                 groups.setdefault(key, []).append((items, fut))
             for key, entries in groups.items():
                 # Split into model calls of at most max_items; keep each request's items together.
@@ -231,7 +366,6 @@ def create_app(predictor, settings: ServeSettings | None = None, evidence_stats=
 
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
 
     settings = settings or ServeSettings()
     name = served_model_name(predictor, settings)
@@ -261,39 +395,31 @@ def create_app(predictor, settings: ServeSettings | None = None, evidence_stats=
     app = FastAPI(title="synthpert", version=_version(), lifespan=lifespan, debug=False,
                   docs_url=None, redoc_url=None, openapi_url=None)
 
-    # Added before the guard, so it sits inside it: the route reads the body through it directly (a
-    # BaseHTTPMiddleware between the two would turn its exception into a 400).
+    # add_middleware puts each one outside those added before it. BodyLimit must sit directly around the
+    # routes: a BaseHTTPMiddleware between them would turn its exception into a 400.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(Gate, max_bytes=settings.max_body_bytes, api_key=api_key)
+    if settings.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-            return too_large()
-        if api_key is not None and request.url.path != "/health":
-            auth = request.headers.get("authorization", "")
-            token = auth[7:] if auth.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), api_key.encode()):
-                return JSONResponse(_error_body("missing or invalid API key (Authorization: Bearer ...)",
-                                                "authentication_error", code="invalid_api_key"), status_code=401)
-        return await call_next(request)
-
-    def too_large():
-        return JSONResponse(_error_body(f"request body larger than {settings.max_body_bytes} bytes",
-                                        "invalid_request_error", code="request_too_large"), status_code=413,
-                            headers={"connection": "close"})
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
+                           allow_methods=["GET", "POST"], allow_headers=["authorization", "content-type",
+                                                                         "x-request-id"],
+                           expose_headers=["x-request-id", "retry-after"], max_age=600)
+    app.add_middleware(Envelope, max_in_flight=settings.max_in_flight, timeout_s=settings.request_timeout_s,
+                       secret=api_key)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException):
         """404, 405 and the like in the same error shape as every other error (OpenAI clients read it)."""
         if isinstance(exc, BodyTooLarge):
-            return too_large()
+            return too_large(request.scope, settings.max_body_bytes)
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         message = {404: f"no route {request.method} {request.url.path}",
                    405: f"method {request.method} not allowed on {request.url.path}"}.get(exc.status_code,
                                                                                          str(exc.detail))
-        return JSONResponse(_error_body(message, kind, code=str(exc.status_code)), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return error_response(request.scope, exc.status_code, message, kind, code=str(exc.status_code),
+                              headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError):
@@ -305,21 +431,18 @@ def create_app(predictor, settings: ServeSettings | None = None, evidence_stats=
         text = f"field '{param}': {msg}" if param else msg
         if len(errs) > 1:
             text += f" (and {len(errs) - 1} more problem(s))"
-        return JSONResponse(_error_body(text, "invalid_request_error", param), status_code=422)
+        return error_response(request.scope, 422, text, param=param)
 
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, exc: ApiError):
-        return JSONResponse(_error_body(exc.message, exc.kind, exc.param), status_code=exc.status)
+        return error_response(request.scope, exc.status, exc.message, exc.kind, exc.param)
 
     @app.exception_handler(SynthpertError)
     async def on_user_error(request: Request, exc: SynthpertError):
-        return JSONResponse(_error_body(scrub(str(exc), api_key), "invalid_request_error"), status_code=422)
+        return error_response(request.scope, 422, scrub(str(exc), api_key))
 
-    @app.exception_handler(Exception)
-    async def on_internal(request: Request, exc: Exception):
-        ref = uuid.uuid4().hex[:12]
-        log.error("internal error %s on %s: %s", ref, request.url.path, scrub(repr(exc), api_key), exc_info=exc)
-        return JSONResponse(_error_body(f"internal server error (reference {ref})", "server_error"), status_code=500)
+    # Any other exception reaches Envelope, which answers it (a handler for Exception would sit outside
+    # Envelope, in Starlette's ServerErrorMiddleware, and its 500 would miss the headers and the request id).
 
     def check_n(n: int, param: str) -> None:
         if n > settings.max_n_samples:

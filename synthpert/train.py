@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -228,6 +229,22 @@ def _losses(history: list[dict]) -> tuple[float | None, float | None]:
     return (losses[0], losses[-1]) if losses else (None, None)
 
 
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest checkpoint that was written to the end. The Trainer writes a checkpoint's files one by one
+    and trainer_state.json last, so a process killed while saving leaves a newer folder without it, whose
+    weights may be torn: resuming from that one would fail or load garbage."""
+    if not folder.is_dir():
+        return None
+    steps = sorted((int(m.group(1)), p) for p in folder.iterdir()
+                   if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
+    for _, path in reversed(steps):
+        if (path / "trainer_state.json").is_file():
+            return str(path)
+        log.warning("%s is incomplete (no trainer_state.json: the run was killed while saving it); resuming from "
+                    "an earlier checkpoint", path)
+    return None
+
+
 def train_model(cfg: TrainConfig, source, out_dir: str | Path) -> TrainResult:
     """Everything `synthpert train` does; returns the summary and the trainer (whose model is in memory)."""
     from accelerate import PartialState
@@ -284,10 +301,8 @@ def train_model(cfg: TrainConfig, source, out_dir: str | Path) -> TrainResult:
 
     resume_from = None
     if cfg.resume:
-        from transformers.trainer_utils import get_last_checkpoint
-
         ckpt = out_dir / CHECKPOINTS
-        resume_from = get_last_checkpoint(str(ckpt)) if ckpt.is_dir() else None
+        resume_from = last_complete_checkpoint(ckpt)
         if resume_from is None:
             raise SynthpertError(f"--resume: no checkpoint in {ckpt} (checkpoints are written every save_steps="
                                  f"{cfg.save_steps} steps)")

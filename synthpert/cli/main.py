@@ -6,6 +6,7 @@ Heavy libraries (torch, transformers, trl, vllm) are imported only inside the co
 
 from __future__ import annotations
 
+import errno
 import sys
 
 import typer
@@ -20,6 +21,11 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+# What the machine, not the code, got wrong: the user frees space or fixes permissions and reruns.
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
+                      getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 def _echo_err(msg: str) -> None:
@@ -53,6 +59,12 @@ def main() -> None:
     except KeyboardInterrupt:
         _echo_err("interrupted; finished work is saved and a rerun resumes")
         sys.exit(130)
+    except OSError as e:
+        if e.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        _echo_err(f"{e.filename or 'a file'}: {e.strerror}; finished work is kept: free space (or fix the "
+                  "permissions) and rerun the same command")
+        sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:

@@ -164,8 +164,11 @@ def load_section(model: type[T], section: str | None, path: str | Path | None = 
             origin += f" + {extra}"
         data = deep_merge(deep_merge(raw, nest(flags or {})), parse_overrides(overrides))
         return validate_config(model, data, origin=origin)
-    if isinstance(raw.get(section), dict) or section in raw:
-        data = raw.get(section) or {}
+    if section in raw:
+        data = raw[section] if raw[section] is not None else {}
+        if not isinstance(data, dict):
+            raise SynthpertError(f"{path}: the '{section}' section must be a mapping of settings, found "
+                                 f"{type(data).__name__} {data!r:.60}")
     elif raw and not set(raw) & set(RUN_SECTIONS):
         data = raw
     else:
