@@ -32,13 +32,22 @@ def _message(fn) -> str:
     return str(err.value)
 
 
-def test_baselines_table_shows_bootstrap_intervals(perturbqa_dir):
-    r = _cli("baselines", "--source", perturbqa_dir, "--train-cells", "hepg2", "--test-cells", "hepg2",
-             "--bootstrap", "20")
-    assert r.returncode == 0, r.stderr
-    row = next(line for line in r.stdout.splitlines() if "gene_prior " in line)
+def test_baselines_table_shows_bootstrap_intervals(perturbqa_dir, capsys):
+    from synthpert.baselines import run_baselines
+    from synthpert.cli.data import baseline_table
+
+    result = run_baselines(DataConfig(source=str(perturbqa_dir), train_cells=["hepg2"], test_cells=["hepg2"]),
+                           n_bootstrap=20)
+    baseline_table(result, 20)
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if "gene_prior " in line)
     assert re.search(r"0\.\d{3} \[0\.\d\d, 0\.\d\d\]", row), row
-    assert "bootstrap" in r.stdout
+    assert "20 resamples" in out
+    for metrics in result["baselines"].values():  # no bootstrap: the same table without brackets
+        metrics.pop("ci", None)
+    baseline_table(result)
+    out = capsys.readouterr().out
+    assert "gene_prior " in out and "[" not in out and "resamples" not in out
 
 
 def test_model_tiny_says_which_gene_list_it_used(tmp_path):

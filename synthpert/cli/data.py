@@ -103,6 +103,11 @@ def metrics_rows(results: dict[str, dict], stratum: str = "overall"):
     return pd.DataFrame(rows)
 
 
+def _interval(ci):
+    """A row's (low, high), or None: pandas fills a missing interval with NaN, which is not one."""
+    return ci if isinstance(ci, (list, tuple)) and len(ci) == 2 else None
+
+
 def baseline_table(result: dict, n_bootstrap: int = 0) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -125,7 +130,8 @@ def baseline_table(result: dict, n_bootstrap: int = 0) -> None:
             if r.get("note"):
                 table.add_row(r["predictor"], "", *["—"] * 8)
                 continue
-            table.add_row(r["predictor"], f"{int(r['n']):,}", *[fmt(r[c], r.get(f"{c}_ci")) for c in TABLE_METRICS],
+            table.add_row(r["predictor"], f"{int(r['n']):,}",
+                          *[fmt(r[c], _interval(r.get(f"{c}_ci"))) for c in TABLE_METRICS],
                           *[fmt(r[c]) for c in ("f1_up", "f1_down", "f1_not_de")])
         console.print(table)
     if with_ci:
