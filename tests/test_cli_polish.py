@@ -144,3 +144,17 @@ def test_generate_and_judge_end_with_a_short_summary(tmp_path, tiny_built_datase
     assert len(lines) <= 4 and "kept 96 of 96" in lines[0] and str(judged / "kept.jsonl") in r.stdout
     r = _cli("judge", "--json", "--traces", gen / "traces.jsonl", "--out", judged, "judge.kind=rules")
     assert r.returncode == 0 and json.loads(r.stdout)["kept"] == 96
+
+
+def test_bad_records_and_decision_files_are_described_without_pydantic_words(tmp_path):
+    from synthpert.decision import load_decision
+    from synthpert.schema import TraceRecord, read_jsonl
+
+    traces = tmp_path / "traces.jsonl"
+    traces.write_text('{"id": "a#0", "example_id": "a", "cell_line": "k562", "perturbation": "P", "gene": "G", '
+                      '"label": "upregulated", "sample_index": "first"}\n')
+    msg = _message(lambda: list(read_jsonl(traces, TraceRecord)))
+    assert "traces.jsonl:1" in msg and "sample_index: must be a whole number" in msg
+    (tmp_path / "decision.json").write_text('{"rule": "tuned", "log_offsets": "big"}')
+    msg += _message(lambda: load_decision(tmp_path))
+    assert not [w for w in PYDANTIC_WORDS if w in msg], msg

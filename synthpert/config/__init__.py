@@ -245,6 +245,12 @@ def _in_own_words(e: dict) -> str:
     return text
 
 
+def describe_problems(err: ValidationError) -> list[str]:
+    """Each problem as ``key: what is wrong`` in the toolkit's words (for records and files, not configs)."""
+    return [f"{'.'.join(str(p) for p in e['loc']) or 'the record'}: "
+            + ("unknown key" if e["type"] == "extra_forbidden" else _in_own_words(e)) for e in err.errors()]
+
+
 def format_validation_error(err: ValidationError, model: type[BaseModel], origin: str = "config",
                             where=None, prefix: str = "", candidates: list[str] | None = None) -> str:
     """Every problem on its own line, naming the key and, with ``where(dotted_key)``, where it was set.
