@@ -159,6 +159,7 @@ def check_model_folders(cfg: BaseModel, where) -> None:
             dotted = f"{prefix}{key}"
             if isinstance(value, BaseModel):
                 walk(value, dotted + ".")
+            # "tiny" is the run config's word for the model the pipeline builds inside the run (pipeline.TINY)
             elif _path_kind(type(obj), key) == "model" and isinstance(value, str) and value != "tiny":
                 if getattr(obj, "backend", None) == "openai":
                     continue  # a model NAME at an API endpoint
