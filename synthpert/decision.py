@@ -249,11 +249,12 @@ def load_decision(path: str | Path, adapter_hash: str | None = None) -> Decision
     except json.JSONDecodeError as e:
         raise SynthpertError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); {refit}") from None
     except ValidationError as e:
+        from .config import describe_problems
+
         first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(file)"
-        if first["type"] == "literal_error" and where == "rule":
+        if first["type"] == "literal_error" and first["loc"] == ("rule",):
             check_rule(str(raw.get("rule")))
-        raise SynthpertError(f"{path}: {where}: {first['msg']}; {refit}") from None
+        raise SynthpertError(f"{path}: {describe_problems(e)[0]}; {refit}") from None
     if adapter_hash and decision.adapter_hash and decision.adapter_hash != adapter_hash:
         raise SynthpertError(f"{path} was fitted for adapter {decision.adapter_hash[:12]}…, not for this adapter "
                              f"{adapter_hash[:12]}…; {refit}")

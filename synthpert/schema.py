@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .answer import LABELS, SHORT, STRICT, check_label, format_answer
 from .errors import SynthpertError
@@ -204,8 +204,11 @@ def read_jsonl(path: Path, model: type[BaseModel] | None = None) -> Iterator:
         else:
             try:
                 yield model.model_validate(obj)
-            except Exception as e:  # pydantic.ValidationError: name the file and line
-                raise SynthpertError(f"{path}:{i}: not a valid {model.__name__}: {e}") from None
+            except ValidationError as e:
+                from .config import describe_problems
+
+                raise SynthpertError(f"{path}:{i}: not a valid {model.__name__} record: "
+                                     + "; ".join(describe_problems(e))) from None
 
 
 def jsonable(obj):

@@ -98,6 +98,14 @@ def _gene_symbols(source: str | Path | None, limit: int = 4000, seed: int = 0) -
     return sorted(perts_l[:limit]), sorted(genes_l[:limit])
 
 
+def _has_csvs(source: str | Path | None) -> bool:
+    """Whether ``source`` holds a cell line's CSVs, i.e. whether _gene_symbols reads the data or falls back."""
+    from .data import PERTURBQA_LINES, csv_name
+
+    folder = Path(source).expanduser() if source else None
+    return bool(folder and any((folder / csv_name(k, "de")).exists() for k in PERTURBQA_LINES))
+
+
 def _evidence_samples(rng: random.Random, cells: list[str], pert: str, gene: str) -> str:
     """An evidence block rendered by the real renderer (made-up counts) so its wording is in the vocabulary."""
     import numpy as np
@@ -192,7 +200,7 @@ def build_tiny_model(out_dir: str | Path, *, source: str | Path | None = None, s
         raise SynthpertError(f"head_dim {head_dim} (= hidden/heads) must be one of {VLLM_CPU_HEAD_DIMS}: "
                              "vLLM's CPU attention accepts only those")
     if source is None:
-        from .config import default_data_dir
+        from .config.data import default_data_dir
 
         source = default_data_dir()
     out = Path(out_dir)
@@ -217,6 +225,6 @@ def build_tiny_model(out_dir: str | Path, *, source: str | Path | None = None, s
         "built_by": "synthpert model tiny", "seed": seed, "layers": layers, "hidden": hidden, "heads": heads,
         "head_dim": head_dim, "vocab_size": len(tokenizer), "chat_format": chat_format,
         "initializer_range": initializer_range,
-        "vocab_source": str(source) if Path(source).is_dir() else "built-in gene list",
+        "vocab_source": str(source) if _has_csvs(source) else "built-in gene list",
     }, indent=2))
     return out

@@ -181,7 +181,7 @@ def cli(*args: str, env_extra: dict | None = None) -> subprocess.Popen:
 
 
 def gen_args(dataset: Path, out: Path, srv: FakeOpenAIServer, *extra: str) -> list[str]:
-    return ["generate", "--dataset", str(dataset), "--out", str(out), f"teacher.base_url={srv.base_url}",
+    return ["generate", "--json", "--dataset", str(dataset), "--out", str(out), f"teacher.base_url={srv.base_url}",
             "teacher.model=fake-model", f"teacher.api_key_env={KEY_ENV}", "teacher.backoff_initial=0.01",
             "teacher.prices={fake-model: {input: 1.0, output: 2.0}}", *extra]
 

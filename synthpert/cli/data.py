@@ -82,7 +82,7 @@ def baselines_cmd(
     if as_json:
         typer.echo(json.dumps(result, indent=None, default=float))
     else:
-        baseline_table(result)
+        baseline_table(result, bootstrap)
 
 
 def metrics_rows(results: dict[str, dict], stratum: str = "overall"):
@@ -98,17 +98,24 @@ def metrics_rows(results: dict[str, dict], stratum: str = "overall"):
         if src is None:
             continue
         rows.append({"predictor": name, "n": src["n"], **{k: src.get(k) for k in TABLE_METRICS},
-                     **{f"f1_{c}": src["per_class"][c]["f1"] for c in ("up", "down", "not_de")}, "note": ""})
+                     **{f"f1_{c}": src["per_class"][c]["f1"] for c in ("up", "down", "not_de")},
+                     **{f"{k}_ci": (src.get("ci") or {}).get(k) for k in TABLE_METRICS}, "note": ""})
     return pd.DataFrame(rows)
 
 
-def baseline_table(result: dict) -> None:
+def _interval(ci):
+    """A row's (low, high), or None: pandas fills a missing interval with NaN, which is not one."""
+    return ci if isinstance(ci, (list, tuple)) and len(ci) == 2 else None
+
+
+def baseline_table(result: dict, n_bootstrap: int = 0) -> None:
     from rich.console import Console
     from rich.table import Table
 
     from ..report import fmt
 
-    console = Console(width=max(Console().width, 120))
+    with_ci = any("ci" in m for m in result["baselines"].values())
+    console = Console(width=max(Console().width, 170 if with_ci else 120))
     console.print(f"[bold]{result['setting']}[/]: train {','.join(result['train_cells'])} → test "
                   f"{','.join(result['test_cells'])}; n={result['n']:,} test pairs "
                   f"({result['n_pert_seen_in_train_lines']:,} with the perturbation seen in another training line)")
@@ -124,8 +131,12 @@ def baseline_table(result: dict) -> None:
                 table.add_row(r["predictor"], "", *["—"] * 8)
                 continue
             table.add_row(r["predictor"], f"{int(r['n']):,}",
-                          *[fmt(r[c]) for c in (*TABLE_METRICS, "f1_up", "f1_down", "f1_not_de")])
+                          *[fmt(r[c], _interval(r.get(f"{c}_ci"))) for c in TABLE_METRICS],
+                          *[fmt(r[c]) for c in ("f1_up", "f1_down", "f1_not_de")])
         console.print(table)
+    if with_ci:
+        console.print(f"[dim]Brackets: 95% bootstrap intervals ({n_bootstrap} resamples "
+                      "of the test perturbations).[/]")
     notes = [f"{k}: {v['unavailable']}" for k, v in result["baselines"].items() if "unavailable" in v]
     for n in dict.fromkeys(notes):
         console.print(f"[dim]{n}[/]")

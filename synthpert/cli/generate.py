@@ -18,6 +18,7 @@ import typer
 
 from ..config import load_section
 from ..config.generate import JudgeConfig, TeacherConfig
+from .output import error
 
 
 def _setup_logging() -> None:
@@ -35,22 +36,59 @@ def _flags_win(cfg, max_cost: float | None, no_progress: bool):
     return cfg
 
 
-def _finish(summary: dict) -> None:
-    typer.echo(json.dumps(summary, indent=2, default=str))
+def _usd(x) -> str:
+    return "unknown (no price configured)" if x is None else f"${x:,.4f}"
+
+
+def _short(label: str) -> str:
+    return {"not differentially expressed": "not DE"}.get(label, label)
+
+
+def summary_lines(summary: dict, out: Path) -> list[str]:
+    """A few lines a person reads: what was kept of what, requests, cost, where the files are."""
+    if summary.get("dry_run"):
+        items = summary.get("examples", summary.get("traces", 0))
+        return [f"dry run: {items:,} items, {summary['http_requests_needed']:,} requests to send "
+                f"({summary['already_cached']:,} already cached) to {summary['model']}; est. cost "
+                f"{_usd(summary['est_cost_usd'])}, at most {_usd(summary['max_cost_usd'])}; nothing was sent"]
+    engine = summary.get("engine") or {}
+    requests = (f"requests: {engine.get('requests', 0):,} ({engine.get('from_cache', 0):,} from the cache, "
+                f"{engine.get('failed', 0):,} failed); cost this run {_usd(summary.get('cost_usd_this_run'))}, "
+                f"all traces so far {_usd(summary.get('cost_usd_total'))}")
+    if "kept" in summary:  # the judge
+        kind = f"{summary['kind']}" + (", an offline heuristic" if summary.get("offline_heuristic") else "")
+        by_class = ", ".join(f"{_short(c)} {v['kept']:,}/{v['traces']:,}" for c, v in summary["per_class"].items())
+        rate = summary.get("keep_rate")
+        return [f"judge ({kind}): kept {summary['kept']:,} of {summary['traces']:,} traces"
+                + (f" ({rate:.0%})" if rate is not None else "") + f"; by class {by_class}",
+                requests,
+                f"written: {summary['kept_path']} and {summary['rejected_path']} (details: {out / 'summary.json'})"]
+    kind = summary["teacher"] + (", an offline heuristic" if summary.get("offline_heuristic") else "")
+    return [f"teacher ({kind}, mode {summary['mode']}): {summary['traces']:,} traces for "
+            f"{summary['examples_done']:,} of {summary['examples']:,} training triples; "
+            f"{summary['answer_matches_label']:,} answers match the label, {summary['parse_failures']:,} unparseable",
+            requests,
+            f"written: {summary['traces_path']} (details: {out / 'summary.json'})"]
+
+
+def _finish(summary: dict, out: Path, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2, default=str))
+    else:
+        for line in summary_lines(summary, out):
+            typer.echo(line)
     engine = summary.get("engine") or {}
     stopped = engine.get("stopped")
     if stopped == "interrupted":
-        typer.secho("interrupted: outputs hold everything finished so far; rerun the same command to resume",
-                    fg=typer.colors.YELLOW, err=True)
+        error("interrupted: outputs hold everything finished so far; rerun the same command to resume")
         raise typer.Exit(130)
     if stopped == "max_cost":
-        typer.secho(f"stopped before exceeding the budget (spent ${summary.get('cost_usd_this_run', 0):.4f}); "
-                    "rerun with a larger --max-cost to continue (cached answers are free)",
-                    fg=typer.colors.YELLOW, err=True)
+        error(f"stopped before exceeding the budget (spent ${summary.get('cost_usd_this_run', 0):.4f}); "
+              "rerun with a larger --max-cost to continue (cached answers are free)")
         raise typer.Exit(3)
     if engine.get("failed"):
-        typer.secho(f"{engine['failed']} request(s) failed after all retries (see failed_examples); rerun to "
-                    "retry just those", fg=typer.colors.RED, err=True)
+        error(f"{engine['failed']} request(s) failed after all retries (see failed_examples in summary.json); "
+              "rerun to retry just those")
         raise typer.Exit(1)
 
 
@@ -61,6 +99,7 @@ def generate_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="Estimate requests, tokens and cost; send nothing."),
     max_cost: float | None = typer.Option(None, "--max-cost", help="USD this run may spend (stops before)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    as_json: bool = typer.Option(False, "--json", help="Print the full summary as JSON instead of a few lines."),
     overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. teacher.model=gpt-4o-mini"),
 ) -> None:
     """Teacher: write reasoning traces for training triples (any OpenAI-compatible API, or offline)."""
@@ -69,7 +108,7 @@ def generate_cmd(
     _setup_logging()
     cfg = _flags_win(load_section(TeacherConfig, "teacher", config, overrides), max_cost, no_progress)
     summary = run_generate(cfg, dataset, out, dry_run=dry_run)
-    _finish(summary)
+    _finish(summary, out, as_json)
 
 
 def judge_cmd(
@@ -79,6 +118,7 @@ def judge_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="Estimate requests, tokens and cost; send nothing."),
     max_cost: float | None = typer.Option(None, "--max-cost", help="USD this run may spend (stops before)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    as_json: bool = typer.Option(False, "--json", help="Print the full summary as JSON instead of a few lines."),
     overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. judge.kind=rules"),
 ) -> None:
     """Judge: rate each trace's reasoning; keep it iff rating >= threshold AND answer == label."""
@@ -87,7 +127,7 @@ def judge_cmd(
     _setup_logging()
     cfg = _flags_win(load_section(JudgeConfig, "judge", config, overrides), max_cost, no_progress)
     summary = run_judge(cfg, traces, out, dry_run=dry_run)
-    _finish(summary)
+    _finish(summary, out, as_json)
 
 
 def register(app: typer.Typer) -> None:

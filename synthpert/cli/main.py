@@ -13,6 +13,7 @@ import typer
 
 from ..errors import SynthpertError
 from . import data, evaluate, generate, run, train
+from .output import error
 
 app = typer.Typer(
     name="synthpert",
@@ -26,10 +27,6 @@ app = typer.Typer(
 # What the machine, not the code, got wrong: the user frees space or fixes permissions and reruns.
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
                       getattr(errno, "EDQUOT", errno.ENOSPC)}
-
-
-def _echo_err(msg: str) -> None:
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
 
 
 def _print_version(value: bool) -> None:
@@ -54,26 +51,29 @@ def main() -> None:
     try:
         rc = app(standalone_mode=False)
     except SynthpertError as e:
-        _echo_err(str(e))
+        error(str(e))
         sys.exit(2)
     except KeyboardInterrupt:
-        _echo_err("interrupted; finished work is saved and a rerun resumes")
+        error("interrupted; finished work is saved and a rerun resumes")
         sys.exit(130)
     except OSError as e:
         if e.errno not in ENVIRONMENT_ERRNOS:
             raise
-        _echo_err(f"{e.filename or 'a file'}: {e.strerror}; finished work is kept: free space (or fix the "
+        error(f"{e.filename or 'a file'}: {e.strerror}; finished work is kept: free space (or fix the "
                   "permissions) and rerun the same command")
         sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:
-        _echo_err("aborted")
+        error("aborted")
         sys.exit(130)
     except typer.TyperException as e:  # usage errors: bad option, missing argument
-        show = getattr(e, "show", None)
-        if show is None:
-            raise
-        show()
+        ctx = getattr(e, "ctx", None)
+        if type(e).__name__ == "NoArgsIsHelpError":
+            e.show()  # the help text itself, not an error
+        else:
+            if ctx is not None:  # the parser's own "Error: ..." line would be a second error prefix
+                typer.echo(f"{ctx.get_usage()}\nTry '{ctx.command_path} --help' for help.\n", err=True)
+            error(e.format_message())
         sys.exit(getattr(e, "exit_code", 2))
     sys.exit(rc if isinstance(rc, int) else 0)

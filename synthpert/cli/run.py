@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 import typer
 
 from ..config import load_section
 from ..config.run import RunConfig
+from ..errors import SynthpertError
 
 
 def run_cmd(
@@ -27,8 +29,15 @@ def run_cmd(
     """Run data -> generate -> judge -> train -> eval in runs/NAME/, skipping stages already complete."""
     from rich.console import Console
 
-    from ..pipeline import Pipeline, run_pipeline
+    from ..pipeline import STAGES, Pipeline, run_pipeline
 
+    # Checked before anything is printed or built: a typo must leave no run folder behind (a dry run builds
+    # the data stage, and an unknown --until would have let it).
+    for flag, value in (("--from", from_stage), ("--until", until), *(("--force", f) for f in force or [])):
+        if value is not None and value not in STAGES:
+            guess = difflib.get_close_matches(value, STAGES, n=1)
+            raise SynthpertError(f"{flag} {value!r} is not a stage" + (f" (did you mean {guess[0]!r}?)" if guess
+                                 else "") + f"; stages: {', '.join(STAGES)}")
     ovr = list(overrides or [])
     if name:
         ovr.append(f"name={name}")

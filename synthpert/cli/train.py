@@ -18,7 +18,8 @@ model_app = typer.Typer(help="Build local models (the tiny offline model for tes
 def model_tiny(
     out: Path = typer.Option(..., "--out", help="Folder to write the model and tokenizer into."),
     source: str | None = typer.Option(None, "--source", help="Folder with PerturbQA CSVs for the gene "
-                                         "vocabulary (default: $SYNTHPERT_DATA / download cache, else built-in)."),
+                                         "vocabulary (default: $SYNTHPERT_DATA / download cache, else a built-in "
+                                         "list; the command says which it used)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the random weights and the tokenizer corpus."),
     layers: int = typer.Option(2, "--layers"),
     hidden: int = typer.Option(128, "--hidden", help="Hidden size; hidden/heads must be 32, 64, 80, 96, 112 or 128."),
@@ -33,6 +34,17 @@ def model_tiny(
     path = build_tiny_model(out, source=source, seed=seed, layers=layers, hidden=hidden, heads=heads,
                             vocab_size=vocab_size, chat_format=chat_format)
     typer.echo(f"tiny model written to {path} (load it with from_pretrained({str(path)!r}))")
+    # The vocabulary decides the tokenizer, so two builds match only when it came from the same place: say
+    # which one was used instead of silently falling back.
+    vocab = json.loads((Path(path) / "synthpert_tiny.json").read_text()).get("vocab_source", "")
+    if vocab == "built-in gene list":
+        from ..config.data import default_data_dir
+
+        looked = source or default_data_dir()
+        typer.echo(f"gene vocabulary: the built-in gene list (no PerturbQA CSVs in {looked}); give --source DIR "
+                   "for the genes of your data")
+    else:
+        typer.echo(f"gene vocabulary: the PerturbQA CSVs in {vocab}")
 
 
 def train_cmd(

@@ -65,16 +65,24 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return merged
 
 
-def read_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.exists():
-        from ..resources import resource_dir
+def find_config(path: str | Path) -> Path:
+    """The config file ``path`` names: as given (relative to the working directory), else the shipped one of
+    that name in the repository's configs/ folder, so ``-c configs/x.yaml`` and ``x.yaml`` work from anywhere."""
+    path = Path(path).expanduser()
+    if path.exists():
+        return path
+    from ..resources import resource_dir
 
-        shipped = resource_dir("configs") / path.name
-        if path.parent == Path(".") and shipped.exists():
-            path = shipped  # `synthpert run quickstart.yaml` finds the shipped config from anywhere
-        else:
-            raise SynthpertError(f"config file not found: {path}")
+    shipped_root = resource_dir("configs")
+    rel = Path(*path.parts[1:]) if path.parts[:1] == ("configs",) else path
+    if not path.is_absolute() and (shipped_root / rel).is_file():
+        return shipped_root / rel
+    raise SynthpertError(f"config file not found: {path} (looked in the working directory and in "
+                         f"{shipped_root})")
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = find_config(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -82,6 +90,101 @@ def read_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise SynthpertError(f"{path}: the top level of a config must be a mapping")
     return data
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Paths inside configs
+#
+# A field declared with ``json_schema_extra={"path": KIND}`` holds a path. Written in a YAML file, a relative
+# one means "next to this file" (a config is moved together with what it points to); given on the command
+# line, it means "from the working directory", as every shell argument does. KIND "model" may also be a hub
+# id (org/name), so it is resolved only when it looks local (see looks_local).
+
+
+def _nested_models(annotation) -> tuple[type[BaseModel] | None, bool]:
+    """(model class, is a mapping of them) for a field annotation such as Model, Model | None, dict[str, Model]."""
+    for cand in (annotation, *getattr(annotation, "__args__", ())):
+        if isinstance(cand, type) and issubclass(cand, BaseModel):
+            return cand, False
+        for inner in getattr(cand, "__args__", ()):
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                return inner, True
+    return None, False
+
+
+def _path_kind(model: type[BaseModel], key: str) -> str | None:
+    field = model.model_fields.get(key)
+    extra = field.json_schema_extra if field is not None else None
+    return extra.get("path") if isinstance(extra, dict) else None
+
+
+def looks_local(value: str, *roots: Path) -> bool:
+    """Whether a model name is a folder rather than a hub id. Hub ids are ``name`` or ``org/name``; anything
+    starting with ``.``, ``/`` or ``~``, with two or more ``/`` or a backslash, or whose first component is a
+    folder in one of ``roots`` (``runs/`` exists, so ``runs/tiny_model`` is a path) is local."""
+    if value.startswith((".", "/", "~")) or value.count("/") >= 2 or "\\" in value or value.endswith("/"):
+        return True
+    head = value.split("/", 1)[0]
+    return "/" in value and any((root / head).is_dir() for root in roots)
+
+
+def resolve_paths(model: type[BaseModel], data: dict, base: Path) -> dict:
+    """``data`` (read from a file in folder ``base``) with its relative path fields made relative to ``base``."""
+    out = dict(data)
+    for key, value in data.items():
+        field = model.model_fields.get(key)
+        if field is None:
+            continue
+        kind = _path_kind(model, key)
+        if kind and isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            if kind not in ("model", "name_or_path") or looks_local(value, base) or (base / value).exists():
+                out[key] = str((base / value).resolve())
+            continue
+        sub, mapping = _nested_models(field.annotation)
+        if sub is None or not isinstance(value, dict):
+            continue
+        if mapping:
+            out[key] = {k: resolve_paths(sub, v, base) if isinstance(v, dict) else v for k, v in value.items()}
+        else:
+            out[key] = resolve_paths(sub, value, base)
+    return out
+
+
+def check_model_folders(cfg: BaseModel, where) -> None:
+    """A local-looking model name that is not a folder is an error now, not after the hub's retries.
+    ``where(dotted_key)`` says where the value came from."""
+    def walk(obj: BaseModel, prefix: str) -> None:
+        for key in type(obj).model_fields:
+            value = getattr(obj, key)
+            dotted = f"{prefix}{key}"
+            if isinstance(value, BaseModel):
+                walk(value, dotted + ".")
+            # "tiny" is the run config's word for the model the pipeline builds inside the run (pipeline.TINY)
+            elif _path_kind(type(obj), key) == "model" and isinstance(value, str) and value != "tiny":
+                if getattr(obj, "backend", None) == "openai":
+                    continue  # a model NAME at an API endpoint
+                folder = Path(value).expanduser()
+                if folder.is_dir() or not looks_local(value, Path.cwd()):
+                    continue
+                raise SynthpertError(f"{dotted}: no folder {value} (set {where(dotted)}). Give an existing "
+                                     "model folder (e.g. one written by `synthpert model tiny --out DIR`) or a "
+                                     "hub id such as org/name")
+    walk(cfg, "")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation errors in the toolkit's words
+
+
+def all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every dotted key a config model accepts (nested sections included; mapping entries are not keys)."""
+    keys = []
+    for name, field in model.model_fields.items():
+        sub, mapping = _nested_models(field.annotation)
+        keys.append(prefix + name)
+        if sub is not None and not mapping:
+            keys += all_keys(sub, f"{prefix}{name}.")
+    return keys
 
 
 def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
@@ -93,39 +196,105 @@ def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
         field = current.model_fields.get(str(part))
         if field is None:
             continue  # dict keys / list indices
-        ann = field.annotation
-        for cand in (ann, *getattr(ann, "__args__", ())):
-            if isinstance(cand, type) and issubclass(cand, BaseModel):
-                current = cand
-                break
-            for inner in getattr(cand, "__args__", ()):  # dict[str, Model], list[Model]
-                if isinstance(inner, type) and issubclass(inner, BaseModel):
-                    current = inner
+        sub, _ = _nested_models(field.annotation)
+        if sub is not None:
+            current = sub
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
 
 
-def format_validation_error(err: ValidationError, model: type[BaseModel], origin: str = "config") -> str:
-    lines = [f"invalid {origin}:"]
-    for e in err.errors():
+def _typed_key(loc: str, value: Any) -> str:
+    """The dotted key as typed: an unknown section's single leaf is shown with it (``techer.mode``)."""
+    while isinstance(value, dict) and len(value) == 1:
+        (k, value), = value.items()
+        loc = f"{loc}.{k}"
+    return loc
+
+
+_OWN_WORDS = {
+    "missing": "is required",
+    "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "float_parsing": "must be a number",
+    "bool_parsing": "must be true or false",
+    "string_type": "must be text",
+    "list_type": "must be a list, e.g. [a, b]",
+    "dict_type": "must be a mapping of keys to values",
+    "model_type": "must be a mapping of keys to values",
+    "model_attributes_type": "must be a mapping of keys to values",
+}
+
+
+def _in_own_words(e: dict) -> str:
+    """One problem as the toolkit words it (pydantic's "Value error, " and "Input should be" never show)."""
+    kind, msg, ctx = e["type"], e["msg"], e.get("ctx") or {}
+    if kind in _OWN_WORDS:
+        text = _OWN_WORDS[kind]
+    elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
+        bound = next(iter(ctx.values()), "?")
+        text = f"must be {op} {bound}"
+    elif kind == "literal_error":
+        text = f"must be one of {ctx.get('expected', '')}".replace("'", "")
+    elif kind in ("value_error", "assertion_error"):
+        text = msg.split(", ", 1)[1] if ", " in msg else msg
+    else:
+        text = msg[:1].lower() + msg[1:]
+        text = text.replace("input should be", "must be")
+    if kind not in ("missing", "value_error", "assertion_error") and "input" in e and not isinstance(
+            e["input"], dict):
+        text += f" (got {e['input']!r})"
+    return text
+
+
+def describe_problems(err: ValidationError) -> list[str]:
+    """Each problem as ``key: what is wrong`` in the toolkit's words (for records and files, not configs)."""
+    return [f"{'.'.join(str(p) for p in e['loc']) or 'the record'}: "
+            + ("unknown key" if e["type"] == "extra_forbidden" else _in_own_words(e)) for e in err.errors()]
+
+
+def format_validation_error(err: ValidationError, model: type[BaseModel], origin: str = "config",
+                            where=None, prefix: str = "", candidates: list[str] | None = None) -> str:
+    """Every problem on its own line, naming the key and, with ``where(dotted_key)``, where it was set.
+    ``prefix`` is the section the model sits in (shown on section-level problems); an unknown key is matched
+    against its siblings first, then against every key in ``candidates`` (all sections' dotted keys)."""
+    problems = err.errors()
+    head = f"invalid settings in {origin}" if where is not None else f"invalid {origin}"
+    lines = [f"{head}:" if len(problems) == 1 else f"{head} ({len(problems)} problems):"]
+    for e in problems:
         loc = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             owner = _model_at(model, e["loc"])
             valid = list(owner.model_fields) if owner else []
             key = str(e["loc"][-1])
-            guess = difflib.get_close_matches(key, valid, n=1) or difflib.get_close_matches(key, valid, n=1, cutoff=0.4)
+            typed = _typed_key(loc, e.get("input"))
+            # A misspelt section (techer.mode) is matched whole against every key; a misspelt leaf first
+            # against its siblings, then against every key (a setting put in the wrong section).
+            guess = [] if typed != loc else difflib.get_close_matches(key, valid, n=1)
+            if not guess and candidates:
+                guess = difflib.get_close_matches(typed, candidates, n=1, cutoff=0.7)
+                parent = loc.rsplit(".", 1)[0] + "." if "." in loc else ""
+                if guess and parent and guess[0].startswith(parent) and "." not in guess[0][len(parent):]:
+                    guess = [guess[0][len(parent):]]
+            if not guess:
+                guess = difflib.get_close_matches(key, valid, n=1, cutoff=0.4)
             listing = f"valid keys: {', '.join(valid)}" if valid else ""
             hint = f" (did you mean '{guess[0]}'? {listing})" if guess else (f" ({listing})" if listing else "")
-            lines.append(f"  - unknown key '{loc}'{hint}")
+            line = f"  - unknown key '{typed}'{hint}"
         else:
-            lines.append(f"  - {loc or '(top level)'}: {e['msg']}")
+            name = loc or prefix or "the settings"
+            line = f"  - {name}: {_in_own_words(e)}"
+        if where is not None:
+            line += f"; set {where(loc)}"
+        lines.append(line)
     return "\n".join(lines)
 
 
-def validate_config(model: type[T], data: dict, origin: str = "config") -> T:
+def validate_config(model: type[T], data: dict, origin: str = "config", where=None, prefix: str = "",
+                    candidates: list[str] | None = None) -> T:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise SynthpertError(format_validation_error(e, model, origin)) from None
+        raise SynthpertError(format_validation_error(e, model, origin, where, prefix, candidates)) from None
 
 
 # Top-level sections of a run config (config.run.RunConfig) that hold one stage's settings.
@@ -147,6 +316,34 @@ def nest(flags: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _has(tree: dict, dotted: str) -> bool:
+    node: Any = tree
+    for part in dotted.split(".") if dotted else []:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _where(files: list[tuple[str, dict]], cli: dict):
+    """``where(dotted_key)``: 'on the command line' when a flag or override set it, else the file that did.
+    Problems of a whole section are put on the command line only when the file did not touch it."""
+    def where(dotted: str) -> str:
+        if dotted and _has(cli, dotted):
+            return "on the command line"
+        for name, tree in reversed(files):
+            if _has(tree, dotted) and (dotted or tree):
+                return f"in {name}"
+        return "on the command line" if cli else (f"in {files[-1][0]}" if files else "by default")
+    return where
+
+
+def _run_keys() -> list[str]:
+    from .run import RunConfig
+
+    return all_keys(RunConfig)
+
+
 def load_section(model: type[T], section: str | None, path: str | Path | None = None,
                  overrides: list[str] | None = None, flags: dict[str, Any] | None = None,
                  merge: list[str | Path] | None = None) -> T:
@@ -155,15 +352,28 @@ def load_section(model: type[T], section: str | None, path: str | Path | None = 
     with or without the section prefix (``lora.r=16`` and ``train.lora.r=16`` are the same).
 
     ``section=None``: the whole file is the model (a run config); each ``merge`` file's sections go on top of
-    it (e.g. teacher_openai.yaml's teacher and judge), then the flags and overrides at its top level."""
-    raw = read_yaml(path) if path else {}
+    it (e.g. teacher_openai.yaml's teacher and judge), then the flags and overrides at its top level.
+
+    Relative paths written in a file are taken relative to that file's folder; those on the command line,
+    relative to the working directory. Errors say which of the two set the bad value."""
     if section is None:
-        origin = str(path) if path else "config"
-        for extra in merge or []:
-            raw = deep_merge(raw, read_yaml(extra))
-            origin += f" + {extra}"
-        data = deep_merge(deep_merge(raw, nest(flags or {})), parse_overrides(overrides))
-        return validate_config(model, data, origin=origin)
+        files: list[tuple[str, dict]] = []
+        for f in ([path] if path else []) + list(merge or []):
+            found = find_config(f)
+            files.append((str(f), resolve_paths(model, read_yaml(found), found.parent)))
+        raw: dict = {}
+        for _, tree in files:
+            raw = deep_merge(raw, tree)
+        cli = deep_merge(nest(flags or {}), parse_overrides(overrides))
+        origin = " + ".join([name for name, _ in files] + (["the command line"] if cli else [])) or "the defaults"
+        cfg = validate_config(model, deep_merge(raw, cli), origin=origin, where=_where(files, cli),
+                              candidates=all_keys(model))
+        check_model_folders(cfg, _where(files, cli))
+        return cfg
+    raw = {}
+    if path:
+        found = find_config(path)
+        raw = read_yaml(found)
     if section in raw:
         data = raw[section] if raw[section] is not None else {}
         if not isinstance(data, dict):
@@ -173,16 +383,24 @@ def load_section(model: type[T], section: str | None, path: str | Path | None = 
         data = raw
     else:
         data = {}
+    if path and isinstance(data, dict):
+        data = resolve_paths(model, data, found.parent)
     for item in overrides or []:
         head = item.split("=", 1)[0].strip().split(".", 1)[0]
         if head in RUN_SECTIONS and head != section:
             raise SynthpertError(f"override {item!r} is for the '{head}' section; this command takes "
                                  f"{section} settings (e.g. {section}.KEY=VALUE or KEY=VALUE)")
-    data = deep_merge(data, nest(flags or {}))
     ov = parse_overrides(overrides)
-    data = deep_merge(deep_merge(data, ov.pop(section, {}) or {}), ov)
-    origin = f"{path} ({section} section)" if path else f"{section} settings"
-    return validate_config(model, data, origin=origin)
+    cli = deep_merge(nest(flags or {}), deep_merge(ov.pop(section, {}) or {}, ov))
+    files = [(f"{path}'s {section} section", data)] if path else []
+    where = _where(files, cli)
+    origin = " + ".join([name for name, _ in files] + (["the command line"] if cli else [])) or "the defaults"
+    own = all_keys(model)
+    others = [k for k in _run_keys() if not k.startswith(f"{section}.")]
+    cfg = validate_config(model, deep_merge(data, cli), origin=origin, where=where, prefix=section,
+                          candidates=own + [f"{section}.{k}" for k in own] + others)
+    check_model_folders(cfg, lambda k: where(k))
+    return cfg
 
 
 def dump_config(cfg: BaseModel) -> str:

@@ -54,7 +54,8 @@ class ClientConfig(StrictModel):
     prices: dict[str, ModelPrice] = Field(default_factory=dict, description="per-model prices; a key also "
                                           "matches dated variants (gpt-4o-mini matches gpt-4o-mini-2024-07-18)")
     max_cost: float | None = Field(None, gt=0, description="USD this invocation may spend; stops before exceeding")
-    cache_path: str | None = Field(None, description="SQLite response cache (default: <out>/cache.sqlite)")
+    cache_path: str | None = Field(None, description="SQLite response cache (default: <out>/cache.sqlite)",
+                                   json_schema_extra={"path": "file"})
     native_n: bool = Field(True, description="send n samples as one request with n=...; false for servers "
                            "that ignore n (then n requests are sent, seeds offset per sample)")
     completion_tokens_estimate: int = Field(800, ge=1, description="expected completion tokens per sample, "

@@ -32,12 +32,14 @@ class ExtraCellLine(StrictModel):
 
     name: str | None = None
     description: str
-    source: str | None = Field(None, description="directory holding this line's CSVs (default: data.source)")
+    source: str | None = Field(None, description="directory holding this line's CSVs (default: data.source)",
+                               json_schema_extra={"path": "dir"})
 
 
 class DataConfig(StrictModel):
     source: str | None = Field(
-        None, description="directory with PerturbQA CSVs; default $SYNTHPERT_DATA, else the download cache")
+        None, description="directory with PerturbQA CSVs; default $SYNTHPERT_DATA, else the download cache",
+        json_schema_extra={"path": "dir"})
     train_cells: list[str] = Field(default_factory=lambda: ["k562"], description="lines whose train split trains")
     test_cells: list[str] = Field(default_factory=lambda: ["k562"], description="lines whose test split is scored")
     protocol: str = Field(

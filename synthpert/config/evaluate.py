@@ -14,8 +14,10 @@ class InferenceConfig(StrictModel):
     """How a model is run. Recorded in full with every evaluation."""
 
     backend: Literal["transformers", "vllm", "openai"] = "transformers"
-    model: str | None = Field(None, description="model folder (local backends) or model name (openai)")
-    adapter: str | None = Field(None, description="LoRA adapter folder as `synthpert train` saves it")
+    model: str | None = Field(None, description="model folder (local backends) or model name (openai)",
+                              json_schema_extra={"path": "model"})
+    adapter: str | None = Field(None, description="LoRA adapter folder as `synthpert train` saves it",
+                                json_schema_extra={"path": "dir"})
     merge_adapter: bool = Field(False, description="transformers: merge the adapter into the weights first")
     max_new_tokens: int = Field(512, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy")
@@ -35,7 +37,8 @@ class InferenceConfig(StrictModel):
     base_url: str | None = None
     api_key_env: str = Field("OPENAI_API_KEY", description="name of the env var holding the key (never the key)")
     concurrency: int = Field(8, ge=1)
-    cache_path: str | None = Field(None, description="openai: response cache (eval default: <out>/cache.sqlite)")
+    cache_path: str | None = Field(None, description="openai: response cache (eval default: <out>/cache.sqlite)",
+                                   json_schema_extra={"path": "file"})
     client: dict = Field(default_factory=dict, description="openai: more ClientConfig fields (timeout, prices, "
                          "max_cost, max_retries, rpm, ...)")
 
@@ -65,7 +68,8 @@ class InferenceConfig(StrictModel):
 
 
 class EvalConfig(StrictModel):
-    dataset: str | None = Field(None, description="folder written by `synthpert data build`")
+    dataset: str | None = Field(None, description="folder written by `synthpert data build`",
+                                json_schema_extra={"path": "dir"})
     split: str = Field("test", description="train / validation / test")
     n: int | None = Field(None, ge=1, description="seeded subsample of the split (all when unset)")
     seed: int = Field(0, description="seed of the subsample and the bootstrap")

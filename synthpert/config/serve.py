@@ -28,7 +28,8 @@ class ServeSettings(StrictModel):
     batch_window_ms: float = Field(5.0, ge=0, description="how long the batcher waits to fill a batch")
     served_name: str | None = Field(None, description="model id for /v1/models (default: adapter or model folder name)")
     evidence_dataset: str | None = Field(None, description="built dataset folder whose training rows provide the "
-                                         "evidence context (for models trained with it)")
+                                         "evidence context (for models trained with it)",
+                                         json_schema_extra={"path": "dir"})
     decision: str = Field("auto", description="how class probabilities become /v1/predict's label: argmax, prior, "
                           "tuned (the adapter's decision.json) or auto (tuned if fitted, else prior when the training "
                           "data is at hand via evidence_dataset, else argmax); see synthpert eval")

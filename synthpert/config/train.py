@@ -37,7 +37,8 @@ class OptimSettings(StrictModel):
 class TrainConfig(StrictModel):
     """Settings of `synthpert train` (YAML `train:` section or a whole file, plus key=value overrides)."""
 
-    base_model: str | None = Field(None, description="hub id or local folder of the base (student) model")
+    base_model: str | None = Field(None, description="hub id or local folder of the base (student) model",
+                                   json_schema_extra={"path": "model"})
     revision: str | None = Field(None, description="hub revision (commit / tag) of the base model")
     mode: Literal["reasoning", "label_only", "multitask"] = Field(
         "reasoning", description="'reasoning': assistant = kept trace + answer (input: traces JSONL); "
@@ -49,18 +50,20 @@ class TrainConfig(StrictModel):
         1.0, gt=0, le=1, description="multitask: share of the triples that also get the explain task (seeded); "
         "every triple keeps its answer task. Explanations are ~10x longer than answers, so a fraction buys "
         "more answer-task triples in the same compute")
-    data_path: str | None = Field(None, description="kept traces JSONL, or a built dataset folder (label_only)")
+    data_path: str | None = Field(None, description="kept traces JSONL, or a built dataset folder (label_only)",
+                                  json_schema_extra={"path": "file"})
     dataset_dir: str | None = Field(
         None, description="built dataset folder (`synthpert data build --out`) whose data_config.json gives the "
-        "training rows for evidence context; default: data_path in label_only mode")
-    output_dir: str | None = Field(None, description="run folder (CLI --out wins)")
+        "training rows for evidence context; default: data_path in label_only mode",
+        json_schema_extra={"path": "dir"})
+    output_dir: str | None = Field(None, description="run folder (CLI --out wins)", json_schema_extra={"path": "dir"})
     only_kept: bool = Field(True, description="train only on traces the judge kept (kept == true)")
     max_examples: int | None = Field(None, ge=1, description="use at most this many training examples (seeded)")
     evidence: bool = Field(False, description="show the leakage-safe training evidence block in the student "
                            "prompt (evaluation and serving must then use it too)")
     chat_template: str | None = Field(
         None, description="Jinja chat template file (path, or a name in configs/chat_templates/) replacing the "
-        "tokenizer's; saved with the adapter so serving uses exactly it")
+        "tokenizer's; saved with the adapter so serving uses exactly it", json_schema_extra={"path": "name_or_path"})
     loss_mask: Literal["auto", "assistant_only", "completion_only"] = Field(
         "auto", description="assistant_only: {% generation %} markers of the template; completion_only: "
         "everything after the generation prompt; auto: the first if the template has markers")
