@@ -78,7 +78,31 @@ class Predictor:
         return {"n": n_samples or c.n_samples, "max_new_tokens": c.max_new_tokens, "temperature": c.temperature,
                 "top_p": c.top_p, "seed": c.seed, "probability_method": self.method(n_samples or c.n_samples)}
 
-    def predict(self, triples: list[Triple], n_samples: int | None = None) -> list[Prediction]:
+    def predict(self, triples: list[Triple], n_samples: int | None = None, explain: bool = False) -> list[Prediction]:
+        """``explain``: a multitask student also writes its explanation (its explain task, greedy, after the
+        answer was scored, so the probabilities never depend on it); other students' reasoning is their answer."""
+        preds = self._predict(triples, n_samples)
+        if explain and self.task == "answer" and preds:
+            self._explain(triples, preds)
+        return preds
+
+    def _explain(self, triples: list[Triple], preds: list[Prediction]) -> None:
+        from .prompting import student_messages
+
+        by_id = {t.id: t for t in triples}
+        todo = [by_id[p.id] for p in preds]
+        queries = [self.backend.prepare(student_messages(t.cell_line, t.perturbation, t.gene, t.evidence, "explain"))
+                   for t in todo]
+        gens = self.backend.generate(queries, n=1, max_new_tokens=self.cfg.explain_max_new_tokens, temperature=0.0)
+        for p, g in zip(preds, gens):
+            if not g:
+                continue
+            parsed = parse_answer(g[0].text, LENIENT)
+            p.reasoning = parsed.reasoning if parsed.reasoning is not None else g[0].text
+            p.explanation_label = parsed.label
+            p.completion_tokens += g[0].completion_tokens
+
+    def _predict(self, triples: list[Triple], n_samples: int | None = None) -> list[Prediction]:
         from .prompting import student_messages
 
         if not triples:
@@ -154,6 +178,14 @@ def unseen_warnings(p: Prediction, stats) -> list[str]:
     return out
 
 
+def explanation_warning(p: Prediction, label: str | None) -> list[str]:
+    """A multitask student's explanation is written after its answer and may argue for another label: say so."""
+    if p.explanation_label is None or label is None or p.explanation_label == label:
+        return []
+    return [f"the explanation concludes {p.explanation_label!r}, the answer is {label!r}: the answer comes from "
+            "the class probabilities, the explanation was written afterwards"]
+
+
 def answer_record(p: Prediction, decision, stats=None, return_reasoning: bool = False) -> dict:
     """What a user is told about one prediction (the endpoint's /v1/predict body, `synthpert predict`'s rows):
     the decided label and the rule that decided it, the model's own answer, class probabilities, warnings."""
@@ -165,8 +197,9 @@ def answer_record(p: Prediction, decision, stats=None, return_reasoning: bool = 
     scored = not decided and label is None and probs is not None  # unparseable answer: its probabilities decide
     if scored:
         label = Decision().labels_for([probs])[0]
+    warnings = unseen_warnings(p, stats) + (explanation_warning(p, label) if return_reasoning else [])
     return {"cell_line": p.cell_line, "perturbation": p.perturbation, "gene": p.gene,
-            "warnings": unseen_warnings(p, stats), "label": label, "label_generated": p.label_lenient,
+            "warnings": warnings, "label": label, "label_generated": p.label_lenient,
             "label_strict": p.label_strict,
             "decision": {"rule": decision.rule if decided else "argmax" if scored else "generated answer",
                          "description": decision.describe() if decided else

@@ -71,7 +71,8 @@ def predict_triples(cfg: ServeConfig, triples: pd.DataFrame, return_reasoning: b
             batch = [Triple(Example.make_id(r.cell_line, r.perturbation, r.gene), r.cell_line, r.perturbation, r.gene,
                             None, evidence_text(stats, r.cell_line, r.perturbation, r.gene) if stats else None)
                      for r in part.itertuples()]
-            out += [answer_record(p, decision, stats, return_reasoning) for p in predictor.predict(batch)]
+            out += [answer_record(p, decision, stats, return_reasoning)
+                    for p in predictor.predict(batch, explain=return_reasoning)]
     finally:
         predictor.backend.close()
     return out

@@ -145,6 +145,8 @@ class Prediction(BaseModel):
     gold: str | None = None  # None when serving
     raw_text: str  # first sample's output
     reasoning: str | None = None
+    # multitask students: the label their explanation (written after the answer, on request) concluded
+    explanation_label: str | None = None
     label_strict: str | None
     label_lenient: str | None
     unparseable_reason_strict: str | None = None

@@ -376,8 +376,8 @@ def create_app(predictor, settings: ServeSettings | None = None, evidence_stats=
     def run_batch(key, items):
         kind = key[0]
         if kind == "predict":
-            _, n = key
-            return predictor.predict(items, n_samples=n)
+            _, n, explain = key
+            return predictor.predict(items, n_samples=n, explain=explain)
         _, n, max_tokens, temperature, top_p, seed = key
         queries = [backend.prepare(m) for m in items]
         gens = backend.generate(queries, n=n, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
@@ -466,7 +466,7 @@ def create_app(predictor, settings: ServeSettings | None = None, evidence_stats=
     @app.post("/v1/predict")
     async def predict(req: PredictRequest):
         check_n(req.n_samples, "n_samples")
-        [p] = await batcher.submit(("predict", req.n_samples), [triple(req)])
+        [p] = await batcher.submit(("predict", req.n_samples, req.return_reasoning), [triple(req)])
         return answer(p, req.return_reasoning)
 
     @app.post("/v1/predict/batch")
@@ -475,7 +475,8 @@ def create_app(predictor, settings: ServeSettings | None = None, evidence_stats=
         if len(req.items) > settings.max_batch:
             raise ApiError(422, f"field 'items': at most {settings.max_batch} items per batch request "
                                 f"(got {len(req.items)})", "items")
-        preds = await batcher.submit(("predict", req.n_samples), [triple(i) for i in req.items])
+        preds = await batcher.submit(("predict", req.n_samples, req.return_reasoning),
+                                     [triple(i) for i in req.items])
         return {"predictions": [answer(p, req.return_reasoning) for p in preds], "model": name}
 
     @app.get("/v1/models")

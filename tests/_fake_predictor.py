@@ -39,7 +39,7 @@ class FakePredictor:
         self.gate, self.delay, self.fail = gate, delay, fail
         self.calls = 0
 
-    def predict(self, triples, n_samples=None):
+    def predict(self, triples, n_samples=None, explain=False):
         self.calls += 1
         if self.gate is not None:
             self.gate.wait(timeout=30)

@@ -46,8 +46,21 @@ def test_multitask_trains_both_tasks_and_predicts_with_the_answer_task(tiny_mode
     try:
         predictor = Predictor(backend)
         assert predictor.task == "answer"
-        [p] = predictor.predict([Triple("k562:MYC:GAPDH", "k562", "MYC", "GAPDH", None, None)])
+        t = Triple("k562:MYC:GAPDH", "k562", "MYC", "GAPDH", None, None)
+        [p] = predictor.predict([t])
         assert p.probability_method == "answer_logprob" and abs(sum(p.probabilities.values()) - 1) < 1e-6
+        assert p.reasoning in (None, "") and p.explanation_label is None  # no explanation unless asked
+        # asked: the explain task writes one after the answer; the probabilities are the answer task's
+        backend.cfg.explain_max_new_tokens = 48
+        [e] = predictor.predict([t], explain=True)
+        assert e.probabilities == pytest.approx(p.probabilities) and e.raw_text == p.raw_text
+        assert e.reasoning and e.completion_tokens > p.completion_tokens
+        from synthpert.inference import answer_record
+
+        rec = answer_record(e, None, None, return_reasoning=True)
+        assert rec["reasoning"] == e.reasoning
+        if e.explanation_label not in (None, rec["label"]):
+            assert any("the explanation concludes" in w for w in rec["warnings"])
     finally:
         backend.close()
     # a reasoning adapter keeps asking for reasoning
@@ -77,3 +90,17 @@ def test_explain_fraction_outside_multitask_is_refused():
 
     with pytest.raises(ValueError, match="explain_fraction applies to mode=multitask"):
         TrainConfig.model_validate({"mode": "reasoning", "explain_fraction": 0.5})
+
+
+def test_an_explanation_that_argues_for_another_label_is_flagged():
+    from synthpert.inference import answer_record
+    from synthpert.schema import Prediction
+
+    p = Prediction(id="x", cell_line="k562", perturbation="A", gene="B", raw_text="<answer>up</answer>",
+                   reasoning="because", explanation_label="downregulated", label_strict="upregulated",
+                   label_lenient="upregulated", probabilities={"up": 0.6, "down": 0.3, "not_de": 0.1})
+    rec = answer_record(p, None, None, return_reasoning=True)
+    assert rec["label"] == "upregulated" and rec["reasoning"] == "because"
+    assert any("explanation concludes 'downregulated'" in w for w in rec["warnings"])
+    assert answer_record(p.model_copy(update={"explanation_label": "upregulated"}), None, None, True)["warnings"] == []
+    assert answer_record(p, None, None, return_reasoning=False)["warnings"] == []

@@ -20,6 +20,9 @@ class InferenceConfig(StrictModel):
                                 json_schema_extra={"path": "dir"})
     merge_adapter: bool = Field(False, description="transformers: merge the adapter into the weights first")
     max_new_tokens: int = Field(512, ge=1)
+    explain_max_new_tokens: int = Field(
+        512, ge=1, description="multitask students: token budget of the explanation written (on request: "
+        "return_reasoning / --reasoning) after the answer; the answer itself uses max_new_tokens")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n_samples: int = Field(1, ge=1, le=64, description="samples per example (vote share needs > 1)")
