@@ -83,7 +83,8 @@ def predict_cmd(
                                                 "evidence context (for models trained with it) and the priors."),
     decision: str | None = typer.Option(None, "--decision", help="auto (default), argmax, prior, tuned or a "
                                            "decision.json path."),
-    reasoning: bool = typer.Option(False, "--reasoning", help="Include the generated text."),
+    reasoning: bool = typer.Option(False, "--reasoning", help="Include the reasoning (a multitask student writes "
+                                   "its explanation after answering)."),
     overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. inference.max_new_tokens=256"),
 ) -> None:
     """Predict your own (cell line, perturbation, gene) triples with a trained model, without a server."""
