@@ -197,6 +197,34 @@ def _annotate_seen(df: pd.DataFrame, train_parts: dict[str, pd.DataFrame]) -> pd
     return df
 
 
+def _gene_matched(df: pd.DataFrame, de_idx: np.ndarray, not_de_idx: np.ndarray, cap: int, rng) -> np.ndarray:
+    """Up to ``cap`` 'not DE' rows, each sharing (cell line, gene, perturbation fold) with a drawn DE row,
+    cycling over the DE rows in random order; topped up at random when partners run out."""
+    from .schema import perturbation_fold
+
+    folds = {p: perturbation_fold(p) for p in df["perturbation"].unique().tolist()}
+    key = lambda i: (df["cell_line"].iat[i], df["gene"].iat[i], folds[df["perturbation"].iat[i]])  # noqa: E731
+    pool: dict[tuple, list[int]] = {}
+    for i in rng.permutation(not_de_idx).tolist():
+        pool.setdefault(key(i), []).append(i)
+    chosen: list[int] = []
+    order = rng.permutation(de_idx).tolist()
+    while len(chosen) < cap and order:
+        left = []
+        for i in order:
+            partners = pool.get(key(i))
+            if partners:
+                chosen.append(partners.pop())
+                left.append(i)
+                if len(chosen) == cap:
+                    break
+        order = left
+    if len(chosen) < cap:
+        rest = np.setdiff1d(not_de_idx, chosen)
+        chosen += rng.choice(rest, size=min(cap - len(chosen), len(rest)), replace=False).tolist()
+    return np.asarray(chosen, dtype=np.int64)
+
+
 def subsample(df: pd.DataFrame, cfg: SubsampleConfig | None, seed: int) -> pd.DataFrame:
     """Seeded, deterministic subsample; the result keeps the input's row order."""
     if cfg is None or df.empty:
@@ -217,7 +245,9 @@ def subsample(df: pd.DataFrame, cfg: SubsampleConfig | None, seed: int) -> pd.Da
             cap = min(cap, -(-cfg.n // len(counts)))
         for label in LABELS:
             idx = np.flatnonzero(df["label"].to_numpy() == label)
-            if len(idx) > cap:
+            if cfg.gene_matched and label == NOT_DE:
+                idx = _gene_matched(df, np.concatenate(parts), idx, cap, rng)
+            elif len(idx) > cap:
                 idx = rng.choice(idx, size=cap, replace=False)
             parts.append(idx)
         keep = np.sort(np.concatenate(parts))

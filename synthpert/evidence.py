@@ -1,10 +1,14 @@
 """Observed evidence from the TRAINING split only (counts, their per-process cache, the prompt text): shared
 by the baselines, the evidence teacher and the evidence context in teacher and student prompts.
 
-Leakage rule (science.md, trap 6): a training example's evidence is computed with its whole perturbation
-left out of its own cell line's counts, so training prompts look exactly like test prompts (where the
-test perturbation is, by PerturbQA's split, absent from that line's training data). Other training lines
-keep the perturbation: at test time those lines' data about it is legitimately available.
+Leakage rule: a training example's evidence in its own cell line is computed OUT OF FOLD — without every
+perturbation of its perturbation's fold (schema.perturbation_fold; 5 folds) — so training prompts look like
+test prompts (where the test perturbation is, by PerturbQA's split, absent from that line's training data).
+Leaving out only the example's own row (leave-one-out) would leak its label backwards: of two knockdowns of
+one gene, the changed one would always show one "changed" count fewer, a shortcut a student learns instead
+of the evidence. Out of fold, two knockdowns of the same fold see identical counts for the same gene.
+Other training lines keep the perturbation: at test time those lines' data about it is legitimately
+available.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import pandas as pd
 from .answer import LABELS
 from .config.data import DataConfig
 from .data import built_config, line_csvs, resolve_source, training_rows
+from .schema import perturbation_fold
 
 _IDX = {lab: i for i, lab in enumerate(LABELS)}
 
@@ -59,6 +64,12 @@ class TrainingStats:
             self.pert_counts[(c, p)] = row.to_numpy()
             self.pert_lines[p].append(c)
         self.pair_label = dict(zip(zip(cells, perts, genes), labels))
+        fold_of = {q: perturbation_fold(q) for q in set(perts.tolist())}
+        frame["f"] = [fold_of[q] for q in perts]
+        by_fold = frame.groupby(["c", "g", "f"], sort=False)[["u", "d", "n"]].sum()
+        self.fold_gene_counts: dict[tuple[str, str, int], np.ndarray] = {
+            k: row.to_numpy() for k, row in by_fold.iterrows()}
+        self._fold_of = fold_of
         self.line_counts: dict[str, np.ndarray] = {
             c: onehot[cells == c].sum(axis=0) for c in self.lines}
         self.gene_counts_pooled: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(3, np.int64))
@@ -74,20 +85,19 @@ class TrainingStats:
         total = self.global_counts.sum()
         return self.global_counts / total if total else np.full(3, 1 / 3)
 
+    def _held_out(self, cell: str, pert: str, gene: str) -> np.ndarray:
+        """What the leakage rule removes from ``cell``'s counts of ``gene`` for this perturbation: its fold's
+        rows when the perturbation is a training perturbation of ``cell``, nothing otherwise (test rows)."""
+        if (cell, pert) not in self.pert_counts:
+            return np.zeros(3, np.int64)
+        return self.fold_gene_counts.get((cell, gene, self._fold_of[pert]), np.zeros(3, np.int64))
+
     def gene_counts_loo(self, cell: str, pert: str, gene: str) -> np.ndarray:
-        """This gene's counts in ``cell`` with the perturbation's own row removed (if it is a training row)."""
-        counts = self.gene_counts.get((cell, gene), np.zeros(3, np.int64)).copy()
-        own = self.pair_label.get((cell, pert, gene))
-        if own is not None:
-            counts[_IDX[own]] -= 1
-        return counts
+        """This gene's counts in ``cell``, out of fold for a training perturbation (module docstring)."""
+        return self.gene_counts.get((cell, gene), np.zeros(3, np.int64)) - self._held_out(cell, pert, gene)
 
     def gene_counts_pooled_loo(self, cell: str, pert: str, gene: str) -> np.ndarray:
-        counts = self.gene_counts_pooled.get(gene, np.zeros(3, np.int64)).copy()
-        own = self.pair_label.get((cell, pert, gene))
-        if own is not None:
-            counts[_IDX[own]] -= 1
-        return counts
+        return self.gene_counts_pooled.get(gene, np.zeros(3, np.int64)) - self._held_out(cell, pert, gene)
 
     def evidence(self, cell: str, pert: str, gene: str) -> PairEvidence:
         others = [c for c in self.lines if c != cell]
@@ -101,13 +111,42 @@ class TrainingStats:
         )
 
 
+# Words beside the numbers: a small model learns a handful of words from a few thousand examples far sooner
+# than the meaning of a hundred number tokens, and a large one reads them as a human would. Thresholds sit
+# near the training data's quantiles (gene: 78% of (line, gene) cells never change; perturbation: the share
+# of measured genes a knockdown changes has quartiles of about 10%, 15% and 17%).
+GENE_WORDS = ((0.0, "never changed"), (0.1, "rarely changed"), (0.3, "sometimes changed"), (1.01, "often changed"))
+PERT_WORDS = ((0.05, "no clear effect"), (0.10, "a weak effect"), (0.15, "a moderate effect"),
+              (1.01, "a strong effect"))
+
+
+def _word(share: float, words) -> str:
+    for limit, word in words:
+        if share <= limit if limit == 0.0 else share < limit:
+            return word
+    return words[-1][1]
+
+
+def _direction_word(up: int, down: int) -> str:
+    if up + down == 0:
+        return ""
+    if up >= 2 * down:
+        return ", mostly up"
+    if down >= 2 * up:
+        return ", mostly down"
+    return ", both ways"
+
+
 def _rate_phrase(counts: np.ndarray) -> str:
     n = int(counts.sum())
     if n == 0:
         return "no training knockdowns measured it"
     up, down = int(counts[0]), int(counts[1])
-    return (f"changed in {up + down} of {n} training knockdowns ({100 * (up + down) / n:.0f}%): "
-            f"up {up}, down {down}")
+    if up + down == 0:
+        return f"never changed in {n} training knockdowns"
+    share = (up + down) / n
+    return (f"{_word(share, GENE_WORDS)}{_direction_word(up, down)}: in {up + down} of {n} training knockdowns "
+            f"({100 * share:.0f}%), up {up}, down {down}")
 
 
 def render_evidence(ev: PairEvidence, names: dict[str, str] | None = None) -> str:
@@ -121,8 +160,9 @@ def render_evidence(ev: PairEvidence, names: dict[str, str] | None = None) -> st
         for c, counts in sorted(ev.pert_counts_other.items()):
             n = int(counts.sum())
             de = int(counts[0] + counts[1])
-            lines.append(f"- Knockdown of {ev.perturbation} in {nm(c)} changed {de} of {n} measured genes "
-                         f"({100 * de / max(n, 1):.0f}%; up {int(counts[0])}, down {int(counts[1])}).")
+            lines.append(f"- Knockdown of {ev.perturbation} in {nm(c)} had {_word(de / max(n, 1), PERT_WORDS)}"
+                         f"{_direction_word(int(counts[0]), int(counts[1]))}: changed {de} of {n} measured genes "
+                         f"({100 * de / max(n, 1):.0f}%), up {int(counts[0])}, down {int(counts[1])}.")
     else:
         lines.append(f"- Knockdown of {ev.perturbation} was not measured in another training cell line.")
     for c, lab in sorted(ev.pair_labels_other.items()):

@@ -50,6 +50,17 @@ class Example(BaseModel):
 # whitespace inside, no control characters, nothing a model prompt should not carry.
 SYMBOL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-]*$"
 
+# Training evidence is computed out of fold: a training row sees its own line's counts without the
+# perturbations of its fold (see evidence.py). Folds are a stable hash of the symbol, so every stage and every
+# run agree on them without storing anything.
+EVIDENCE_FOLDS = 5
+
+
+def perturbation_fold(perturbation: str, folds: int = EVIDENCE_FOLDS) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.sha1(perturbation.encode()).digest()[:4], "big") % folds
+
 
 class Usage(BaseModel):
     model_config = ConfigDict(extra="ignore")

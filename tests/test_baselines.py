@@ -63,12 +63,27 @@ def test_crosscell_transfer_is_informative_and_strata_partition(multi):
     assert cc["unseen"]["auroc_de_per_gene"] == pytest.approx(0.5)  # no cross-cell info there
 
 
-def test_evidence_leaves_the_examples_own_perturbation_out(multi):
+def test_evidence_leaves_the_examples_perturbation_fold_out(multi):
+    from synthpert.schema import perturbation_fold
+
     train, test, stats = multi
     row = train[(train.cell_line == "k562") & (train.label == LABELS[0])].iloc[0]
     ev = stats.evidence("k562", row.perturbation, row.gene)
-    full = stats.gene_counts[("k562", row.gene)]
-    assert ev.gene_counts_here[0] == full[0] - 1 and ev.gene_counts_here.sum() == full.sum() - 1
+    fold = perturbation_fold(row.perturbation)
+    same_gene = train[(train.cell_line == "k562") & (train.gene == row.gene)]
+    out_of_fold = same_gene[same_gene.perturbation.map(perturbation_fold) != fold]
+    expected = [int((out_of_fold.label == lab).sum()) for lab in LABELS]
+    assert ev.gene_counts_here.tolist() == expected  # the own row and its whole fold are out
+    assert ev.gene_counts_here.sum() < stats.gene_counts[("k562", row.gene)].sum()
+    # two knockdowns of the gene in the same fold, one changed and one not, see identical counts: no
+    # label leaks backwards through the evidence (leave-one-out would show the changed one a count fewer)
+    in_fold = same_gene[same_gene.perturbation.map(perturbation_fold) == fold]
+    for other in in_fold.itertuples():
+        assert stats.gene_counts_loo("k562", other.perturbation, row.gene).tolist() == expected
+    # a test perturbation sees the full training counts
+    t = test[test.cell_line == "k562"].iloc[0]
+    assert (stats.gene_counts_loo("k562", t.perturbation, t.gene) ==
+            stats.gene_counts.get(("k562", t.gene), np.zeros(3))).all()
     assert "k562" not in ev.pair_labels_other
     text = evidence_text(stats, "k562", row.perturbation, row.gene)
     assert row.gene in text and "K562" in text

@@ -188,7 +188,7 @@ def test_teacher_openai_merged_into_quickstart(tmp_path, perturbqa_dir):
         overrides = ["name=qs_openai", f"teacher.base_url={srv.base_url}", f"judge.base_url={srv.base_url}",
                      "teacher.subsample.n=30", "data.train_subsample.n=90", "train.optim.epochs=1",
                      "eval.n_bootstrap=20", "eval.figures=false", "eval.inference.max_new_tokens=48",
-                     "eval_sets.k562_test.n=16", "eval_sets.rpe1_unseen.n=16"]
+                     "eval.decision_fit_n=60", "eval_sets.k562_test.n=16", "eval_sets.rpe1_unseen.n=16"]
         r = _synthpert("run", "quickstart.yaml", "--merge", "teacher_openai.yaml", "--runs-dir", runs, *overrides,
                        env=_env(perturbqa_dir, OPENAI_API_KEY=KEY))
         assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]

@@ -89,6 +89,33 @@ def test_subsample_is_seeded_balanced_and_capped(lines, cfg):
     assert len(frac) == round(0.1 * 23212)
 
 
+def test_gene_matched_subsample_pairs_each_not_de_row_with_a_changed_knockdown_of_its_gene(lines, cfg):
+    from synthpert.evidence import TrainingStats
+    from synthpert.schema import perturbation_fold
+
+    sub = SubsampleConfig(n=300, balance=True, gene_matched=True)
+    fr = build_frames(cfg(train_subsample=sub, seed=1), lines)
+    tr = fr["train"]
+    assert tr.label.value_counts().to_dict() == {UP: 100, DOWN: 100, NOT_DE: 100}
+    fold = tr.perturbation.map(perturbation_fold)
+    de = set(zip(tr.cell_line[tr.label != NOT_DE], tr.gene[tr.label != NOT_DE], fold[tr.label != NOT_DE]))
+    nd = tr[tr.label == NOT_DE]
+    assert all(k in de for k in zip(nd.cell_line, nd.gene, fold[tr.label == NOT_DE]))
+    # the pair's gene-level evidence is identical, so only the knockdown's own evidence can tell them apart
+    stats = TrainingStats(build_frames(cfg(), lines)["train"])
+    r = nd.iloc[0]
+    partner = tr[(tr.label != NOT_DE) & (tr.gene == r.gene) & (tr.cell_line == r.cell_line)
+                 & (fold == perturbation_fold(r.perturbation))].iloc[0]
+    assert (stats.gene_counts_loo(r.cell_line, r.perturbation, r.gene) ==
+            stats.gene_counts_loo(r.cell_line, partner.perturbation, r.gene)).all()
+    plain = build_frames(cfg(train_subsample=SubsampleConfig(n=300, balance=True), seed=1), lines)["train"]
+    pnd = plain[plain.label == NOT_DE]
+    pde = set(zip(plain.cell_line[plain.label != NOT_DE], plain.gene[plain.label != NOT_DE]))
+    assert sum(k in pde for k in zip(pnd.cell_line, pnd.gene)) < 0.5 * len(pnd)  # without it, rarely paired
+    with pytest.raises(Exception, match="needs balance"):
+        SubsampleConfig(n=10, gene_matched=True)
+
+
 def test_build_saves_datasetdict_and_summary(tmp_path, lines, cfg):
     dd, summary = build(cfg(train_subsample=SubsampleConfig(n=60, balance=True)), tmp_path, lines)
     assert set(dd) == {"train", "validation", "test"}
