@@ -373,8 +373,11 @@ class BatchRunner:
             self._problem(p)
         if len(problems) > MAX_PROBLEMS_LOGGED:
             self._problem(f"batch {b.id}: {len(problems) - MAX_PROBLEMS_LOGGED} more damaged line(s) skipped")
+        # A job collected halfway before a kill is collected again on the rerun: what already reached the
+        # cache was counted then and must not be counted (or stored) twice.
+        already = set(self.cache.get_many(list(answers)))
         for k, raw in answers.items():
-            if k in self.responses:
+            if k in self.responses or k in already:
                 continue
             call = self.calls.get(k)
             request = ({"model": call.model, "messages": call.messages, "sampling": call.sampling} if call

@@ -178,10 +178,52 @@ class ChatEngine:
     def run(self, requests: list[ChatRequest], send: bool = True) -> EngineRun:
         """Answer every request (cache first). ``send=False``: answer from the cache only (after
         ``import_batch``); the rest are reported as failed, nothing goes out."""
+        if send and self.cfg.batch and self.local is None:
+            # Outside any event loop, so a Ctrl-C reaches the batch poll loop as KeyboardInterrupt (under
+            # asyncio.run the first one would only cancel the task and the outputs would be lost).
+            return self._run_batch(requests)
         return asyncio.run(self.arun(requests, send))
 
     async def arun(self, requests: list[ChatRequest], send: bool = True) -> EngineRun:
-        """``run`` for callers already inside an event loop."""
+        """``run`` for callers already inside an event loop (the Batch API path blocks it while it waits)."""
+        if send and self.cfg.batch and self.local is None:
+            return self._run_batch(requests)
+        t0, stats, plan, all_calls = self._begin(requests)
+        cache = ResponseCache(self.cache_path)
+        try:
+            responses = cache.get_many([c.key for c in all_calls])
+            hits = set(responses)
+            todo = [c for c in all_calls if c.key not in responses]
+            if not send:
+                for c in todo:
+                    stats.failed.setdefault(c.request.id, "no answer in the imported batch output")
+            else:
+                if todo and self.local is None:
+                    self._key = resolve_api_key(self.cfg)
+                await self._execute(todo, responses, cache, stats, done_before=len(all_calls) - len(todo),
+                                    total=len(all_calls))
+            via_batch = cache.batch_answered([c.key for c in all_calls]) if self.local is None else set()
+        finally:
+            cache.close()
+        return self._end(requests, plan, responses, hits, via_batch, stats, t0)
+
+    def _run_batch(self, requests: list[ChatRequest]) -> EngineRun:
+        t0, stats, plan, all_calls = self._begin(requests)
+        cache = ResponseCache(self.cache_path)
+        try:
+            responses = cache.get_many([c.key for c in all_calls])
+            hits = set(responses)
+            todo = [c for c in all_calls if c.key not in responses]
+            if todo:
+                self._key = resolve_api_key(self.cfg)
+                self._execute_batch(todo, responses, cache, stats, done_before=len(all_calls) - len(todo),
+                                    total=len(all_calls))
+            via_batch = cache.batch_answered([c.key for c in all_calls])
+        finally:
+            cache.close()
+        return self._end(requests, plan, responses, hits, via_batch, stats, t0)
+
+    def _begin(self, requests: list[ChatRequest]) -> tuple[float, RunStats, dict[str, list[Call]], list[Call]]:
         seen: set[str] = set()
         for r in requests:
             if r.id in seen:
@@ -192,26 +234,10 @@ class ChatEngine:
         plan = {r.id: self._calls(r) for r in requests}
         all_calls = [c for calls in plan.values() for c in calls]
         self._check_prices(all_calls)
-        cache = ResponseCache(self.cache_path)
-        try:
-            responses = cache.get_many([c.key for c in all_calls])
-            hits = set(responses)
-            todo = [c for c in all_calls if c.key not in responses]
-            if not send:
-                for c in todo:
-                    stats.failed.setdefault(c.request.id, "no answer in the imported batch output")
-            elif todo and self.local is None and self.cfg.batch:
-                self._key = resolve_api_key(self.cfg)
-                self._execute_batch(todo, responses, cache, stats, done_before=len(all_calls) - len(todo),
-                                    total=len(all_calls))
-            else:
-                if todo and self.local is None:
-                    self._key = resolve_api_key(self.cfg)
-                await self._execute(todo, responses, cache, stats, done_before=len(all_calls) - len(todo),
-                                    total=len(all_calls))
-            via_batch = cache.batch_answered([c.key for c in all_calls]) if self.local is None else set()
-        finally:
-            cache.close()
+        return t0, stats, plan, all_calls
+
+    def _end(self, requests: list[ChatRequest], plan: dict[str, list[Call]], responses: dict, hits: set[str],
+             via_batch: set[str], stats: RunStats, t0: float) -> EngineRun:
         results: dict[str, ChatResult] = {}
         for r in requests:
             calls = plan[r.id]

@@ -179,6 +179,14 @@ def test_damaged_output_keeps_good_lines_and_resubmits_the_lost_request(dataset,
     assert len(s["engine"]["batch"]["problems"]) >= 3
 
 
+def test_max_cost_submits_only_what_fits_at_its_worst_case_batch_price(dataset, server, tmp_path):
+    s = run_generate(TeacherConfig(**batch_cfg(server, max_cost=0.01)), dataset, tmp_path / "t")
+    assert s["engine"]["stopped"] == "max_cost" and 0 < s["traces"] < N
+    assert [len(ids) for ids in submitted(server)] == [s["traces"]] and s["cost_usd_this_run"] <= 0.01
+    rest = run_generate(TeacherConfig(**batch_cfg(server)), dataset, tmp_path / "t")
+    assert rest["complete"] and server.stats()["batch_duplicates"] == 0
+
+
 def test_export_then_import_through_an_external_runner_sends_nothing(dataset, server, tmp_path, monkeypatch):
     cfg = TeacherConfig(**{**batch_cfg(server), "batch": False})
     exp = run_generate(cfg, dataset, tmp_path / "t", export_batch=tmp_path / "requests.jsonl")
@@ -225,19 +233,30 @@ def gen_args(dataset: Path, out: Path, srv: FakeOpenAIServer, *extra: str) -> li
             "teacher.prices={fake-model: {input: 1.0, output: 2.0}}", *extra]
 
 
-def test_sigkill_while_polling_then_rerun_submits_nothing_twice(dataset, server, tmp_path):
-    out = tmp_path / "traces"
-    server.state.batch_hold = True  # the batches stay in progress until the client is dead
-    proc = cli(*gen_args(dataset, out, server))
+def wait_polling(proc: subprocess.Popen, srv: FakeOpenAIServer, batches: int, retrieves: int) -> None:
     end = time.monotonic() + 60
-    while not (len(submitted(server)) == 3 and server.state.batch_retrieves >= 6):
+    while not (len(submitted(srv)) == batches and srv.state.batch_retrieves >= retrieves):
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < end, "the CLI never polled its batches"
         time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=10)
+
+
+def test_ctrl_c_then_sigkill_while_polling_then_rerun_submits_nothing_twice(dataset, server, tmp_path):
+    out = tmp_path / "traces"
+    server.state.batch_hold = True  # the batches stay in progress until the client is gone
+    proc = cli(*gen_args(dataset, out, server))
+    wait_polling(proc, server, batches=3, retrieves=6)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "rerun the same command to collect them" in stderr, stderr
+    assert "Traceback" not in stderr and json.loads(stdout)["complete"] is False
     jobs = json.loads((out / "batches.json").read_text())["jobs"]  # the ids were on disk before the wait
     assert [j["batch_id"] for j in jobs] == sorted(server.state.batches)
+    # a second run picks the jobs up and polls them; it is killed outright
+    proc = cli(*gen_args(dataset, out, server))
+    wait_polling(proc, server, batches=3, retrieves=server.state.batch_retrieves + 6)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
     server.state.batch_hold = False
     proc = cli(*gen_args(dataset, out, server))
     stdout, stderr = proc.communicate(timeout=60)
