@@ -10,7 +10,9 @@ What it guarantees, beyond the chat path's cache:
 * input files stay within the API's limits (requests, bytes, one model per file);
 * a job's id and its keys are committed to the cache database, and listed in ``<run_dir>/batches.json``,
   BEFORE anything waits on it: a rerun after a kill polls the jobs in flight and submits none of their
-  requests again;
+  requests again. The keys are committed even before the batch is created (under the uploaded file's id),
+  so a kill between the API creating a batch and its id reaching the disk is recovered too: the rerun
+  finds the batch by its input file instead of creating a second one;
 * a batch that failed, expired or was cancelled, and per-request errors: only the requests still without
   an answer are resubmitted (or reported, with ``batch_resubmit: false``);
 * damaged output (a line that is not JSON, an unknown ``custom_id``, a truncated file) is reported by line
@@ -41,6 +43,7 @@ log = logging.getLogger("synthpert.batch")
 ENDPOINT = "/v1/chat/completions"
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 JOBS_FILE = "batches.json"
+PENDING = "pending:"  # a job row whose batch may or may not exist yet: "pending:<input file id>"
 MAX_PROBLEMS_LOGGED = 5  # per file: a damaged 50,000-line file must not flood the terminal
 
 
@@ -195,7 +198,8 @@ class BatchRunner:
                              timeout=self.cfg.timeout)
         keys = list(self.calls)
         try:
-            open_jobs = [j for j in self.cache.batch_jobs(self.cfg.base_url, open_only=True)
+            open_jobs = [self._adopt(j) if j["batch_id"].startswith(PENDING) else j
+                         for j in self.cache.batch_jobs(self.cfg.base_url, open_only=True)
                          if set(self.cache.batch_job_keys(j["batch_id"])) & self.calls.keys()]
             self.report["jobs_resumed"] = len(open_jobs)
             if open_jobs:
@@ -241,21 +245,60 @@ class BatchRunner:
         calls = self._within_budget(calls)
         jobs = []
         for model, chunk, data in chunk_calls(calls, self.cfg.batch_max_requests, self.cfg.batch_max_bytes):
+            keys = [c.key for c in chunk]
             try:
                 f = self.client.files.create(file=(f"synthpert-{chunk[0].key[:12]}.jsonl", data), purpose="batch")
-                b = self.client.batches.create(input_file_id=f.id, endpoint=ENDPOINT, completion_window="24h",
-                                               metadata={"synthpert": "1"})
             except Exception as e:  # noqa: BLE001 -- every SDK failure becomes one clear message
-                raise SynthpertError(self._api_error("submitting a batch", e)) from None
-            keys = [c.key for c in chunk]
-            # Committed before anything waits: a kill from here on leaves the id for the rerun to poll.
-            self.cache.add_batch_job(b.id, self.cfg.base_url, model, f.id, keys, b.status)
+                raise SynthpertError(self._api_error("uploading a batch input file", e)) from None
+            # Committed before the batch exists: whatever instant a kill comes, the rerun knows these keys
+            # went out in this file and looks for its batch before creating one.
+            pending = PENDING + f.id
+            self.cache.add_batch_job(pending, self.cfg.base_url, model, f.id, keys, "creating")
+            b = self._create(pending, f.id)
             self._write_jobs_file()
             self.report["jobs_created"] += 1
             self.report["requests_submitted"] += len(keys)
             log.info("batch %s submitted: %d requests to %s", b.id, len(keys), model)
             jobs.append({"batch_id": b.id, "model": model, "requests": len(keys), "status": b.status})
         return jobs
+
+    def _create(self, pending: str, file_id: str):
+        import openai
+
+        try:
+            b = self.client.batches.create(input_file_id=file_id, endpoint=ENDPOINT, completion_window="24h",
+                                           metadata={"synthpert": "1"})
+        except openai.APIStatusError as e:
+            if e.status_code < 500:  # refused: no batch exists, so no row may claim its keys
+                self.cache.forget_batch_job(pending)
+            raise SynthpertError(self._api_error("creating a batch", e)) from None
+        except Exception as e:  # noqa: BLE001 -- the row stays: the rerun looks for the batch first
+            raise SynthpertError(self._api_error("creating a batch", e)) from None
+        self.cache.rename_batch_job(pending, b.id, b.status)
+        return b
+
+    def _adopt(self, job: dict) -> dict:
+        """A job row left between upload and the batch id reaching the disk: find the batch created from its
+        input file (the API lists newest first), or create it now from the file already uploaded."""
+        file_id = job["input_file_id"]
+        found = None
+        try:
+            for b in self.client.batches.list(limit=100):
+                if b.input_file_id == file_id:
+                    found = b
+                    break
+                if b.created_at < job["created"] - 600:  # older than our upload: it is not there
+                    break
+        except Exception as e:  # noqa: BLE001
+            raise SynthpertError(self._api_error("looking for a batch created before the last run stopped", e)
+                                 ) from None
+        if found is not None:
+            self.cache.rename_batch_job(job["batch_id"], found.id, found.status)
+            log.info("batch %s (input file %s) recovered after an interrupted submission", found.id, file_id)
+        else:
+            found = self._create(job["batch_id"], file_id)
+            self.report["jobs_created"] += 1
+        return {**job, "batch_id": found.id, "status": found.status}
 
     def _within_budget(self, calls: list[Call]) -> list[Call]:
         """With max_cost, submit only as many requests as fit at their worst case (prompt estimate + every

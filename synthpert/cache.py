@@ -100,6 +100,19 @@ class ResponseCache:
                               (batch_id, base_url, model, input_file_id, len(keys), status, now, now))
             self.conn.executemany("INSERT OR IGNORE INTO batch_items VALUES (?, ?)", [(k, batch_id) for k in keys])
 
+    def rename_batch_job(self, old: str, new: str, status: str) -> None:
+        with self.conn:
+            self.conn.execute("BEGIN")
+            self.conn.execute("UPDATE batch_jobs SET batch_id = ?, status = ?, updated = ? WHERE batch_id = ?",
+                              (new, status, time.time(), old))
+            self.conn.execute("UPDATE batch_items SET batch_id = ? WHERE batch_id = ?", (new, old))
+
+    def forget_batch_job(self, batch_id: str) -> None:
+        with self.conn:
+            self.conn.execute("BEGIN")
+            self.conn.execute("DELETE FROM batch_jobs WHERE batch_id = ?", (batch_id,))
+            self.conn.execute("DELETE FROM batch_items WHERE batch_id = ?", (batch_id,))
+
     def update_batch_job(self, batch_id: str, status: str, collected: bool = False) -> None:
         self.conn.execute("UPDATE batch_jobs SET status = ?, collected = ?, updated = ? WHERE batch_id = ?",
                           (status, int(collected), time.time(), batch_id))

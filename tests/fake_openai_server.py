@@ -414,6 +414,12 @@ def create_app(state: ServerState):
             state.batch_submissions.append([x["custom_id"] for x in lines])
         return JSONResponse(_batch_object(job))
 
+    @app.get("/v1/batches")
+    async def list_batches():
+        data = [_batch_object(j) for j in reversed(list(state.batches.values()))]  # newest first, as OpenAI
+        return JSONResponse({"object": "list", "data": data, "has_more": False,
+                             "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None})
+
     @app.get("/v1/batches/{bid}")
     async def retrieve_batch(bid: str):
         job = state.batches.get(bid)

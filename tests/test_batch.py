@@ -179,6 +179,35 @@ def test_damaged_output_keeps_good_lines_and_resubmits_the_lost_request(dataset,
     assert len(s["engine"]["batch"]["problems"]) >= 3
 
 
+@pytest.mark.parametrize("window", ["after the batch was created", "before the batch was created"])
+def test_a_kill_inside_the_submission_is_recovered_without_a_second_batch(dataset, server, tmp_path, monkeypatch,
+                                                                          window):
+    """The narrowest windows: the process dies between uploading the file and creating its batch, or between
+    the API creating the batch and its id reaching the disk. The rerun finds the batch by its input file (or
+    creates it from the file already uploaded) instead of submitting the requests again."""
+    from openai.resources.batches import Batches
+
+    from synthpert.cache import ResponseCache
+
+    def die(*a, **kw):
+        raise KeyboardInterrupt  # what a kill looks like from here: nothing after this line runs
+
+    if window == "after the batch was created":
+        monkeypatch.setattr(ResponseCache, "rename_batch_job", die)
+    else:
+        monkeypatch.setattr(Batches, "create", die)
+    with pytest.raises(KeyboardInterrupt):
+        run_generate(TeacherConfig(**batch_cfg(server)), dataset, tmp_path / "t")
+    monkeypatch.undo()
+    monkeypatch.setenv(KEY_ENV, KEY)
+    assert len(server.state.files) == 1 and len(submitted(server)) == (window == "after the batch was created")
+    s = run_generate(TeacherConfig(**batch_cfg(server)), dataset, tmp_path / "t")
+    assert s["complete"] and s["traces"] == N
+    assert len(submitted(server)) == 1 and server.stats()["batch_duplicates"] == 0
+    assert s["engine"]["batch"]["jobs_resumed"] == 1
+    assert sum(f["purpose"] == "batch" for f in server.state.files.values()) == 1  # the upload was reused
+
+
 def test_max_cost_submits_only_what_fits_at_its_worst_case_batch_price(dataset, server, tmp_path):
     s = run_generate(TeacherConfig(**batch_cfg(server, max_cost=0.01)), dataset, tmp_path / "t")
     assert s["engine"]["stopped"] == "max_cost" and 0 < s["traces"] < N
