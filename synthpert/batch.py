@@ -174,7 +174,7 @@ class BatchRunner:
         self.cfg, self.key, self.cache, self.run_dir = cfg, api_key, cache, Path(run_dir)
         self.progress, self.stats, self.done_before = progress, stats, done_before
         self.report = {"jobs_created": 0, "jobs_resumed": 0, "requests_submitted": 0, "requests_resubmitted": 0,
-                       "rounds": 0, "not_resubmitted": 0, "problems": []}
+                       "rounds": 0, "unanswered": 0, "problems": []}
         self._counts: dict[str, tuple[int, int]] = {}  # batch id -> (completed, failed) of jobs in flight
         self._answered = 0
 
@@ -234,7 +234,7 @@ class BatchRunner:
             if k not in responses:
                 reason = self.last_error.get(k, ("no answer in any batch",))[0]
                 self.stats.failed.setdefault(self.calls[k].request.id, reason)
-        self.report["not_resubmitted"] = sum(1 for k in keys if k not in responses)
+        self.report["unanswered"] = sum(1 for k in keys if k not in responses)
         self.report["jobs"] = [{k: j[k] for k in ("batch_id", "model", "requests", "status")}
                                for j in self.cache.batch_jobs(self.cfg.base_url)]
         self.stats.batch = self.report
@@ -343,8 +343,7 @@ class BatchRunner:
     def _poll(self, jobs: list[dict]) -> None:
         import openai
 
-        pending = [j for j in jobs]
-        t0 = time.monotonic()
+        pending = list(jobs)
         try:
             while pending:
                 for job in list(pending):
@@ -371,7 +370,7 @@ class BatchRunner:
                     if b.status in TERMINAL and self._collect(b, job):
                         pending.remove(job)
                         self._counts.pop(b.id, None)
-                self._show(len(pending), time.monotonic() - t0)
+                self._show(len(pending))
                 if pending:
                     time.sleep(self.cfg.batch_poll_interval)
         except KeyboardInterrupt:
@@ -379,12 +378,11 @@ class BatchRunner:
             log.warning("interrupted while waiting: %d batch job(s) keep running on the server and their ids are "
                         "saved; rerun the same command to collect them (nothing is submitted twice)", len(pending))
 
-    def _show(self, in_flight: int, elapsed: float) -> None:
+    def _show(self, in_flight: int) -> None:
         running = sum(c for c, _ in self._counts.values())
         failed = sum(f for _, f in self._counts.values()) + sum(1 for k in self.last_error if k not in self.responses)
         self.progress.set(self.done_before + self._answered + running, self.stats.cost_new,
                           f"batch: {in_flight} job(s) in flight, {failed} failed")
-        log.debug("batch: %d in flight, %d answered, %d failed, %.0f s", in_flight, self._answered, failed, elapsed)
 
     def _download(self, file_id: str) -> str | None:
         try:
