@@ -238,6 +238,23 @@ def test_export_then_import_through_an_external_runner_sends_nothing(dataset, se
                      export_batch=tmp_path / "x.jsonl")
 
 
+def test_input_files_split_by_bytes_and_by_model_and_an_oversized_request_is_refused():
+    from synthpert.batch import chunk_calls
+    from synthpert.chat import Call, ChatRequest
+
+    def call(i: int, model: str, chars: int = 100) -> Call:
+        req = ChatRequest(id=f"r{i}", messages=[{"role": "user", "content": "x" * chars}])
+        return Call(req, 0, f"key{i}", model, req.messages, {})
+
+    calls = [call(i, "a") for i in range(5)] + [call(5, "b")] + [call(6, "a")]
+    files = chunk_calls(calls, max_requests=50_000, max_bytes=500)  # 229 bytes a line: two fit, not three
+    assert [(m, [c.key for c in cs]) for m, cs, _ in files] == [
+        ("a", ["key0", "key1"]), ("a", ["key2", "key3"]), ("a", ["key4", "key6"]), ("b", ["key5"])]
+    assert all(len(data) <= 500 and data.count(b"\n") == len(cs) for _, cs, data in files)
+    with pytest.raises(SynthpertError, match="larger than batch_max_bytes"):
+        chunk_calls([call(9, "a", chars=1000)], max_requests=10, max_bytes=500)
+
+
 def test_batch_with_an_offline_teacher_or_judge_is_refused_at_load():
     with pytest.raises(ValueError, match="offline evidence heuristic"):
         TeacherConfig(mode="evidence", batch=True)
