@@ -50,6 +50,7 @@ class RunStats:
     stopped: str | None = None  # None | "max_cost" | "interrupted"
     elapsed_s: float = 0.0
     cooldowns: int = 0
+    batch: dict | None = None  # Batch API runs: jobs created / resumed, requests (re)submitted, problems
 
     def to_dict(self) -> dict:
         return {"requests": self.requests, "completed": self.completed, "from_cache": self.from_cache,
@@ -57,7 +58,8 @@ class RunStats:
                 "failed": len(self.failed), "failed_examples": dict(list(self.failed.items())[:10]),
                 "usage_this_run": self.usage_new.model_dump(), "cost_usd_this_run": round(self.cost_new, 6),
                 "usage_total": self.usage_total.model_dump(), "cost_usd_total": round(self.cost_total, 6),
-                "stopped": self.stopped, "elapsed_s": round(self.elapsed_s, 3)}
+                "stopped": self.stopped, "elapsed_s": round(self.elapsed_s, 3),
+                **({"batch": self.batch} if self.batch is not None else {})}
 
 
 @dataclass
@@ -76,3 +78,18 @@ class Call:
     model: str
     messages: list[dict]
     sampling: dict
+
+
+def shape_problem(raw: dict, n: int) -> str | None:
+    """Why a parsed body is not a usable completion of n choices (None when it is). The chat path retries
+    such a body; the batch path resubmits its request."""
+    choices = raw.get("choices")
+    if not choices:
+        return "no choices"
+    if len(choices) < n:
+        return f"{len(choices)} choices for n={n}"
+    for ch in choices:
+        content = (ch.get("message") or {}).get("content")
+        if not isinstance(content, str):
+            return "a choice has no text content"
+    return None

@@ -18,7 +18,9 @@ What it guarantees (users lose money where tools do not):
   prices from config; ``max_cost`` reserves each request's worst-case cost before sending, so the run
   stops cleanly BEFORE the budget would be exceeded; a dry-run estimate before spending anything;
 * SIGINT stops launching requests and waits for the ones in flight (they are paid for); a second SIGINT
-  abandons them. Either way every record already written is whole.
+  abandons them. Either way every record already written is whole;
+* with ``batch: true`` the same requests go through the OpenAI Batch API instead (synthpert.batch): same
+  cache keys, same results, batch prices; ``export_batch`` / ``import_batch`` move them through a file.
 
 The API key is read from the environment variable NAMED in the config and is only ever handed to the
 SDK client: it is not stored in the cache, outputs, logs or error messages.
@@ -37,8 +39,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .accounting import completion_cap, cost_of, estimate_prompt_tokens, price_for, usage_from_raw
+from .batch import BatchRunner, chunk_calls, parse_batch_output, write_batch_file
 from .cache import ResponseCache, cache_key
-from .chat import Call, ChatRequest, ChatResult, EngineRun, RunStats
+from .chat import Call, ChatRequest, ChatResult, EngineRun, RunStats, shape_problem
 from .config.client import ClientConfig, ModelPrice
 from .errors import SynthpertError, scrub
 from .progress import CostProgress
@@ -69,12 +72,13 @@ class ChatEngine:
     ``(request, sample_index) -> text`` (offline teacher / judge) behind the same cache and accounting."""
 
     def __init__(self, cfg: ClientConfig, cache_path: str | Path | None = None, local: LocalBackend | None = None,
-                 description: str = "requests"):
+                 description: str = "requests", run_dir: str | Path | None = None):
         self.cfg = cfg
         path = cache_path or cfg.cache_path
         if path is None:
             raise SynthpertError("no cache path: set cache_path in the client config")
         self.cache_path = Path(path)
+        self.run_dir = Path(run_dir) if run_dir is not None else self.cache_path.parent  # batches.json goes here
         self.local = local
         self.description = description
         self._key: str | None = None
@@ -98,6 +102,11 @@ class ChatEngine:
 
     def _price(self, model: str) -> ModelPrice | None:
         return price_for(self.cfg.prices, model)
+
+    def _plan_price(self, model: str) -> ModelPrice | None:
+        """The price new requests will be bought at: the batch price when they go through the Batch API."""
+        price = self._price(model)
+        return self.cfg.batch_price(price) if self.cfg.batch and self.local is None else price
 
     def _reservation(self, call: Call) -> float:
         """Worst-case cost of a call: the prompt estimate scaled by the largest actual/estimate ratio seen
@@ -151,8 +160,11 @@ class ChatEngine:
             out["est_cost_usd"] = out["max_cost_usd"] = None
             out["note"] = f"no price configured for {missing}; add prices.<model>.input/output to estimate cost"
             return out
+        if self.cfg.batch:
+            out["batch"] = {"discount": self.cfg.batch_discount,
+                            "files": len(chunk_calls(todo, self.cfg.batch_max_requests, self.cfg.batch_max_bytes))}
         for c in todo:
-            price, n = self._price(c.model), int(c.sampling.get("n") or 1)
+            price, n = self._plan_price(c.model), int(c.sampling.get("n") or 1)
             p_tok = estimate_prompt_tokens(c.messages)
             cap = completion_cap(c.sampling) or self.cfg.completion_tokens_estimate
             out["est_cost_usd"] += cost_of(Usage(prompt_tokens=p_tok,
@@ -163,11 +175,55 @@ class ChatEngine:
 
     # ---- running ----------------------------------------------------------------------------------------
 
-    def run(self, requests: list[ChatRequest]) -> EngineRun:
-        return asyncio.run(self.arun(requests))
+    def run(self, requests: list[ChatRequest], send: bool = True) -> EngineRun:
+        """Answer every request (cache first). ``send=False``: answer from the cache only (after
+        ``import_batch``); the rest are reported as failed, nothing goes out."""
+        if send and self.cfg.batch and self.local is None:
+            # Outside any event loop, so a Ctrl-C reaches the batch poll loop as KeyboardInterrupt (under
+            # asyncio.run the first one would only cancel the task and the outputs would be lost).
+            return self._run_batch(requests)
+        return asyncio.run(self.arun(requests, send))
 
-    async def arun(self, requests: list[ChatRequest]) -> EngineRun:
-        """``run`` for callers already inside an event loop."""
+    async def arun(self, requests: list[ChatRequest], send: bool = True) -> EngineRun:
+        """``run`` for callers already inside an event loop (the Batch API path blocks it while it waits)."""
+        if send and self.cfg.batch and self.local is None:
+            return self._run_batch(requests)
+        t0, stats, plan, all_calls = self._begin(requests)
+        cache = ResponseCache(self.cache_path)
+        try:
+            responses = cache.get_many([c.key for c in all_calls])
+            hits = set(responses)
+            todo = [c for c in all_calls if c.key not in responses]
+            if not send:
+                for c in todo:
+                    stats.failed.setdefault(c.request.id, "no answer in the imported batch output")
+            else:
+                if todo and self.local is None:
+                    self._key = resolve_api_key(self.cfg)
+                await self._execute(todo, responses, cache, stats, done_before=len(all_calls) - len(todo),
+                                    total=len(all_calls))
+            via_batch = cache.batch_answered([c.key for c in all_calls]) if self.local is None else set()
+        finally:
+            cache.close()
+        return self._end(requests, plan, responses, hits, via_batch, stats, t0)
+
+    def _run_batch(self, requests: list[ChatRequest]) -> EngineRun:
+        t0, stats, plan, all_calls = self._begin(requests)
+        cache = ResponseCache(self.cache_path)
+        try:
+            responses = cache.get_many([c.key for c in all_calls])
+            hits = set(responses)
+            todo = [c for c in all_calls if c.key not in responses]
+            if todo:
+                self._key = resolve_api_key(self.cfg)
+                self._execute_batch(todo, responses, cache, stats, done_before=len(all_calls) - len(todo),
+                                    total=len(all_calls))
+            via_batch = cache.batch_answered([c.key for c in all_calls])
+        finally:
+            cache.close()
+        return self._end(requests, plan, responses, hits, via_batch, stats, t0)
+
+    def _begin(self, requests: list[ChatRequest]) -> tuple[float, RunStats, dict[str, list[Call]], list[Call]]:
         seen: set[str] = set()
         for r in requests:
             if r.id in seen:
@@ -178,22 +234,16 @@ class ChatEngine:
         plan = {r.id: self._calls(r) for r in requests}
         all_calls = [c for calls in plan.values() for c in calls]
         self._check_prices(all_calls)
-        cache = ResponseCache(self.cache_path)
-        try:
-            responses = cache.get_many([c.key for c in all_calls])
-            hits = set(responses)
-            todo = [c for c in all_calls if c.key not in responses]
-            if todo and self.local is None:
-                self._key = resolve_api_key(self.cfg)
-            await self._execute(todo, responses, cache, stats, done_before=len(all_calls) - len(todo),
-                                total=len(all_calls))
-        finally:
-            cache.close()
+        return t0, stats, plan, all_calls
+
+    def _end(self, requests: list[ChatRequest], plan: dict[str, list[Call]], responses: dict, hits: set[str],
+             via_batch: set[str], stats: RunStats, t0: float) -> EngineRun:
         results: dict[str, ChatResult] = {}
         for r in requests:
             calls = plan[r.id]
             if all(c.key in responses for c in calls):
-                res = self._result(r, calls, [responses[c.key] for c in calls], all(c.key in hits for c in calls))
+                res = self._result(r, calls, [responses[c.key] for c in calls], all(c.key in hits for c in calls),
+                                   via_batch)
                 results[r.id] = res
                 stats.completed += 1
                 stats.from_cache += res.from_cache
@@ -202,17 +252,83 @@ class ChatEngine:
         stats.elapsed_s = time.monotonic() - t0
         return EngineRun(results, stats)
 
-    def _result(self, req: ChatRequest, calls: list[Call], raws: list[dict], from_cache: bool) -> ChatResult:
-        texts, reasons, usage = [], [], Usage()
-        for raw in raws:
+    def _result(self, req: ChatRequest, calls: list[Call], raws: list[dict], from_cache: bool,
+                via_batch: set[str]) -> ChatResult:
+        texts, reasons, usage, cost = [], [], Usage(), 0.0
+        model = calls[0].model
+        price = self._price(model)
+        for call, raw in zip(calls, raws):
             for ch in sorted(raw.get("choices") or [], key=lambda c: c.get("index", 0)):
                 content = (ch.get("message") or {}).get("content")
                 texts.append(content if isinstance(content, str) else None)
                 reasons.append(ch.get("finish_reason"))
-            usage = usage + usage_from_raw(raw)
-        model = calls[0].model
+            u = usage_from_raw(raw)
+            usage = usage + u
+            # Each response at the price it was bought at, whatever the config says now.
+            cost += cost_of(u, self.cfg.batch_price(price) if call.key in via_batch else price)
         return ChatResult(req.id, model, [c.key for c in calls], texts, reasons, usage,
-                          cost_of(usage, self._price(model)) if self.local is None else 0.0, raws, from_cache)
+                          cost if self.local is None else 0.0, raws, from_cache)
+
+    # ---- the Batch API and batch files ------------------------------------------------------------------
+
+    def _execute_batch(self, todo: list[Call], responses: dict, cache: ResponseCache, stats: RunStats,
+                       done_before: int, total: int) -> None:
+        unique = list({c.key: c for c in todo}.values())  # identical calls share one custom_id
+        progress = CostProgress(self.cfg.progress, self.description, total, done_before)
+        try:
+            BatchRunner(self.cfg, self._key, cache, self.run_dir, progress, stats, done_before).run(unique, responses)
+        finally:
+            progress.close()
+        if stats.stopped == "max_cost":
+            log.warning("stopped before exceeding max_cost=$%.4f (spent $%.4f this run); rerun with a larger "
+                        "--max-cost to continue — everything received so far is cached", self.cfg.max_cost,
+                        stats.cost_new)
+
+    def _needs_requests(self, flag: str) -> None:
+        if self.local is not None:
+            raise SynthpertError(f"{flag}: this {self.description} is an offline heuristic that sends no requests; "
+                                 "batch files are for API models")
+
+    def export_batch(self, requests: list[ChatRequest], path: str | Path) -> dict:
+        """Write the requests the cache cannot answer as one Batch JSONL file (``custom_id`` = cache key), e.g.
+        for ``vllm run-batch -i FILE -o OUT --model ...``; ``import_batch(OUT)`` brings the answers back."""
+        self._needs_requests("--export-batch")
+        calls = [c for r in requests for c in self._calls(r)]
+        cached = {}
+        if self.cache_path.exists():
+            cache = ResponseCache(self.cache_path)
+            try:
+                cached = cache.get_many([c.key for c in calls])
+            finally:
+                cache.close()
+        todo = list({c.key: c for c in calls if c.key not in cached}.values())
+        n = write_batch_file(todo, Path(path))
+        return {"exported": n, "already_cached": len(calls) - len(todo), "path": str(path),
+                "models": sorted({c.model for c in todo})}
+
+    def import_batch(self, requests: list[ChatRequest], path: str | Path) -> dict:
+        """Join a Batch output file (OpenAI's or ``vllm run-batch``'s format) into the cache by ``custom_id``.
+        Damaged lines and ids that are not requests of this run are reported and skipped; good lines are kept."""
+        self._needs_requests("--import-batch")
+        path = Path(path)
+        if not path.is_file():
+            raise SynthpertError(f"--import-batch {path}: no such file")
+        calls = {c.key: c for r in requests for c in self._calls(r)}
+        parsed = parse_batch_output(path.read_text(encoding="utf-8", errors="replace"),
+                                    {k: int(c.sampling.get("n") or 1) for k, c in calls.items()}, str(path))
+        for p in parsed.problems[:5]:
+            log.warning("%s", p)
+        cache = ResponseCache(self.cache_path)
+        try:
+            for k, raw in parsed.answers.items():
+                c = calls[k]
+                cache.put_batch(k, c.model, {"model": c.model, "messages": c.messages, "sampling": c.sampling}, raw,
+                                f"import:{path.name}")
+        finally:
+            cache.close()
+        return {"path": str(path), "imported": len(parsed.answers), "errors": len(parsed.errors),
+                "error_examples": dict(list({k[:16]: v[0] for k, v in parsed.errors.items()}.items())[:5]),
+                "damaged_lines": len(parsed.problems), "problems": parsed.problems[:10]}
 
     async def _execute(self, todo: list[Call], responses: dict, cache: ResponseCache, stats: RunStats,
                        done_before: int, total: int) -> None:
@@ -387,7 +503,7 @@ class ChatEngine:
             raise Retryable(f"connection error: {scrub(str(e.__cause__ or e), self._key)}") from None
         except (ValueError, httpx2.HTTPError) as e:  # truncated / non-JSON body, connection dropped mid-body
             raise Retryable(f"malformed response body: {scrub(str(e), self._key)[:200]}") from None
-        problem = _shape_problem(raw, int(call.sampling.get("n") or 1))
+        problem = shape_problem(raw, int(call.sampling.get("n") or 1))
         if problem:
             raise Retryable(f"response of the wrong shape: {problem}")
         return raw
@@ -400,22 +516,8 @@ class ChatEngine:
                 "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
 
 
-def _shape_problem(raw: dict, n: int) -> str | None:
-    """Checked inside the retry loop: a body that parses but is not a usable completion is retried."""
-    choices = raw.get("choices")
-    if not choices:
-        return "no choices"
-    if len(choices) < n:
-        return f"{len(choices)} choices for n={n}"
-    for ch in choices:
-        content = (ch.get("message") or {}).get("content")
-        if not isinstance(content, str):
-            return "a choice has no text content"
-    return None
-
-
 def engine_for(cfg: ClientConfig, out_dir: Path, local: LocalBackend | None = None,
                description: str = "requests") -> ChatEngine:
     """The engine of a stage writing to ``out_dir``: its cache is ``cfg.cache_path`` or ``<out_dir>/cache.sqlite``."""
     cache = Path(cfg.cache_path) if cfg.cache_path else Path(out_dir) / "cache.sqlite"
-    return ChatEngine(cfg, cache, local=local, description=description)
+    return ChatEngine(cfg, cache, local=local, description=description, run_dir=out_dir)

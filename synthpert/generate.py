@@ -146,8 +146,12 @@ def _class_counts(records: list[TraceRecord], pred) -> dict:
     return {lab: sum(1 for r in records if r.label == lab and pred(r)) for lab in LABELS}
 
 
-def run_generate(cfg: TeacherConfig, dataset_path: str | Path, out_dir: str | Path, dry_run: bool = False) -> dict:
-    """Write traces for the dataset's ``cfg.split``; returns the summary (also in <out>/summary.json)."""
+def run_generate(cfg: TeacherConfig, dataset_path: str | Path, out_dir: str | Path, dry_run: bool = False,
+                 export_batch: str | Path | None = None, import_batch: str | Path | None = None) -> dict:
+    """Write traces for the dataset's ``cfg.split``; returns the summary (also in <out>/summary.json).
+
+    ``export_batch``: write the uncached requests as a Batch JSONL file and stop (nothing is sent);
+    ``import_batch``: join a Batch output file into the cache, then write traces from the cache only."""
     out_dir = Path(out_dir)
     df = load_examples(dataset_path, cfg.split, cfg.subsample, cfg.seed)
     needs_evidence = cfg.evidence_context or cfg.mode in OFFLINE_MODES
@@ -158,8 +162,11 @@ def run_generate(cfg: TeacherConfig, dataset_path: str | Path, out_dir: str | Pa
     engine = engine_for(cfg, out_dir, local=local, description=f"teacher ({cfg.mode})")
     if dry_run:
         return {"dry_run": True, "mode": cfg.mode, "examples": len(df), **engine.estimate(requests)}
+    if export_batch is not None:
+        return {"export_batch": True, "examples": len(df), **engine.export_batch(requests, export_batch)}
     out_dir.mkdir(parents=True, exist_ok=True)
-    run = engine.run(requests)
+    imported = engine.import_batch(requests, import_batch) if import_batch is not None else None
+    run = engine.run(requests, send=imported is None)
     records: list[TraceRecord] = []
     for req in requests:
         res = run.results.get(req.id)
@@ -186,6 +193,7 @@ def run_generate(cfg: TeacherConfig, dataset_path: str | Path, out_dir: str | Pa
         "engine": run.stats.to_dict(),
         "cost_usd_this_run": round(run.stats.cost_new, 6), "cost_usd_total": round(run.stats.cost_total, 6),
         "traces_path": str(out_dir / "traces.jsonl"),
+        **({"import_batch": imported} if imported is not None else {}),
     }
     write_json_atomic(out_dir / "summary.json", summary)
     write_json_atomic(out_dir / "teacher_config.json", cfg.model_dump(mode="json"))  # names the key's variable only

@@ -132,7 +132,10 @@ def estimate_judge(cfg: JudgeConfig, examples, samples: int, reasoning_tokens: i
     return {"dry_run": True, "traces": len(traces), "upper_bound": True, **_engine(cfg, out_dir).estimate(requests)}
 
 
-def run_judge(cfg: JudgeConfig, traces_path: str | Path, out_dir: str | Path, dry_run: bool = False) -> dict:
+def run_judge(cfg: JudgeConfig, traces_path: str | Path, out_dir: str | Path, dry_run: bool = False,
+              export_batch: str | Path | None = None, import_batch: str | Path | None = None) -> dict:
+    """Judge every trace; ``export_batch`` / ``import_batch`` as in run_generate (a Batch JSONL file out, or a
+    Batch output file joined into the cache and nothing sent)."""
     out_dir = Path(out_dir)
     traces = list(read_jsonl(Path(traces_path), TraceRecord))
     if not traces:
@@ -147,8 +150,11 @@ def run_judge(cfg: JudgeConfig, traces_path: str | Path, out_dir: str | Path, dr
     if dry_run:
         return {"dry_run": True, "traces": len(traces), "to_judge": len(requests),
                 "rejected_without_judging": len(traces) - len(requests), **engine.estimate(requests)}
+    if export_batch is not None:
+        return {"export_batch": True, "traces": len(traces), **engine.export_batch(requests, export_batch)}
     out_dir.mkdir(parents=True, exist_ok=True)
-    run = engine.run(requests)
+    imported = engine.import_batch(requests, import_batch) if import_batch is not None else None
+    run = engine.run(requests, send=imported is None)
     judge_name = "rules" if cfg.kind == "rules" else cfg.model
     kept, rejected, unjudged = [], [], 0
     rating_counts, rating_kept, parse_failures = Counter(), Counter(), 0
@@ -203,6 +209,7 @@ def run_judge(cfg: JudgeConfig, traces_path: str | Path, out_dir: str | Path, dr
         "cost_usd_this_run": round(run.stats.cost_new, 6), "cost_usd_total": round(run.stats.cost_total, 6),
         "teacher_cost_usd": round(sum(t.cost_usd for t in traces), 6),
         "kept_path": str(out_dir / "kept.jsonl"), "rejected_path": str(out_dir / "rejected.jsonl"),
+        **({"import_batch": imported} if imported is not None else {}),
     }
     write_json_atomic(out_dir / "summary.json", summary)
     write_json_atomic(out_dir / "judge_config.json", cfg.model_dump(mode="json"))

@@ -8,6 +8,7 @@ class CostProgress:
 
     def __init__(self, enabled: bool, description: str, total: int, done: int):
         self.bar = None
+        self.description = description
         if not enabled:
             return
         from rich.console import Console
@@ -27,6 +28,11 @@ class CostProgress:
     def advance(self, cost: float) -> None:
         if self.bar is not None:
             self.bar.update(self.task, advance=1, cost=cost)
+
+    def set(self, done: int, cost: float, note: str) -> None:
+        """Absolute progress (the Batch API reports counts per job, not one answer at a time)."""
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done, cost=cost, description=f"{self.description} · {note}")
 
     def close(self) -> None:
         if self.bar is not None:

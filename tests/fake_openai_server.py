@@ -28,6 +28,17 @@ Responders decide the completion text from the request. Built in (``responder=``
 
 Every completion text ends with a per-server sequence number comment (``<!-- seq N -->``) so a test can
 tell which HTTP response produced a stored answer.
+
+The Batch API, as OpenAI serves it: ``POST /v1/files`` (multipart upload, purpose ``batch``),
+``GET /v1/files/{id}`` and ``/v1/files/{id}/content``, ``POST /v1/batches`` and ``GET /v1/batches/{id}``.
+Input files are validated as OpenAI does (JSONL, unique ``custom_id``, method POST, the batch's endpoint,
+one model, at most 50,000 lines); a batch moves validating -> in_progress -> completed, one step every
+``batch_polls`` retrieves (``batch_hold`` keeps it in progress), and its requests are answered by the same
+responder and usage as the chat endpoint, into an output file and an error file. ``inject_batch(kind, ...)``
+scripts the next batches: ``request_errors`` (n requests fail with a 500, batch completed), ``expire``
+(half answered, the rest ``batch_expired``), ``fail`` (validation failure, no output), ``cancel``,
+``bad_output`` (a non-JSON line, an unknown ``custom_id`` and a truncated last line). Every submitted
+``custom_id`` is counted: ``stats()["batch_duplicates"]`` is how many were submitted more than once.
 """
 
 
@@ -126,6 +137,31 @@ class Fault:
 
 
 @dataclass
+class BatchFault:
+    """A scripted outcome for the next batch created: request_errors | expire | fail | cancel | bad_output."""
+
+    kind: str
+    n: int = 1  # request_errors: how many requests fail
+
+
+@dataclass
+class BatchJob:
+    id: str
+    input_file_id: str
+    endpoint: str
+    lines: list
+    created_at: int
+    status: str = "validating"
+    polls: int = 0
+    fault: BatchFault | None = None
+    error: str | None = None  # validation failure
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    completed: int = 0
+    failed: int = 0
+
+
+@dataclass
 class ServerState:
     latency_ms: float = 0.0
     responder: Responder = field(default=auto_responder)
@@ -142,6 +178,13 @@ class ServerState:
     faults: list = field(default_factory=list)
     seq: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    files: dict = field(default_factory=dict)  # file id -> {"bytes", "filename", "purpose", "created_at"}
+    batches: dict = field(default_factory=dict)  # batch id -> BatchJob
+    batch_submissions: list = field(default_factory=list)  # custom_ids of each batch created, in order
+    batch_faults: list = field(default_factory=list)  # BatchFault for the next batches created
+    batch_polls: int = 1  # retrieves per status step
+    batch_hold: bool = False  # keep batches in progress (a test kills the client meanwhile)
+    batch_retrieves: int = 0
 
     def next_fault(self) -> Fault | None:
         with self.lock:
@@ -157,9 +200,125 @@ class ServerState:
     def stats(self) -> dict:
         keys = [json.dumps(b, sort_keys=True) for b in self.received]
         dup = sum(c - 1 for c in Counter(keys).values())
+        submitted = Counter(cid for ids in self.batch_submissions for cid in ids)
         return {"received": len(self.received), "completed": self.completed, "in_flight": self.in_flight,
                 "max_in_flight": self.max_in_flight, "duplicates": dup,
-                "faults_left": sum(f.count for f in self.faults)}
+                "faults_left": sum(f.count for f in self.faults), "batches_created": len(self.batch_submissions),
+                "batch_requests_submitted": sum(submitted.values()),
+                "batch_duplicates": sum(c - 1 for c in submitted.values()), "batch_retrieves": self.batch_retrieves}
+
+
+def completion_body(state: ServerState, body: dict, garbage: bool = False) -> dict:
+    """A chat.completion for ``body`` (the chat endpoint and batch requests answer alike)."""
+    n = int(body.get("n") or 1)
+    choices = []
+    for i in range(n):
+        with state.lock:
+            state.seq += 1
+            seq = state.seq
+        text = "I am not sure." if garbage else state.responder(body, i)
+        choices.append({"index": i, "finish_reason": "stop", "logprobs": None,
+                        "message": {"role": "assistant", "content": f"{text}\n<!-- seq {seq} -->"}})
+    prompt = state.prompt_tokens if state.prompt_tokens is not None else len(_all_text(body)) // 4
+    usage = {"prompt_tokens": prompt, "completion_tokens": state.completion_tokens * n,
+             "total_tokens": prompt + state.completion_tokens * n,
+             "completion_tokens_details": {"reasoning_tokens": state.reasoning_tokens * n},
+             "prompt_tokens_details": {"cached_tokens": state.cached_tokens}}
+    return {"id": f"chatcmpl-{seq}", "object": "chat.completion", "created": int(time.time()),
+            "model": body.get("model", "fake-model"), "choices": choices, "usage": usage}
+
+
+def validate_batch_input(data: bytes, endpoint: str) -> tuple[list, str | None]:
+    """(request lines, None) or ([], the reason OpenAI would fail the batch with)."""
+    try:
+        lines = [json.loads(x) for x in data.decode("utf-8").splitlines() if x.strip()]
+    except (ValueError, UnicodeDecodeError) as e:
+        return [], f"invalid JSONL: {e}"
+    if not lines:
+        return [], "empty input file"
+    if len(lines) > 50_000 or len(data) > 200 * 1024 * 1024:
+        return [], "input file beyond 50,000 requests or 200 MB"
+    ids = [x.get("custom_id") for x in lines]
+    if any(not isinstance(i, str) for i in ids) or len(set(ids)) != len(ids):
+        return [], "custom_id missing or not unique"
+    if any(x.get("method") != "POST" or x.get("url") != endpoint for x in lines):
+        return [], f"every line needs method POST and url {endpoint}"
+    if len({(x.get("body") or {}).get("model") for x in lines}) != 1:
+        return [], "one model per batch input file"
+    return lines, None
+
+
+def batch_result_files(state: ServerState, job: BatchJob) -> None:
+    """Answer a batch's requests into an output file and an error file, as its fault says."""
+    fault = job.fault.kind if job.fault else None
+    out, err = [], []
+    for i, line in enumerate(job.lines):
+        cid = line["custom_id"]
+        if fault == "cancel" or (fault == "expire" and i >= len(job.lines) // 2):
+            code = "batch_expired" if fault == "expire" else "batch_cancelled"
+            err.append({"id": f"batch_req_{i}", "custom_id": cid, "response": None,
+                        "error": {"code": code, "message": f"This request could not be executed before the batch "
+                                  f"was {'expired' if fault == 'expire' else 'cancelled'}."}})
+        elif fault == "request_errors" and i < job.fault.n:
+            err.append({"id": f"batch_req_{i}", "custom_id": cid, "error": None,
+                        "response": {"status_code": 500, "request_id": f"req_{i}",
+                                     "body": {"error": {"message": "scripted server error", "type": "server_error"}}}})
+        else:
+            out.append({"id": f"batch_req_{i}", "custom_id": cid, "error": None,
+                        "response": {"status_code": 200, "request_id": f"req_{i}",
+                                     "body": completion_body(state, line["body"])}})
+    job.completed, job.failed = len(out), len(err)
+    text = "".join(json.dumps(x) + "\n" for x in out)
+    if fault == "bad_output" and out:
+        rows = text.splitlines(keepends=True)
+        bogus = json.dumps({**out[0], "custom_id": "not-a-request-of-this-batch"}) + "\n"
+        text = rows[0] + "{this is not json\n" + bogus + "".join(rows[1:])
+        text = text[:-(len(rows[-1]) // 2)]  # the last line cut off mid-way
+        job.completed -= 1
+    if out:
+        job.output_file_id = _new_file(state, text.encode(), f"{job.id}_output.jsonl", "batch_output")
+    if err:
+        job.error_file_id = _new_file(state, "".join(json.dumps(x) + "\n" for x in err).encode(),
+                                      f"{job.id}_error.jsonl", "batch_output")
+
+
+def _new_file(state: ServerState, data: bytes, filename: str, purpose: str) -> str:
+    with state.lock:
+        fid = f"file-{len(state.files) + 1:06d}"
+        state.files[fid] = {"bytes": data, "filename": filename, "purpose": purpose, "created_at": int(time.time())}
+    return fid
+
+
+def _file_object(fid: str, f: dict) -> dict:
+    return {"id": fid, "object": "file", "bytes": len(f["bytes"]), "created_at": f["created_at"],
+            "filename": f["filename"], "purpose": f["purpose"], "status": "processed"}
+
+
+def _batch_object(job: BatchJob) -> dict:
+    obj = {"id": job.id, "object": "batch", "endpoint": job.endpoint, "input_file_id": job.input_file_id,
+           "completion_window": "24h", "status": job.status, "created_at": job.created_at,
+           "output_file_id": job.output_file_id, "error_file_id": job.error_file_id,
+           "request_counts": {"total": len(job.lines), "completed": job.completed, "failed": job.failed},
+           "metadata": {}}
+    if job.error:
+        obj["errors"] = {"object": "list", "data": [{"code": "invalid_file", "message": job.error, "line": None}]}
+    return obj
+
+
+def advance_batch(state: ServerState, job: BatchJob) -> None:
+    """One retrieve's worth of progress: every ``batch_polls`` retrieves the batch moves one status on."""
+    job.polls += 1
+    if job.polls < state.batch_polls or job.status in ("completed", "failed", "expired", "cancelled"):
+        return
+    job.polls = 0
+    fault = job.fault.kind if job.fault else None
+    if job.status == "validating":
+        job.status = "failed" if (job.error or fault == "fail") else "in_progress"
+        if fault == "fail" and not job.error:
+            job.error = "scripted validation failure"
+    elif job.status == "in_progress" and not state.batch_hold:
+        batch_result_files(state, job)
+        job.status = {"expire": "expired", "cancel": "cancelled"}.get(fault, "completed")
 
 
 def create_app(state: ServerState):
@@ -208,26 +367,68 @@ def create_app(state: ServerState):
             if fault.kind == "wrong_shape":
                 return JSONResponse({"id": "chatcmpl-x", "object": "chat.completion", "created": 0,
                                      "model": body.get("model"), "choices": []})
-        n = int(body.get("n") or 1)
-        choices, seq = [], 0
-        for i in range(n):
-            with state.lock:
-                state.seq += 1
-                seq = state.seq
-            text = "I am not sure." if (fault is not None and fault.kind == "garbage") else state.responder(body, i)
-            choices.append({"index": i, "finish_reason": "stop", "logprobs": None,
-                            "message": {"role": "assistant", "content": f"{text}\n<!-- seq {seq} -->"}})
-        prompt = state.prompt_tokens if state.prompt_tokens is not None else len(_all_text(body)) // 4
-        usage = {"prompt_tokens": prompt, "completion_tokens": state.completion_tokens * n,
-                 "total_tokens": prompt + state.completion_tokens * n,
-                 "completion_tokens_details": {"reasoning_tokens": state.reasoning_tokens * n},
-                 "prompt_tokens_details": {"cached_tokens": state.cached_tokens}}
+        out = completion_body(state, body, garbage=fault is not None and fault.kind == "garbage")
         with state.lock:
             state.completed += 1
         # A pre-serialised body: FastAPI's jsonable_encoder would cost more CPU than the whole client.
-        return Response(json.dumps({"id": f"chatcmpl-{seq}", "object": "chat.completion", "created": int(time.time()),
-                                    "model": body.get("model", "fake-model"), "choices": choices, "usage": usage}),
-                        media_type="application/json")
+        return Response(json.dumps(out), media_type="application/json")
+
+    @app.post("/v1/files")
+    async def upload(request: Request):
+        form = await request.form()
+        state.auth_headers.append(request.headers.get("authorization", ""))
+        upload = form.get("file")
+        if upload is None or form.get("purpose") != "batch":
+            return _error(400, "a file and purpose=batch are required")
+        fid = _new_file(state, await upload.read(), upload.filename or "upload.jsonl", "batch")
+        return JSONResponse(_file_object(fid, state.files[fid]))
+
+    @app.get("/v1/files/{fid}")
+    async def file_info(fid: str):
+        if fid not in state.files:
+            return _error(404, f"No such File object: {fid}")
+        return JSONResponse(_file_object(fid, state.files[fid]))
+
+    @app.get("/v1/files/{fid}/content")
+    async def file_content(fid: str):
+        if fid not in state.files:
+            return _error(404, f"No such File object: {fid}")
+        return Response(state.files[fid]["bytes"], media_type="application/octet-stream")
+
+    @app.post("/v1/batches")
+    async def create_batch(request: Request):
+        body = await request.json()
+        state.auth_headers.append(request.headers.get("authorization", ""))
+        f = state.files.get(body.get("input_file_id"))
+        if f is None:
+            return _error(404, f"No such File object: {body.get('input_file_id')}")
+        if body.get("completion_window") != "24h":
+            return _error(400, "completion_window must be 24h")
+        lines, problem = validate_batch_input(f["bytes"], body.get("endpoint", ""))
+        with state.lock:
+            bid = f"batch_{len(state.batches) + 1:06d}"
+            fault = state.batch_faults.pop(0) if state.batch_faults else None
+            job = BatchJob(bid, body["input_file_id"], body.get("endpoint", ""), lines, int(time.time()),
+                           fault=fault, error=problem)
+            state.batches[bid] = job
+            state.batch_submissions.append([x["custom_id"] for x in lines])
+        return JSONResponse(_batch_object(job))
+
+    @app.get("/v1/batches")
+    async def list_batches():
+        data = [_batch_object(j) for j in reversed(list(state.batches.values()))]  # newest first, as OpenAI
+        return JSONResponse({"object": "list", "data": data, "has_more": False,
+                             "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None})
+
+    @app.get("/v1/batches/{bid}")
+    async def retrieve_batch(bid: str):
+        job = state.batches.get(bid)
+        if job is None:
+            return _error(404, f"No such Batch object: {bid}")
+        with state.lock:
+            state.batch_retrieves += 1
+        advance_batch(state, job)
+        return JSONResponse(_batch_object(job))
 
     @app.get("/_control/stats")
     async def stats():
@@ -249,9 +450,37 @@ def create_app(state: ServerState):
             state.faults.clear()
             state.completed = 0
             state.max_in_flight = 0
+            state.batch_submissions.clear()
+            state.batch_faults.clear()
+        return {"ok": True}
+
+    @app.post("/_control/batch")
+    async def batch_control(request: Request):
+        spec = await request.json()
+        with state.lock:
+            if "hold" in spec:
+                state.batch_hold = bool(spec["hold"])
+            if "polls" in spec:
+                state.batch_polls = int(spec["polls"])
+            if "fault" in spec:
+                state.batch_faults.append(BatchFault(**spec["fault"]))
         return {"ok": True}
 
     return app
+
+
+def run_batch_file(in_path, out_path, responder: str | Responder = "auto") -> int:
+    """What ``vllm run-batch -i IN -o OUT`` does, without a model: one output line per input request."""
+    state = ServerState(responder=make_responder(responder))
+    with open(in_path, encoding="utf-8") as src, open(out_path, "w", encoding="utf-8") as dst:
+        n = 0
+        for i, raw in enumerate(src):
+            line = json.loads(raw)
+            dst.write(json.dumps({"id": f"vllm-{i}", "custom_id": line["custom_id"], "error": None,
+                                  "response": {"status_code": 200, "request_id": f"vllm-batch-{i}",
+                                               "body": completion_body(state, line["body"])}}) + "\n")
+            n += 1
+    return n
 
 
 def _free_socket() -> socket.socket:
@@ -289,6 +518,11 @@ class FakeOpenAIServer:
     def inject(self, kind: str, count: int = 1, **kw) -> None:
         with self.state.lock:
             self.state.faults.append(Fault(kind=kind, count=count, **kw))
+
+    def inject_batch(self, kind: str, n: int = 1) -> None:
+        """Script the outcome of the next batch created (see the module docstring)."""
+        with self.state.lock:
+            self.state.batch_faults.append(BatchFault(kind=kind, n=n))
 
     def set_responder(self, responder: str | Responder) -> None:
         self.state.responder = make_responder(responder)

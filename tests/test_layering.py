@@ -31,7 +31,7 @@ ALLOWED_BETWEEN_STAGES = {("evaluate", "report")}
 # evidence. None of them may import a stage, the pipeline or the CLI.
 SHARED = {
     "__init__", "errors", "resources", "answer", "schema", "config", "cells", "prompting", "runs", "tokenizer",
-    "chat", "cache", "accounting", "ratelimit", "progress", "client", "data", "fetch", "evidence", "metrics",
+    "chat", "cache", "accounting", "ratelimit", "progress", "client", "batch", "data", "fetch", "evidence", "metrics",
     "baselines", "decision", "offline", "inference", "backends", "vllm_backend",
 }
 TOP = {"pipeline"}

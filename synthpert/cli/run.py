@@ -81,7 +81,9 @@ def _usd(x) -> str:
 def _client_line(est: dict) -> str:
     if est["base_url"] == "local":
         return f"{est['model']}: {est['requests']:,} items, no API, no cost"
-    return (f"{est['model']} at {est['base_url']}: {est['http_requests_needed']:,} requests to send "
+    via = (f" through the Batch API ({est['batch']['files']:,} file(s), prices × {est['batch']['discount']:g})"
+           if est.get("batch") else "")
+    return (f"{est['model']} at {est['base_url']}{via}: {est['http_requests_needed']:,} requests to send "
             f"({est['already_cached']:,} cached), {est['samples_to_generate']:,} samples, "
             f"~{est['est_prompt_tokens']:,} "
             f"prompt + ~{est['est_completion_tokens']:,} completion tokens; est. cost {_usd(est['est_cost_usd'])}, "

@@ -61,3 +61,26 @@ class ClientConfig(StrictModel):
     completion_tokens_estimate: int = Field(800, ge=1, description="expected completion tokens per sample, "
                                             "for the dry-run estimate (and the budget when no max_tokens)")
     progress: bool = Field(True, description="rich progress bar with the running cost")
+    batch: bool = Field(False, description="send through the OpenAI Batch API (files + batches) instead of one chat "
+                        "request at a time: results within the completion window (up to 24 h) at the batch "
+                        "price; job ids are kept in the cache database and <out>/batches.json, so a rerun polls "
+                        "the jobs in flight instead of paying again")
+    batch_discount: float = Field(0.5, gt=0, le=1, description="batch price as a share of the chat prices in "
+                                  "`prices` (OpenAI's Batch API: half price)")
+    batch_poll_interval: float = Field(30.0, gt=0, description="seconds between status checks of batches in flight")
+    batch_max_requests: int = Field(50_000, ge=1, le=50_000, description="requests per batch input file (the API's "
+                                    "limit is 50,000)")
+    batch_max_bytes: int = Field(200_000_000, ge=1, le=200_000_000, description="bytes per batch input file (the "
+                                 "API's limit is 200 MB)")
+    batch_resubmit: bool = Field(True, description="resubmit requests whose batch failed, expired or was cancelled, "
+                                 "and per-request errors; false (`--no-resubmit`): report them only")
+    batch_max_rounds: int = Field(3, ge=1, description="batch submissions per invocation: the first plus "
+                                  "resubmissions of what is still missing")
+
+    def batch_price(self, price: ModelPrice | None) -> ModelPrice | None:
+        """A chat price scaled by ``batch_discount`` (None stays None: unpriced models cost nothing)."""
+        if price is None:
+            return None
+        d = self.batch_discount
+        return ModelPrice(input=price.input * d, output=price.output * d,
+                          cached_input=None if price.cached_input is None else price.cached_input * d)

@@ -28,6 +28,13 @@ class TeacherConfig(ClientConfig):
     system_prompt: str | None = Field("teacher_system.txt", description="system prompt file in prompts/ (null: none)")
     prompt: str | None = Field(None, description="user prompt template in prompts/ (default: per mode)")
 
+    @model_validator(mode="after")
+    def _batch_needs_an_api(self):
+        if self.batch and self.mode in ("evidence", "evidence_blind"):
+            raise ValueError(f"teacher.batch applies to API teachers; mode {self.mode!r} is the offline evidence "
+                             "heuristic, which sends no requests. Set teacher.batch=false or an API mode")
+        return self
+
 
 class JudgeConfig(ClientConfig):
     """The judge: where it runs (ClientConfig fields), the rubric and the keep rule."""
@@ -44,6 +51,13 @@ class JudgeConfig(ClientConfig):
                                    "cannot be kept; useful only to study the judge)")
     min_chars: int = Field(200, ge=0, description="rules judge: shortest acceptable reasoning")
     max_chars: int = Field(20000, ge=1, description="rules judge: longest acceptable reasoning")
+
+    @model_validator(mode="after")
+    def _batch_needs_an_api(self):
+        if self.batch and self.kind == "rules":
+            raise ValueError("judge.batch applies to an LLM judge; the rules judge is offline and sends no requests. "
+                             "Set judge.batch=false or judge.kind=llm")
+        return self
 
     @model_validator(mode="after")
     def _rules_threshold(self):
