@@ -32,7 +32,7 @@ ALLOWED_BETWEEN_STAGES = {("evaluate", "report")}
 SHARED = {
     "__init__", "errors", "resources", "answer", "schema", "config", "cells", "prompting", "runs", "tokenizer",
     "chat", "cache", "accounting", "ratelimit", "progress", "client", "data", "fetch", "evidence", "metrics",
-    "baselines", "decision", "offline", "inference", "backends", "vllm_backend",
+    "baselines", "decision", "offline", "inference", "backends", "vllm_backend", "tracking",
 }
 TOP = {"pipeline"}
 
