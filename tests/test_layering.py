@@ -21,6 +21,7 @@ STAGES = {
     "tiny": {"tiny"},
     "merge": {"merge"},
     "evaluate": {"evaluate"},
+    "publish": {"publish"},
     "report": {"report"},
     "serve": {"serve"},
     "predict": {"predict"},
