@@ -33,6 +33,8 @@ class Generation:
     text: str
     completion_tokens: int
     finish_reason: str | None = None
+    # OpenAI's ``choices[].logprobs.content``: one entry per generated token (only when asked for)
+    logprobs: list[dict] | None = None
 
 
 @dataclass
@@ -85,6 +87,9 @@ class Backend:
 
     name = "base"
     supports_logprobs = False
+    # per-token log-probabilities of generated text (OpenAI ``logprobs``) and token-by-token streaming
+    chat_logprobs = False
+    streams = False
 
     def __init__(self, cfg: InferenceConfig):
         self.cfg = cfg
@@ -112,12 +117,19 @@ class Backend:
 
     def generate(self, queries: list[Query], n: int = 1, max_new_tokens: int | None = None,
                  temperature: float | None = None, top_p: float | None = None,
-                 seed: int | None = None) -> list[list[Generation]]:
+                 seed: int | None = None, logprobs: int | None = None) -> list[list[Generation]]:
+        """``logprobs``: None for none, else the number of alternatives (``top_logprobs``) per token; only
+        backends with ``chat_logprobs`` accept it."""
         c = self.cfg
+        extra = {}
+        if logprobs is not None:
+            if not self.chat_logprobs:
+                raise SynthpertError(f"the {self.name} backend does not return per-token log-probabilities")
+            extra["logprobs"] = logprobs
         with self._lock:
             return self._generate(queries, n, max_new_tokens or c.max_new_tokens,
                                   c.temperature if temperature is None else temperature,
-                                  c.top_p if top_p is None else top_p, c.seed if seed is None else seed)
+                                  c.top_p if top_p is None else top_p, c.seed if seed is None else seed, **extra)
 
     def answer_logprobs(self, queries: list[Query], texts: list[str]) -> list[list[float]]:
         """Sum of log-probabilities of each answer block (answer.format_answer) after prompt + generated reasoning."""
@@ -153,9 +165,31 @@ def _torch_device(spec: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def token_logprobs(tok, ids: list[int], logp, k: int) -> list[dict]:
+    """OpenAI ``logprobs.content`` entries for generated ``ids``; ``logp``: [len(ids), vocab] log-softmax of
+    the model's raw next-token logits (before temperature/top-p), as OpenAI reports them."""
+    import torch
+
+    def entry(t: int, lp: float) -> dict:
+        s = tok.decode([t])
+        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+
+    out = []
+    for i, t in enumerate(ids):
+        e = entry(t, float(logp[i, t]))
+        top = []
+        if k:
+            vals, idx = torch.topk(logp[i], k)
+            top = [entry(int(j), float(v)) for v, j in zip(vals, idx)]
+        out.append({**e, "top_logprobs": top})
+    return out
+
+
 class TransformersBackend(Backend):
     name = "transformers"
     supports_logprobs = True
+    chat_logprobs = True
+    streams = True
 
     def __init__(self, cfg: InferenceConfig):
         super().__init__(cfg)
@@ -180,7 +214,18 @@ class TransformersBackend(Backend):
                                            *_as_list(getattr(self.model.generation_config, "eos_token_id", None)))
                                if i is not None})
 
-    def _generate(self, queries, n, max_new_tokens, temperature, top_p, seed):
+    def _sampling_kwargs(self, max_new_tokens: int, temperature: float, top_p: float, n: int) -> dict:
+        kwargs = dict(max_new_tokens=max_new_tokens, num_return_sequences=n, pad_token_id=self.tokenizer.pad_token_id,
+                      eos_token_id=self.eos_ids)
+        if self.min_new_tokens:
+            kwargs["min_new_tokens"] = self.min_new_tokens
+        if temperature > 0:
+            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+    def _generate(self, queries, n, max_new_tokens, temperature, top_p, seed, logprobs: int | None = None):
         import torch
 
         tok = self.tokenizer
@@ -197,31 +242,94 @@ class TransformersBackend(Backend):
                 mask[i, width - len(q.prompt_ids):] = 1
             # Greedy decoding gives n identical samples: decode once and repeat it.
             n_gen = n if temperature > 0 else 1
-            kwargs = dict(max_new_tokens=max_new_tokens, num_return_sequences=n_gen, pad_token_id=tok.pad_token_id,
-                          eos_token_id=self.eos_ids)
-            if self.min_new_tokens:
-                kwargs["min_new_tokens"] = self.min_new_tokens
-            if temperature > 0:
-                kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
-            else:
-                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            kwargs = self._sampling_kwargs(max_new_tokens, temperature, top_p, n_gen)
+            if logprobs is not None:  # raw logits, not the temperature/top-p-processed scores
+                kwargs.update(return_dict_in_generate=True, output_logits=True)
             torch.manual_seed(seed + start)  # sampling is reproducible for a given batch composition
             with torch.inference_mode():
                 gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                           **kwargs)
+            logits = None
+            if logprobs is not None:
+                logits, gen = torch.stack(gen.logits, 1), gen.sequences
             new = gen[:, width:].cpu()
             for i in range(len(batch)):
                 samples = []
                 for j in range(n):
-                    row = new[i * n_gen + (j if n_gen > 1 else 0)].tolist()
+                    r = i * n_gen + (j if n_gen > 1 else 0)
+                    row = new[r].tolist()
                     finish = "length"
                     for k, t in enumerate(row):
                         if t in self.eos_ids:
                             row, finish = row[:k], "stop"
                             break
-                    samples.append(Generation(tok.decode(row, skip_special_tokens=True), len(row), finish))
+                    lps = None
+                    if logits is not None:
+                        logp = torch.log_softmax(logits[r, :len(row)].float(), -1).cpu()
+                        lps = token_logprobs(tok, row, logp, logprobs)
+                    samples.append(Generation(tok.decode(row, skip_special_tokens=True), len(row), finish, lps))
                 out.append(samples)
         return out
+
+    def stream(self, query: Query, emit, cancel, max_new_tokens: int | None = None, temperature: float | None = None,
+               top_p: float | None = None, seed: int | None = None, logprobs: int | None = None) -> Generation:
+        """Generate one sample, calling ``emit(token_id, logprob_entry_or_None)`` as each token is chosen;
+        stops early once ``cancel`` (a threading.Event) is set, e.g. when the client has gone. Returns the
+        whole generation (finish reason "cancelled" when cut short). Runs under the backend's lock, so it
+        queues behind (never beside) batched calls."""
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers.generation.streamers import BaseStreamer
+
+        c, tok, eos = self.cfg, self.tokenizer, set(self.eos_ids)
+        temperature = c.temperature if temperature is None else temperature
+        top_p = c.top_p if top_p is None else top_p
+        seed = c.seed if seed is None else seed
+        steps: list = []  # log-softmax of the raw logits of each decoding step (lm_head hook)
+        kept: list[int] = []
+        state = {"prompt_seen": False, "finish": "length"}
+
+        class Sink(BaseStreamer):
+            def put(self, value):
+                if not state["prompt_seen"]:  # generate() hands the prompt over first
+                    state["prompt_seen"] = True
+                    return
+                for t in value.view(-1).tolist():
+                    if t in eos:
+                        state["finish"] = "stop"
+                        continue
+                    kept.append(t)
+                    entry = None
+                    if logprobs is not None:
+                        entry = token_logprobs(tok, [t], steps[-1].unsqueeze(0), logprobs)[0]
+                    emit(t, entry)
+
+            def end(self):
+                pass
+
+        class Cancelled(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kw):
+                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        def record(_module, _inputs, output):
+            steps.append(torch.log_softmax(output[0, -1].float(), -1).cpu())
+
+        with self._lock:
+            if cancel.is_set():  # the client left while this waited for the model
+                return Generation("", 0, "stop")
+            ids = torch.tensor([query.prompt_ids], device=self.device)
+            kwargs = self._sampling_kwargs(max_new_tokens or c.max_new_tokens, temperature, top_p, 1)
+            hook = self.model.get_output_embeddings().register_forward_hook(record) if logprobs is not None else None
+            torch.manual_seed(seed)
+            try:
+                with torch.inference_mode():
+                    self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=Sink(),
+                                        stopping_criteria=StoppingCriteriaList([Cancelled()]), **kwargs)
+            finally:
+                if hook is not None:
+                    hook.remove()
+        finish = "cancelled" if cancel.is_set() and state["finish"] != "stop" else state["finish"]
+        return Generation(tok.decode(kept, skip_special_tokens=True), len(kept), finish)
 
     def _score_shared(self, contexts, continuations):
         """One forward pass over each context (left-padded, explicit positions, so logits equal an unpadded

@@ -35,6 +35,7 @@ from .inference import Predictor, Triple
 from .progress import count_progress
 from .prompting import student_prompt_hash
 from .report import write_figures, write_report
+from .tracking import log_eval_metrics
 from .runs import adapter_manifest, library_versions, write_json_atomic
 from .schema import HARD_LABEL, Prediction, jsonable, read_jsonl
 
@@ -304,7 +305,24 @@ def run_eval(cfg: EvalConfig, dataset_path: str | Path | None = None, out_dir: s
     write_json_atomic(out / METRICS, metrics)  # a full disk leaves the old file or none, never half of one
     figures = write_figures(out, metrics, examples, preds, run["model_name"]) if cfg.figures and preds else []
     write_report(out, metrics, run, figures)
-    return summary(metrics, out)
+    result = summary(metrics, out)
+    result["tracked"] = log_to_training_trackers(inf.adapter, cfg, metrics)
+    return result
+
+
+def eval_set_name(cfg: EvalConfig) -> str:
+    """How an evaluation set is named in a tracker: the built dataset folder and its split (k562-test)."""
+    return f"{Path(cfg.dataset).name}-{cfg.split}"
+
+
+def log_to_training_trackers(adapter: str | None, cfg: EvalConfig, metrics: dict) -> list[str]:
+    """The adapter's training run had trackers (manifest ``tracking``): add this set's metrics to that
+    same run, at the run's last training step."""
+    manifest = adapter_manifest(adapter)
+    rec = manifest.get("tracking") or {}
+    if not rec.get("report_to"):
+        return []
+    return log_eval_metrics(rec, eval_set_name(cfg), metrics, int(manifest.get("global_step") or 0))
 
 
 def _default_name(inf: InferenceConfig) -> str:

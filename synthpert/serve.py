@@ -5,8 +5,11 @@ Endpoints:
 * ``POST /v1/predict`` ``{cell_line, perturbation, gene, n_samples?, return_reasoning?}`` ->
   ``{label, label_strict, probabilities, probability_method, reasoning, model, adapter, ...}``
 * ``POST /v1/predict/batch`` ``{items: [...], n_samples?, return_reasoning?}`` -> ``{predictions: [...]}``
-* ``POST /v1/chat/completions`` and ``GET /v1/models``: OpenAI-compatible, for tools that speak that API
-  (no streaming). The prompt is rendered with the chat template stored beside the adapter.
+* ``POST /v1/chat/completions`` and ``GET /v1/models``: OpenAI-compatible, for tools that speak that API.
+  The prompt is rendered with the chat template stored beside the adapter. ``stream=true`` answers with
+  server-sent events in OpenAI's chunk format (token by token on the transformers backend; one content
+  chunk on backends that cannot stream); ``logprobs``/``top_logprobs`` are returned where the backend has
+  them (transformers) and are a 400 naming the field elsewhere, never ignored.
 * ``GET /health``
 
 Both backends run in-process: the model (transformers) or a ``vllm.LLM`` engine with the adapter as a
@@ -44,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 from fastapi import HTTPException as FastAPIHTTPException
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request as HTTPRequest
 
 from .cells import get_cell_line
 from .config.serve import ServeConfig, ServeSettings
@@ -256,6 +260,12 @@ class ChatMessage(BaseModel):
     _v_content = field_validator("content")(classmethod(lambda cls, v: _encodable(v)))
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: bool = False
+
+
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")  # other OpenAI fields are accepted and ignored
 
@@ -268,6 +278,9 @@ class ChatCompletionRequest(BaseModel):
     n: int = Field(1, ge=1)
     seed: int | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
     _v_model = field_validator("model")(classmethod(lambda cls, v: _encodable(v)))
 
@@ -378,10 +391,11 @@ def create_app(predictor, settings: ServeSettings | None = None, evidence_stats=
         if kind == "predict":
             _, n, explain = key
             return predictor.predict(items, n_samples=n, explain=explain)
-        _, n, max_tokens, temperature, top_p, seed = key
+        _, n, max_tokens, temperature, top_p, seed, logprobs = key
         queries = [backend.prepare(m) for m in items]
+        extra = {} if logprobs is None else {"logprobs": logprobs}  # stand-in backends know no logprobs
         gens = backend.generate(queries, n=n, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                seed=seed)
+                                seed=seed, **extra)
         return [(q, g) for q, g in zip(queries, gens)]
 
     batcher = Batcher(run_batch, max_items=max(settings.max_batch, 1), window_s=settings.batch_window_ms / 1000)
@@ -485,34 +499,175 @@ def create_app(predictor, settings: ServeSettings | None = None, evidence_stats=
                                              "owned_by": "synthpert"}]}
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatCompletionRequest):
+    async def chat(req: ChatCompletionRequest, request: HTTPRequest):
         if req.model != name:
             raise ApiError(404, f"model '{req.model}' not found; this server serves '{name}'", "model",
                            kind="not_found_error")
-        if req.stream:
-            raise ApiError(400, "field 'stream': streaming is not supported; send stream=false", "stream")
         check_n(req.n, "n")
         if len(req.messages) > settings.max_messages:
             raise ApiError(422, f"field 'messages': at most {settings.max_messages} messages", "messages")
         max_tokens = req.max_completion_tokens or req.max_tokens or predictor.cfg.max_new_tokens
         if max_tokens > settings.max_tokens:
             raise ApiError(422, f"field 'max_tokens': at most {settings.max_tokens}", "max_tokens")
+        if req.stream_options is not None and not req.stream:
+            raise ApiError(400, "field 'stream_options': only allowed with stream=true", "stream_options")
+        if req.stream and req.n > 1:
+            raise ApiError(400, "field 'n': stream=true serves one choice per request; send n=1 or stream=false",
+                           "n")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ApiError(400, "field 'top_logprobs': needs logprobs=true", "top_logprobs")
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        if logprobs is not None and not getattr(backend, "chat_logprobs", False):
+            raise ApiError(400, f"field 'logprobs': the {backend.name} backend of this server does not return "
+                                "per-token log-probabilities; send logprobs=false", "logprobs")
         temperature = predictor.cfg.temperature if req.temperature is None else req.temperature
         top_p = 1.0 if req.top_p is None else req.top_p
         seed = predictor.cfg.seed if req.seed is None else req.seed
         messages = [{"role": m.role, "content": m.content} for m in req.messages]
-        [(q, gens)] = await batcher.submit(("chat", req.n, max_tokens, temperature, top_p, seed), [messages])
+        cid, made = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            from starlette.responses import StreamingResponse
+
+            usage = bool(req.stream_options and req.stream_options.include_usage)
+            sampling = dict(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                            logprobs=logprobs)
+            events = (_token_stream(backend, messages, sampling) if getattr(backend, "streams", False)
+                      else _whole_stream(batcher, ("chat", 1, max_tokens, temperature, top_p, seed, logprobs),
+                                         messages))
+            return StreamingResponse(_sse(events, cid, made, name, usage, request.scope),
+                                     media_type="text/event-stream")
+        [(q, gens)] = await batcher.submit(("chat", req.n, max_tokens, temperature, top_p, seed, logprobs),
+                                           [messages])
         completion = sum(g.completion_tokens for g in gens)
         prompt = len(q.prompt_ids or [])
-        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": name,
+        return {"id": cid, "object": "chat.completion", "created": made, "model": name,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": g.text},
-                             "finish_reason": g.finish_reason or "stop", "logprobs": None}
+                             "finish_reason": g.finish_reason or "stop",
+                             "logprobs": None if logprobs is None else {"content": g.logprobs or [], "refusal": None}}
                             for i, g in enumerate(gens)],
                 "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
                           "total_tokens": prompt + completion}}
 
     return app
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Streaming: server-sent events in OpenAI's chat.completion.chunk format.
+# Event sources yield ("delta", text, [logprob entries] | None), then ("end", finish_reason, prompt, completion).
+
+
+class _Deltas:
+    """Turns a growing list of token ids into text deltas. Text is held back while it ends inside a tag
+    (``<ans`` ...) or inside a multi-byte character, so ``<answer>``, ``</think>`` and every character arrive
+    whole in one chunk, and the deltas concatenate to exactly the text a non-streaming request returns."""
+
+    def __init__(self, tok):
+        self.tok, self.ids, self.sent = tok, [], ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        tail = text[len(self.sent):]
+        cut = tail.rfind("<")
+        if cut != -1 and ">" not in tail[cut:] and len(tail) - cut <= 32:
+            tail = tail[:cut]
+        self.sent += tail
+        return tail
+
+    def rest(self) -> str:
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        tail, self.sent = text[len(self.sent):], text
+        return tail
+
+
+async def _token_stream(backend, messages, sampling):
+    """Token-by-token from a backend with ``stream``; the model stops at its next step when the consumer goes
+    away (client disconnect, request timeout), so no work outlives the request."""
+    import threading
+
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    cancel = threading.Event()
+
+    def post(item):
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the loop is gone (server shutting down): nobody is listening
+            cancel.set()
+
+    def work():
+        try:
+            query = backend.prepare(messages)
+            gen = backend.stream(query, lambda t, lp: post(("token", t, lp)), cancel, **sampling)
+            post(("end", gen.finish_reason, len(query.prompt_ids or []), gen.completion_tokens))
+        except Exception as e:  # noqa: BLE001 - handed to the event loop, which reports it in the stream
+            post(("error", e))
+
+    worker = loop.run_in_executor(None, work)
+    deltas, pending = _Deltas(backend.tokenizer), []
+    try:
+        while True:
+            item = await queue.get()
+            if item[0] == "token":
+                if item[2] is not None:
+                    pending.append(item[2])
+                text = deltas.push(item[1])
+                if text:
+                    yield ("delta", text, pending if sampling["logprobs"] is not None else None)
+                    pending = []
+            elif item[0] == "end":
+                text = deltas.rest()
+                if text or pending:
+                    yield ("delta", text, pending if sampling["logprobs"] is not None else None)
+                yield item
+                return
+            else:
+                raise item[1]
+    finally:
+        cancel.set()
+        if not worker.done():
+            worker.add_done_callback(lambda f: f.exception())  # retrieved: no "never retrieved" warning
+
+
+async def _whole_stream(batcher, key, messages):
+    """For backends that cannot stream: the whole completion from the batcher, sent as one content chunk."""
+    [(q, [g])] = await batcher.submit(key, [messages])
+    yield ("delta", g.text, g.logprobs if key[-1] is not None else None)
+    yield ("end", g.finish_reason or "stop", len(q.prompt_ids or []), g.completion_tokens)
+
+
+async def _sse(events, cid: str, made: int, name: str, include_usage: bool, scope):
+    import json
+
+    def chunk(delta: dict, finish=None, logprobs=None, usage=None, choices=True) -> bytes:
+        body = {"id": cid, "object": "chat.completion.chunk", "created": made, "model": name,
+                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]
+                if choices else []}
+        if include_usage:  # OpenAI: null on every chunk but the last, which has no choices
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n".encode()
+
+    yield chunk({"role": "assistant", "content": ""})
+    try:
+        async for ev in events:
+            if ev[0] == "delta":
+                yield chunk({"content": ev[1]}, logprobs=None if ev[2] is None else {"content": ev[2],
+                                                                                     "refusal": None})
+            else:
+                _, finish, prompt, completion = ev
+                yield chunk({}, finish=finish)
+                if include_usage:
+                    yield chunk({}, usage={"prompt_tokens": prompt, "completion_tokens": completion,
+                                           "total_tokens": prompt + completion}, choices=False)
+    except Exception as exc:  # noqa: BLE001 - headers are sent: the error travels as an event, like OpenAI's
+        rid = request_id_of(scope)
+        log.error("error while streaming request %s: %r", rid, exc, exc_info=exc)
+        body = _error_body(f"internal server error (request id {rid})", "server_error", code="internal_error",
+                           request_id=rid)
+        yield f"data: {json.dumps(body)}\n\n".encode()
+    yield b"data: [DONE]\n\n"
 
 
 def _version() -> str:

@@ -24,6 +24,7 @@ from .errors import SynthpertError
 from .loss_mask import check_overlength, check_vocab, end_of_turn_ids, mask_mode, tokenize_rows
 from .prompting import student_prompt_hash
 from .resources import sha256_file, sha256_text
+from . import tracking
 from .runs import ADAPTER_MANIFEST, git_revision, library_versions, write_adapter_manifest
 from .tokenizer import load_tokenizer
 from .train_data import data_hash, training_examples
@@ -127,12 +128,15 @@ def sft_config(cfg: TrainConfig, out_dir: Path, precision: str, has_eval: bool):
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
         eval_strategy=("steps" if cfg.eval_steps else "no") if has_eval else "no", eval_steps=cfg.eval_steps,
         seed=cfg.seed, data_seed=cfg.seed, bf16=precision == "bf16", fp16=precision == "fp16",
-        report_to="none", dataloader_pin_memory=_device_kind() == "cuda", use_cpu=_device_kind() == "cpu",
+        report_to=tracking.active(cfg.report_to) or "none", run_name=out_dir.name,
+        dataloader_pin_memory=_device_kind() == "cuda", use_cpu=_device_kind() == "cpu",
         # We enforce max_length ourselves (guards + drop policy); padding-free without packing needs None.
         max_length=cfg.max_length if (cfg.packing or not cfg.padding_free) else None,
         packing=cfg.packing, padding_free=cfg.padding_free, use_liger_kernel=cfg.use_liger_kernel,
         shuffle_dataset=True,
     )
+    if "project" in fields:  # Trackio's project (transformers >= 5.x)
+        kwargs["project"] = tracking.PROJECT
     if cfg.packing:
         kwargs["packing_strategy"] = "bfd"
     if cfg.gradient_checkpointing != "none":
@@ -145,6 +149,16 @@ def sft_config(cfg: TrainConfig, out_dir: Path, precision: str, has_eval: bool):
             gc_kwargs["selective"] = True
         kwargs[kw] = gc_kwargs
     return SFTConfig(**kwargs)
+
+
+def _point_tensorboard_at(trainer, out_dir: Path) -> None:
+    """TensorBoard logs go to <run>/tensorboard (not a dated folder inside checkpoints/, which
+    save_total_limit housekeeping and a rerun would scatter), where `synthpert eval` adds its metrics. The
+    callback reads its folder once at train start; setting it here avoids a process-wide environment
+    variable (TENSORBOARD_LOGGING_DIR)."""
+    for cb in trainer.callback_handler.callbacks:
+        if type(cb).__name__ == "TensorBoardCallback":
+            cb.logging_dir = str(tracking.tensorboard_dir(out_dir))
 
 
 def _graceful_stop_callback():
@@ -258,6 +272,7 @@ def train_model(cfg: TrainConfig, source, out_dir: str | Path) -> TrainResult:
     # cpu=True (as TrainingArguments(use_cpu=True) asks), or a torchrun launch would not become gloo DDP.
     state = PartialState(cpu=_device_kind() == "cpu")
     precision = resolve_precision(cfg)  # fails early on CPU for QLoRA / bf16
+    tracking.require(cfg.report_to)  # a missing tracker package fails before an hour of training, not after
     examples = training_examples(cfg, source)
     tokenizer = student_tokenizer(cfg)
     mode = mask_mode(cfg, tokenizer)
@@ -292,6 +307,7 @@ def train_model(cfg: TrainConfig, source, out_dir: str | Path) -> TrainResult:
     trainer = SFTTrainer(model=model, args=sft_config(cfg, out_dir, precision, bool(eval_records)),
                          train_dataset=_dataset(train_records), eval_dataset=_dataset(eval_records),
                          processing_class=tokenizer, peft_config=lora_config(cfg), callbacks=[stop])
+    _point_tensorboard_at(trainer, out_dir)
     bad = [n for n, p in trainer.model.named_parameters()
            if p.requires_grad and ("embed_tokens" in n or "lm_head" in n or "wte" in n)]
     if bad:
@@ -328,6 +344,8 @@ def train_model(cfg: TrainConfig, source, out_dir: str | Path) -> TrainResult:
         "eval_loss": eval_loss, "trainable_params": trainable, "precision": precision,
         "runtime_s": round(time.time() - started, 2),
     }
+    summary["tracking"] = tracking.run_record(cfg.report_to, out_dir.name, out_dir) if tracking.active(
+        cfg.report_to) else None
     if state.is_main_process:
         trainer.save_model(str(out_dir))  # PEFT adapter only
         tokenizer.save_pretrained(str(out_dir))  # with the exact chat template trained on
@@ -351,7 +369,7 @@ def _write_manifest(out_dir, cfg, summary, examples, tokenizer, dhash, base_conf
         "precision": precision, "device": _device_kind(), "num_processes": _num_processes(),
         **{k: summary[k] for k in ("loss_mask", "n_train", "n_eval", "skipped", "n_overlength", "global_step",
                                    "train_loss", "first_logged_loss", "last_logged_loss", "eval_loss",
-                                   "trainable_params", "runtime_s", "class_shares")},
+                                   "trainable_params", "runtime_s", "class_shares", "tracking")},
         "config": cfg.model_dump(mode="json"),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -21,6 +21,7 @@ STAGES = {
     "tiny": {"tiny"},
     "merge": {"merge"},
     "evaluate": {"evaluate"},
+    "publish": {"publish"},
     "report": {"report"},
     "serve": {"serve"},
     "predict": {"predict"},
@@ -32,7 +33,7 @@ ALLOWED_BETWEEN_STAGES = {("evaluate", "report")}
 SHARED = {
     "__init__", "errors", "resources", "answer", "schema", "config", "cells", "prompting", "runs", "tokenizer",
     "chat", "cache", "accounting", "ratelimit", "progress", "client", "batch", "data", "fetch", "evidence", "metrics",
-    "baselines", "decision", "offline", "inference", "backends", "vllm_backend",
+    "baselines", "decision", "offline", "inference", "backends", "vllm_backend", "tracking",
 }
 TOP = {"pipeline"}
 

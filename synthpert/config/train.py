@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from ..tracking import TRACKERS, check_report_to
 from . import StrictModel
 
 
@@ -92,8 +93,17 @@ class TrainConfig(StrictModel):
                                             "transformers' choice)")
     use_liger_kernel: bool = Field(False, description="Liger fused kernels (needs liger-kernel; GPU)")
     resume: bool = Field(False, description="continue from the last checkpoint in the run folder")
+    report_to: list[str] = Field(
+        ["none"], description=f"experiment trackers ({', '.join(TRACKERS)}); the tracker run is named after the "
+        "run folder, `synthpert eval` logs its metrics to the same run, and each tracker needs its extra "
+        "(pip install 'synthpert[tensorboard]'). TensorBoard logs go to <run>/tensorboard")
     lora: LoraSettings = Field(default_factory=LoraSettings)
     optim: OptimSettings = Field(default_factory=OptimSettings)
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers(cls, v):
+        return check_report_to(v)
 
     @model_validator(mode="after")
     def _combinations(self):
