@@ -4,6 +4,7 @@ manifest, resume) and a learnable toy where the correctness reward rises."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -26,12 +27,18 @@ def answer_adapter(tmp_path_factory, tiny_model_dir, tiny_built_dataset):
     return out
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
 def _cfg(adapter, dataset, **kw):
+    """configs/rl_tiny.yaml, shrunk to a few CPU seconds."""
+    from synthpert.config import load_section
     from synthpert.config.rl import RLConfig
 
-    base = {"adapter": str(adapter), "dataset_dir": str(dataset), "num_generations": 4, "batch_size": 8,
-            "max_completion_length": 12, "max_steps": 2, "lr": 1e-3, "save_steps": 2, "max_prompts": 16}
-    return RLConfig.model_validate({**base, **kw})
+    cfg = load_section(RLConfig, "rl", ROOT / "configs" / "rl_tiny.yaml")
+    base = {"adapter": str(adapter), "dataset_dir": str(dataset), "max_completion_length": 12, "max_steps": 2,
+            "save_steps": 2, "max_prompts": 16}
+    return RLConfig.model_validate({**cfg.model_dump(), **base, **kw})
 
 
 def _weights(folder):
@@ -138,6 +145,21 @@ def test_missing_or_foreign_sft_adapter_and_held_out_prompts_are_refused(tiny_mo
             check_vllm(_cfg(adapter, tiny_built_dataset, use_vllm=True))
 
 
+def test_8b_vllm_config_loads_and_needs_a_gpu(tiny_model_dir, tiny_built_dataset, tmp_path):
+    from synthpert.config import load_section
+    from synthpert.config.rl import RLConfig
+    from synthpert.rl import check_vllm
+
+    cfg = load_section(RLConfig, "rl", ROOT / "configs" / "rl_8b_vllm.yaml")
+    assert cfg.use_vllm and cfg.vllm_mode == "colocate" and cfg.scale_rewards == "none"
+    assert (cfg.batch_size * cfg.grad_accum) % cfg.num_generations == 0
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(SynthpertError, match="use_vllm"):
+            check_vllm(cfg)
+
+
 def test_prompts_are_the_students_with_the_adapters_evidence_and_task(tiny_built_dataset):
     from synthpert.data import load_built
     from synthpert.evidence import dataset_training_stats, evidence_text
@@ -211,3 +233,38 @@ def test_toy_where_one_class_is_always_right_raises_mean_correctness(answer_adap
              json.loads((tmp_path / "rl" / "manifest.json").read_text())["reward_curves"]]
     first, last = sum(curve[:3]) / 3, sum(curve[-3:]) / 3
     assert last > first + 0.2, curve
+
+
+@pytest.mark.slow
+def test_run_with_an_rl_section_evaluates_the_rl_adapter_beside_the_sft_one(tmp_path, perturbqa_dir):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    cfg["name"] = "withrl"
+    cfg["data"]["train_subsample"] = {"n": 60, "balance": True}
+    cfg["train"]["mode"] = "label_only"
+    cfg["train"]["optim"]["epochs"] = 1
+    cfg["rl"] = {"num_generations": 4, "batch_size": 8, "max_completion_length": 12, "max_steps": 2,
+                 "lr": 1e-3, "max_prompts": 16}
+    cfg["eval_sets"] = {"k562_test": {"test_cells": ["k562"], "n": 12}}
+    cfg["eval"].update({"n_bootstrap": 0, "figures": False})
+    cfg["eval"]["inference"]["max_new_tokens"] = 12
+    path = tmp_path / "withrl.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "SYNTHPERT_DATA": str(perturbqa_dir), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "synthpert.cli", "run", str(path), "--runs-dir", str(tmp_path / "runs")],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "withrl"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert list(manifest["stages"]) == ["data", "base_model", "train", "rl", "eval"]
+    rl = json.loads((run_dir / "rl" / "manifest.json").read_text())
+    assert rl["synthpert_stage"] == "rl" and rl["sft_adapter"] == str((run_dir / "train").resolve())
+    assert rl["global_step"] == 2
+    for name, adapter in (("k562_test", run_dir / "rl"), ("k562_test_sft", run_dir / "train")):
+        metrics = (run_dir / "eval" / name / "result" / "metrics.json").read_text()
+        assert f'"adapter": "{adapter}"' in metrics
