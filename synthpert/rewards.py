@@ -7,8 +7,8 @@ reward agrees with how evaluation reads an answer.
 
 from __future__ import annotations
 
-from .answer import LABELS, LENIENT, STRICT, parse_answer
-from .config.rl import RewardSettings, canonical_class
+from .answer import LABELS, LENIENT, STRICT, canonical_class, parse_answer
+from .config.rl import RewardSettings
 
 AROMA = {"correct": 5.0, "wrong": -1.0}
 

@@ -6,16 +6,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from ..answer import canonical_class
 from . import StrictModel
-
-CLASS_NAMES = {"up": "upregulated", "down": "downregulated", "not_de": "not differentially expressed",
-               "upregulated": "upregulated", "downregulated": "downregulated",
-               "not differentially expressed": "not differentially expressed"}
-
-
-def canonical_class(name: str) -> str | None:
-    """The label a reward-weight key names (short or long spelling), None for an unknown name."""
-    return CLASS_NAMES.get(name.strip().lower())
 
 
 class RewardSettings(StrictModel):

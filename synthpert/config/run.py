@@ -62,4 +62,9 @@ class RunConfig(StrictModel):
             raise ValueError("eval_sets is empty: name at least one test set")
         if not self.train.base_model:
             raise ValueError("train.base_model is not set (a hub id, a local folder, or 'tiny')")
+        if self.judge.kind == "consistency" and (self.teacher.mode not in ("predict", "evidence_blind")
+                                                 or self.teacher.samples < 2):
+            raise ValueError(f"judge.kind=consistency compares label-blind samples: set teacher.mode to predict or "
+                             f"evidence_blind and teacher.samples >= 2 (now mode={self.teacher.mode}, samples="
+                             f"{self.teacher.samples})")
         return self
