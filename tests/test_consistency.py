@@ -109,3 +109,16 @@ def test_consistency_refuses_label_told_or_single_samples(dataset, tmp_path):
         run_judge(JudgeConfig(kind="consistency"), tmp_path / "one" / "traces.jsonl", tmp_path / "j")
     with pytest.raises(ValidationError, match="sideways"):
         JudgeConfig(kind="consistency", class_quota={"sideways": 3})
+
+
+def test_a_run_config_with_consistency_needs_a_label_blind_teacher_with_samples():
+    from pydantic import ValidationError
+
+    from synthpert.config.run import RunConfig
+
+    base = {"name": "x", "train": {"base_model": "tiny"}, "judge": {"kind": "consistency"}}
+    with pytest.raises(ValidationError, match="teacher.mode to predict or evidence_blind"):
+        RunConfig.model_validate(base)
+    with pytest.raises(ValidationError, match="samples >= 2"):
+        RunConfig.model_validate({**base, "teacher": {"mode": "evidence_blind"}})
+    assert RunConfig.model_validate({**base, "teacher": {"mode": "evidence_blind", "samples": 4}}).judge.agreement
