@@ -268,3 +268,37 @@ def test_run_with_an_rl_section_evaluates_the_rl_adapter_beside_the_sft_one(tmp_
     for name, adapter in (("k562_test", run_dir / "rl"), ("k562_test_sft", run_dir / "train")):
         metrics = (run_dir / "eval" / name / "result" / "metrics.json").read_text()
         assert f'"adapter": "{adapter}"' in metrics
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_that_resume_continues(answer_adapter, tiny_built_dataset, tmp_path, monkeypatch):
+    """SIGINT in the middle of step 2 (from inside a reward call): the step finishes, a checkpoint is saved,
+    the run stops with an error saying --resume, and --resume finishes the planned steps."""
+    import os
+    import signal
+
+    import synthpert.rl as rl
+
+    real = rl.reward_functions
+    calls = {"n": 0}
+
+    def interrupting(*a, **kw):
+        funcs = real(*a, **kw)
+        first = funcs[0]
+
+        def correctness(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+            return first(*args, **kwargs)
+
+        return [correctness, *funcs[1:]]
+
+    monkeypatch.setattr(rl, "reward_functions", interrupting)
+    out = tmp_path / "rl"
+    with pytest.raises(SynthpertError, match="--resume"):
+        rl.run_rl(_cfg(answer_adapter, tiny_built_dataset, max_steps=4, save_steps=100), out)
+    assert (out / "checkpoints" / "checkpoint-2").is_dir() and not (out / "manifest.json").exists()
+    monkeypatch.setattr(rl, "reward_functions", real)
+    summary = rl.run_rl(_cfg(answer_adapter, tiny_built_dataset, max_steps=4, save_steps=100, resume=True), out)
+    assert summary["resumed_from"].endswith("checkpoint-2") and summary["global_step"] == 4
