@@ -164,7 +164,7 @@ def build_prompts(rows: list[dict], manifest: dict, dataset_dir: str) -> list[di
 # Model and trainer
 
 
-def load_policy(base: str, adapter: Path, precision: str, cfg: RLConfig):
+def load_policy(base: str, adapter: Path, precision: str):
     """Base model + the SFT adapter, trainable.
 
     We continue the SFT adapter (PeftModel.from_pretrained(..., is_trainable=True)) rather than put a fresh
@@ -288,7 +288,7 @@ def run_rl(cfg: RLConfig, out_dir: str | Path) -> dict:
 
     set_seed(cfg.seed)
     args = grpo_config(cfg, out_dir, precision)
-    model = load_policy(base, adapter, precision, cfg)
+    model = load_policy(base, adapter, precision)
     stop = graceful_stop_callback()
     trainer = GRPOTrainer(model=model, reward_funcs=reward_functions(cfg.rewards, shares, cfg.max_completion_length),
                           args=args, train_dataset=Dataset.from_list(records), processing_class=tokenizer,
