@@ -33,6 +33,12 @@ LABELS: tuple[str, str, str] = (UP, DOWN, NOT_DE)
 SHORT = {UP: "up", DOWN: "down", NOT_DE: "not_de"}
 UNPARSEABLE = "unparseable"
 
+
+def canonical_class(name: str) -> str | None:
+    """The label a config key names, short (up, down, not_de) or full; None for an unknown name."""
+    t = name.strip().lower()
+    return t if t in LABELS else {v: k for k, v in SHORT.items()}.get(t)
+
 THINK_OPEN = "<think>"  # what a prompt ends with to start a reasoning block (merge's probes)
 THINK_CLOSE = "</think>"
 ANSWER_OPEN = "<answer>"

@@ -6,6 +6,9 @@ its parsed answer equals the observed label.
   the teacher where you can: a judge favours its own family's style (see README).
 * ``rules``: the OFFLINE rules judge, a heuristic: strict answer format, answer equals label, mentions
   both genes and the cell line, length bounds. It can only certify form, so it rates at most "good".
+* ``consistency``: LABEL-FREE selection (arXiv 2510.05871): from k label-blind samples per triple (teacher
+  mode predict / evidence_blind), keep the traces that give the majority answer when the majority's share
+  reaches ``agreement``; optional per-class quotas. No model is asked: the samples are already paid for.
 
 Both go through the same engine (cache, accounting) and write the same outputs: ``kept.jsonl``,
 ``rejected.jsonl`` (TraceRecords with the verdict attached) and ``summary.json`` (keep rate overall, per
@@ -19,7 +22,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from .answer import LABELS, strip_reasoning
+from .answer import LABELS, canonical_class, strip_reasoning
 from .chat import ChatRequest
 from .client import engine_for
 from .config.generate import JudgeConfig
@@ -124,12 +127,99 @@ def _requests(cfg: JudgeConfig, traces: list[TraceRecord]) -> tuple[list[ChatReq
 def estimate_judge(cfg: JudgeConfig, examples, samples: int, reasoning_tokens: int, out_dir: Path) -> dict:
     """Dry-run estimate before any trace exists: every trace judged (an upper bound; traces whose answer is
     not the label are rejected without a request), each with a reasoning of ``reasoning_tokens`` tokens."""
+    if cfg.kind == "consistency":
+        return {"dry_run": True, "traces": len(examples) * samples, "requests": 0, "cost_usd": 0.0,
+                "note": "consistency selection asks no model"}
     filler = "x" * (3 * max(1, reasoning_tokens))  # accounting.estimate_prompt_tokens counts 3 characters a token
     traces = [TraceRecord(id=f"{r.id}#{i}", example_id=r.id, cell_line=r.cell_line, perturbation=r.perturbation,
                           gene=r.gene, label=r.label, teacher="estimate", reasoning=filler, parsed_label=r.label)
               for r in examples.itertuples(index=False) for i in range(samples)]
     requests, _ = _requests(cfg, traces)
     return {"dry_run": True, "traces": len(traces), "upper_bound": True, **_engine(cfg, out_dir).estimate(requests)}
+
+
+def _write_outputs(cfg: JudgeConfig, out_dir: Path, kept: list, rejected: list, summary: dict) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl_atomic(out_dir / "kept.jsonl", kept)
+    write_jsonl_atomic(out_dir / "rejected.jsonl", rejected)
+    summary.update(kept_path=str(out_dir / "kept.jsonl"), rejected_path=str(out_dir / "rejected.jsonl"))
+    write_json_atomic(out_dir / "summary.json", summary)
+    write_json_atomic(out_dir / "judge_config.json", cfg.model_dump(mode="json"))
+    return summary
+
+
+def consistency_select(cfg: JudgeConfig, traces: list[TraceRecord]) -> tuple[list, list, dict]:
+    """(kept, rejected, summary) of label-free selection. The label is read only for the report: how often
+    the kept majority answer equals it, i.e. what going label-free costs."""
+    groups: dict[str, list[TraceRecord]] = {}
+    for t in traces:
+        groups.setdefault(t.example_id, []).append(t)
+    small = [e for e, g in groups.items() if len(g) < 2]
+    if small:
+        raise SynthpertError(f"judge.kind=consistency needs >= 2 label-blind samples per triple; {len(small)} "
+                             f"triples have one (e.g. {small[0]}): set teacher.samples >= 2 (e.g. 4)")
+    blind = {t.mode for t in traces} - {"predict", "evidence_blind"}
+    if blind:
+        raise SynthpertError(f"judge.kind=consistency needs label-blind samples (teacher mode predict or "
+                             f"evidence_blind); these traces were written in mode {sorted(blind)}, which tells "
+                             "the teacher the label")
+    scored = []
+    for eid, g in groups.items():
+        votes = Counter(t.parsed_label for t in g if t.parsed_label is not None)
+        if votes:
+            # ties broken by label order, never by the observed label
+            majority, n = max(votes.items(), key=lambda kv: (kv[1], -LABELS.index(kv[0])))
+        else:
+            majority, n = None, 0
+        scored.append((eid, majority, n / len(g)))
+    quota = {canonical_class(k): v for k, v in (cfg.class_quota or {}).items()}
+    taken: Counter = Counter()
+    keep: dict[str, str] = {}
+    why: dict[str, str] = {}
+    for eid, majority, share in sorted(scored, key=lambda x: (-x[2], x[0])):  # most consistent first
+        if majority is None:
+            why[eid] = "no parseable sample"
+        elif share < cfg.agreement:
+            why[eid] = f"majority {majority} in {share:.2f} of samples < agreement {cfg.agreement}"
+        elif majority in quota and taken[majority] >= quota[majority]:
+            why[eid] = f"class quota for {majority} ({quota[majority]}) reached"
+        else:
+            taken[majority] += 1
+            keep[eid] = majority
+    share_of = {eid: share for eid, _, share in scored}
+    kept, rejected = [], []
+    for t in traces:
+        rec = t.model_copy(deep=True)
+        majority = keep.get(t.example_id)
+        rec.judge = JudgeVerdict(judge="consistency", rating=None,
+                                 justification=f"majority agreement {share_of[t.example_id]:.2f}")
+        if majority is None:
+            rec.kept, rec.reject_reason = False, why[t.example_id]
+        elif t.parsed_label != majority:
+            rec.kept, rec.reject_reason = False, f"answer {t.parsed_label or 'unparseable'} is not the majority"
+        else:
+            rec.kept, rec.reject_reason = True, None
+        (kept if rec.kept else rejected).append(rec)
+    label_of = {t.example_id: t.label for t in traces}
+    per_class = {}
+    for lab in LABELS:
+        n = sum(1 for e in groups if label_of[e] == lab)
+        k = sum(1 for e in keep if label_of[e] == lab)
+        per_class[lab] = {"triples": n, "kept": k, "keep_rate": round(k / n, 4) if n else None,
+                          "kept_as_majority": sum(1 for m in keep.values() if m == lab)}
+    agree = sum(1 for e, m in keep.items() if m == label_of[e])
+    summary = {
+        "complete": True, "judge": "consistency", "kind": "consistency", "offline_heuristic": False,
+        "agreement": cfg.agreement, "class_quota": cfg.class_quota, "traces": len(traces), "triples": len(groups),
+        "kept_triples": len(keep), "kept": len(kept), "rejected": len(rejected),
+        "keep_rate": round(len(kept) / len(traces), 4), "triple_keep_rate": round(len(keep) / len(groups), 4),
+        "per_class": per_class,
+        "kept_majority_equals_label": round(agree / len(keep), 4) if keep else None,
+        "kept_majority_differs_from_label": len(keep) - agree,
+        "teacher_parse_failures": sum(1 for t in traces if t.parsed_label is None),
+        "teacher_cost_usd": round(sum(t.cost_usd for t in traces), 6),
+    }
+    return kept, rejected, summary
 
 
 def run_judge(cfg: JudgeConfig, traces_path: str | Path, out_dir: str | Path, dry_run: bool = False,
@@ -143,6 +233,11 @@ def run_judge(cfg: JudgeConfig, traces_path: str | Path, out_dir: str | Path, dr
     ids = [t.id for t in traces]
     if len(set(ids)) != len(ids):
         raise SynthpertError(f"{traces_path}: trace id {next(i for i in ids if ids.count(i) > 1)!r} appears twice")
+    if cfg.kind == "consistency":
+        kept, rejected, summary = consistency_select(cfg, traces)
+        if dry_run:
+            return {"dry_run": True, "traces": len(traces), "to_judge": 0, "requests": 0}
+        return _write_outputs(cfg, out_dir, kept, rejected, summary)
     by_id = {t.id: t for t in traces}
     pre = {t.id: _precheck(cfg, t) for t in traces}
     requests, phash = _requests(cfg, [t for t in traces if pre[t.id] is None])

@@ -1,4 +1,4 @@
-"""`synthpert run CONFIG.yaml`: data -> generate -> judge -> train -> eval in one run directory.
+"""`synthpert run CONFIG.yaml`: data -> generate -> judge -> train -> (rl) -> eval in one run directory.
 
 ``runs/NAME/`` holds one folder per stage and ``manifest.json``. A stage is skipped when its record
 (``<stage>/stage.json``) says it completed with the same inputs (its config section plus the output
@@ -24,7 +24,7 @@ from .errors import SynthpertError
 from .runs import Manifest, StageRecord, Timer, hash_json, hash_paths, write_json_atomic
 from .schema import jsonable
 
-STAGES = ("data", "base_model", "generate", "judge", "train", "eval")
+STAGES = ("data", "base_model", "generate", "judge", "train", "rl", "eval")
 TINY = "tiny"  # train.base_model value: build the offline tiny model inside the run
 OFFLINE_TEACHER_MODES = ("evidence", "evidence_blind")  # no API, no key
 # SynthPert sent 15% of the training triples to the teacher and about 2% of the training data survived
@@ -137,6 +137,17 @@ class Pipeline:
             source = self.stage_dir("judge") / "kept.jsonl"
         return run_train(tcfg, source, folder)
 
+    def _rl(self, folder: Path, resume: bool) -> dict:
+        from .rl import run_rl
+
+        has_checkpoint = any((folder / "checkpoints").glob("checkpoint-*"))
+        if not (resume and has_checkpoint):
+            _clear(folder, keep={"stage.pending.json"})
+        rcfg = self.cfg.rl.model_copy(update={
+            "adapter": str(self.stage_dir("train")), "dataset_dir": str(self.train_data),
+            "base_model": None, "resume": resume and has_checkpoint})
+        return run_rl(rcfg, folder)
+
     def _eval(self, folder: Path, resume: bool) -> dict:
         """Each eval set is built with the run's training lines, then scored (predictions resume)."""
         from .backends import make_backend
@@ -144,7 +155,8 @@ class Pipeline:
         from .evaluate import fit_decision, run_eval
 
         out = {}
-        adapter = str(self.stage_dir("train"))
+        sft = str(self.stage_dir("train"))
+        adapter = str(self.stage_dir("rl")) if self.cfg.rl is not None else sft
         backends: dict = {}  # one loaded model per adapter for every eval set (an 8B load takes minutes)
         try:
             for name in self.cfg.eval_sets:
@@ -153,6 +165,8 @@ class Pipeline:
                 if not (resume and (data_dir / "data_config.json").exists()):
                     build(dcfg, data_dir, load_lines(dcfg))
                 runs = [(name, self.cfg.eval, adapter)]
+                if adapter != sft:  # SFT and SFT+RL side by side, on the same pairs
+                    runs.append((f"{name}_sft", self.cfg.eval.model_copy(update={"name": "SFT (before RL)"}), sft))
                 if self.cfg.zero_shot:
                     runs.append((f"{name}_zero_shot",
                                  self.cfg.eval.model_copy(update={"name": "base model (zero-shot)"}), None))
@@ -219,6 +233,9 @@ class Pipeline:
                 from .vllm_backend import VLLM_MISSING
 
                 problems.append(("eval", f"eval.inference.backend=vllm: {VLLM_MISSING}"))
+        if cfg.rl is not None and cfg.rl.use_vllm and self._will_run("rl", stages, forced) and not _cuda():
+            problems.append(("rl", "rl.use_vllm=true needs a CUDA GPU (and vllm); set rl.use_vllm=false to generate "
+                             "rollouts with transformers, or run the rl stage on a GPU machine (--until train here)"))
         if cfg.train.quantization == "4bit" and self._will_run("train", stages, forced) and not _cuda():
             problems.append(("train", "train.quantization=4bit (QLoRA) needs a CUDA GPU and bitsandbytes, and "
                              "this machine has no CUDA device; set train.quantization=none to train in full "
@@ -226,7 +243,8 @@ class Pipeline:
         return problems
 
     def stage_names(self, until: str | None = None) -> list[str]:
-        names = [s for s in STAGES if s != "base_model" or self.cfg.train.base_model == TINY]
+        names = [s for s in STAGES if (s != "base_model" or self.cfg.train.base_model == TINY)
+                 and (s != "rl" or self.cfg.rl is not None)]
         if self.cfg.train.mode == "label_only":
             names = [s for s in names if s not in ("generate", "judge")]
         if until:
@@ -267,6 +285,12 @@ class Pipeline:
                              "optimizer_steps_max": o.max_steps or int(per_epoch * o.epochs),
                              "quantization": t.quantization, "precision": t.precision, "lora_r": t.lora.r,
                              "max_length": t.max_length, "cuda_available": _cuda()}
+        if "rl" in names:
+            r = cfg.rl
+            plan["rl"] = {"num_generations": r.num_generations, "max_steps": r.max_steps, "epochs": r.epochs,
+                          "max_prompts": r.max_prompts, "max_completion_length": r.max_completion_length,
+                          "completions_per_step": r.generation_batch_size or r.batch_size * r.grad_accum,
+                          "use_vllm": r.use_vllm, "cuda_available": _cuda()}
         if "eval" in names:
             sets = {}
             for name in cfg.eval_sets:
@@ -306,10 +330,12 @@ class Pipeline:
             ("train", cfg.train.model_dump(mode="json"),
              ["data", "judge"] + (["base_model"] if cfg.train.base_model == TINY else []), self._train,
              lambda d: [d / "adapter_config.json", d / "adapter_model.safetensors"]),
+            ("rl", cfg.rl.model_dump(mode="json") if cfg.rl is not None else None, ["data", "train"], self._rl,
+             lambda d: [d / "adapter_config.json", d / "adapter_model.safetensors"]),
             ("eval", {"eval": cfg.eval.model_dump(mode="json"), "zero_shot": cfg.zero_shot,
                       "eval_sets": {k: v.model_dump() for k, v in cfg.eval_sets.items()},
                       "csv": self._csv_fingerprint({c for es in cfg.eval_sets.values() for c in es.test_cells})},
-             ["data", "train"], self._eval,
+             ["data", "train", "rl"], self._eval,
              lambda d: [d / name / "result" / "metrics.json" for name in cfg.eval_sets]),
         ]
         names = self.stage_names()  # label_only: the ablation trains on the dataset, no teacher or judge

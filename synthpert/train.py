@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from pathlib import Path
 from typing import Any
 
 from .config import dump_config
 from .decision import class_shares
+from .checkpoints import graceful_stop_callback, last_complete_checkpoint, restore_signal
 from .config.train import TrainConfig
 from .errors import SynthpertError
 from .loss_mask import check_overlength, check_vocab, end_of_turn_ids, mask_mode, tokenize_rows
@@ -161,43 +161,6 @@ def _point_tensorboard_at(trainer, out_dir: Path) -> None:
             cb.logging_dir = str(tracking.tensorboard_dir(out_dir))
 
 
-def _graceful_stop_callback():
-    """First Ctrl-C: finish the step, save a checkpoint, stop (resume with --resume). Second: abort now."""
-    import signal
-
-    from transformers import TrainerCallback
-
-    class GracefulStop(TrainerCallback):
-        requested = False
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if self.requested:
-                control.should_save = True
-                control.should_training_stop = True
-            return control
-
-    cb = GracefulStop()
-
-    def handler(signum, frame):
-        if cb.requested:
-            raise KeyboardInterrupt
-        cb.requested = True
-        log.warning("interrupt: saving a checkpoint after this step (Ctrl-C again to abort without saving)")
-
-    try:
-        cb.previous = signal.signal(signal.SIGINT, handler)
-    except ValueError:  # not the main thread (e.g. inside a server): no signal handling
-        cb.previous = None
-    return cb
-
-
-def _restore_signal(cb) -> None:
-    import signal
-
-    if getattr(cb, "previous", None) is not None:
-        signal.signal(signal.SIGINT, cb.previous)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The run
 
@@ -241,22 +204,6 @@ def _dataset(records: list[dict]):
 def _losses(history: list[dict]) -> tuple[float | None, float | None]:
     losses = [h["loss"] for h in history if "loss" in h]
     return (losses[0], losses[-1]) if losses else (None, None)
-
-
-def last_complete_checkpoint(folder: Path) -> str | None:
-    """The newest checkpoint that was written to the end. The Trainer writes a checkpoint's files one by one
-    and trainer_state.json last, so a process killed while saving leaves a newer folder without it, whose
-    weights may be torn: resuming from that one would fail or load garbage."""
-    if not folder.is_dir():
-        return None
-    steps = sorted((int(m.group(1)), p) for p in folder.iterdir()
-                   if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
-    for _, path in reversed(steps):
-        if (path / "trainer_state.json").is_file():
-            return str(path)
-        log.warning("%s is incomplete (no trainer_state.json: the run was killed while saving it); resuming from "
-                    "an earlier checkpoint", path)
-    return None
 
 
 def train_model(cfg: TrainConfig, source, out_dir: str | Path) -> TrainResult:
@@ -303,7 +250,7 @@ def train_model(cfg: TrainConfig, source, out_dir: str | Path) -> TrainResult:
     model = load_model(cfg, precision)
     from trl import SFTTrainer
 
-    stop = _graceful_stop_callback()
+    stop = graceful_stop_callback()
     trainer = SFTTrainer(model=model, args=sft_config(cfg, out_dir, precision, bool(eval_records)),
                          train_dataset=_dataset(train_records), eval_dataset=_dataset(eval_records),
                          processing_class=tokenizer, peft_config=lora_config(cfg), callbacks=[stop])
@@ -325,7 +272,7 @@ def train_model(cfg: TrainConfig, source, out_dir: str | Path) -> TrainResult:
     try:
         output = trainer.train(resume_from_checkpoint=resume_from)
     finally:
-        _restore_signal(stop)
+        restore_signal(stop)
     if stop.requested:
         raise SynthpertError(f"interrupted: stopped at step {trainer.state.global_step} with a checkpoint in "
                              f"{out_dir / CHECKPOINTS}; run the same command with --resume to continue")

@@ -35,6 +35,8 @@ SMOKE = {
     "teacher_openai.yaml": "test_configs_smoke.py::test_teacher_openai_merged_into_quickstart",
     "train_recipe.yaml": "test_configs_smoke.py::test_train_config",
     "train_tiny.yaml": "test_configs_smoke.py::test_train_config",
+    "rl_tiny.yaml": "test_rl.py::test_grpo_moves_the_adapter_writes_the_manifest_and_resumes",
+    "rl_8b_vllm.yaml": "test_rl.py::test_8b_vllm_config_loads_and_needs_a_gpu",
 }
 
 # What a CPU machine without the hub substitutes in the recipe configs (see the module docstring).

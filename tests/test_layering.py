@@ -18,6 +18,7 @@ STAGES = {
     "generate": {"generate"},
     "judge": {"judge"},
     "train": {"train", "train_data", "loss_mask"},
+    "rl": {"rl", "rewards"},
     "tiny": {"tiny"},
     "merge": {"merge"},
     "evaluate": {"evaluate"},
@@ -33,7 +34,7 @@ ALLOWED_BETWEEN_STAGES = {("evaluate", "report")}
 SHARED = {
     "__init__", "errors", "resources", "answer", "schema", "config", "cells", "prompting", "runs", "tokenizer",
     "chat", "cache", "accounting", "ratelimit", "progress", "client", "batch", "data", "fetch", "evidence", "metrics",
-    "baselines", "decision", "offline", "inference", "backends", "vllm_backend", "tracking",
+    "baselines", "decision", "offline", "inference", "backends", "vllm_backend", "tracking", "checkpoints",
 }
 TOP = {"pipeline"}
 
@@ -117,5 +118,6 @@ def test_the_graph_is_read():
     """The parser resolves relative imports (else every check above would pass vacuously)."""
     assert "synthpert.report" in GRAPH["synthpert.evaluate"]
     assert "synthpert.config.train" in GRAPH["synthpert.train"]
+    assert "synthpert.rewards" in GRAPH["synthpert.rl"]
     assert "synthpert.cli.run" in GRAPH["synthpert.cli.main"]
     assert "synthpert.pipeline" in GRAPH["synthpert.cli.run"]

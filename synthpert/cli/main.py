@@ -12,7 +12,7 @@ import sys
 import typer
 
 from ..errors import SynthpertError
-from . import data, evaluate, generate, publish, run, train
+from . import data, evaluate, generate, publish, rl, run, train
 from .output import error
 
 app = typer.Typer(
@@ -43,7 +43,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_print_versi
     """Eager: --version answers before the command-line parser asks for a command."""
 
 
-for group in (data, generate, train, evaluate, run, publish):
+for group in (data, generate, train, rl, evaluate, run, publish):
     group.register(app)
 
 

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from ..answer import canonical_class
 from ..schema import JUDGE_RATINGS
 from .client import ClientConfig, SamplingConfig
 from .data import SubsampleConfig
@@ -39,8 +40,16 @@ class TeacherConfig(ClientConfig):
 class JudgeConfig(ClientConfig):
     """The judge: where it runs (ClientConfig fields), the rubric and the keep rule."""
 
-    kind: Literal["llm", "rules"] = Field("llm", description="llm: a model with the rubric; rules: the OFFLINE "
-                                          "rules heuristic (no API, no cost)")
+    kind: Literal["llm", "rules", "consistency"] = Field(
+        "llm", description="llm: a model with the rubric; rules: the OFFLINE rules heuristic (no API, no cost); "
+        "consistency: LABEL-FREE selection from k label-blind samples per triple (teacher mode predict or "
+        "evidence_blind, samples >= 2): keep a triple's majority-answer traces when the majority's share >= "
+        "agreement (no judge model, no cost)")
+    agreement: float = Field(0.75, gt=0, le=1, description="consistency: the majority answer's share of a "
+                             "triple's samples needed to keep it (unparseable samples count against it)")
+    class_quota: dict[str, int] | None = Field(
+        None, description="consistency: keep at most this many triples per majority class (up/down/not_de), the "
+        "most consistent first, so filtering cannot erase a rare class by letting a common one dominate")
     threshold: Literal["excellent", "good", "average", "bad", "terrible"] = Field(
         "good", description="keep traces rated at least this (SynthPert's main run kept only 'excellent')")
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.0,
@@ -61,6 +70,11 @@ class JudgeConfig(ClientConfig):
 
     @model_validator(mode="after")
     def _rules_threshold(self):
+        unknown = sorted(k for k in (self.class_quota or {}) if canonical_class(k) is None)
+        if unknown:
+            raise ValueError(f"unknown class name(s) in judge.class_quota: {unknown}; use up, down, not_de")
+        if self.class_quota and self.kind != "consistency":
+            raise ValueError("judge.class_quota applies to judge.kind=consistency only")
         if self.kind == "rules" and JUDGE_RATINGS.index(self.threshold) < JUDGE_RATINGS.index("good"):
             raise ValueError(f"the rules judge rates at most 'good' (it checks form, not biology); threshold "
                              f"{self.threshold!r} would keep nothing. Use judge.threshold=good or an LLM judge")

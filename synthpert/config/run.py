@@ -10,6 +10,7 @@ from . import StrictModel
 from .data import DataConfig
 from .evaluate import EvalConfig
 from .generate import JudgeConfig, TeacherConfig
+from .rl import RLConfig
 from .train import TrainConfig
 
 
@@ -44,6 +45,9 @@ class RunConfig(StrictModel):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    rl: RLConfig | None = Field(
+        None, description="optional GRPO stage after train (adapter, dataset_dir and base_model come from the run); "
+        "eval then scores the RL adapter, with the SFT adapter beside it as <set>_sft")
     eval: EvalConfig = Field(default_factory=EvalConfig)
     eval_sets: dict[str, EvalSet] = Field(
         default_factory=lambda: {"test": EvalSet(test_cells=["k562"])},
@@ -58,4 +62,9 @@ class RunConfig(StrictModel):
             raise ValueError("eval_sets is empty: name at least one test set")
         if not self.train.base_model:
             raise ValueError("train.base_model is not set (a hub id, a local folder, or 'tiny')")
+        if self.judge.kind == "consistency" and (self.teacher.mode not in ("predict", "evidence_blind")
+                                                 or self.teacher.samples < 2):
+            raise ValueError(f"judge.kind=consistency compares label-blind samples: set teacher.mode to predict or "
+                             f"evidence_blind and teacher.samples >= 2 (now mode={self.teacher.mode}, samples="
+                             f"{self.teacher.samples})")
         return self
