@@ -176,11 +176,13 @@ class Pipeline:
                             update={"model": self.base_model, "adapter": adp}))
                         if adp and ecfg.decision == "tuned":  # fitted on the run's validation rows, never test
                             self.log(f"[eval] fitting the tuned decision rule on {ecfg.decision_fit_n} validation rows")
+                            # one fit per adapter: each is bound to its adapter's hash (SFT and RL differ)
+                            key = "decision_fit" if adp == adapter else f"decision_fit_{Path(adp).name}"
                             fit = fit_decision(ecfg.model_copy(update={"dataset": str(self.train_data),
                                                                        "split": "validation",
                                                                        "n": ecfg.decision_fit_n}),
-                                               folder / "decision_fit", backend=backends[adp])
-                            out["decision_fit"] = fit
+                                               folder / key, backend=backends[adp])
+                            out[key] = fit
                     out[label] = run_eval(ecfg, data_dir, folder / label / "result", backend=backends[adp],
                                           overwrite=not resume)
         finally:

@@ -158,3 +158,15 @@ def test_bad_records_and_decision_files_are_described_without_pydantic_words(tmp
     (tmp_path / "decision.json").write_text('{"rule": "tuned", "log_offsets": "big"}')
     msg += _message(lambda: load_decision(tmp_path))
     assert not [w for w in PYDANTIC_WORDS if w in msg], msg
+
+
+def test_data_build_ends_with_a_short_summary_and_keeps_the_json_for_json(tmp_path, perturbqa_dir):
+    args = ["data", "build", "--source", perturbqa_dir, "--train-cells", "rpe1", "--test-cells", "rpe1",
+            "train_subsample.n=30", "train_subsample.balance=true", "test_subsample.genes=5"]
+    r = _cli(*args, "--out", tmp_path / "a")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) <= 6 and lines[-1].startswith("written: ") and "summary.json" in lines[-1]
+    assert any(line.startswith("train: 30 triples") and "up 10" in line for line in lines), r.stdout
+    j = _cli(*args, "--out", tmp_path / "b", "--json")
+    assert j.returncode == 0 and json.loads(j.stdout)["splits"]["train"]["n"] == 30

@@ -51,7 +51,7 @@ def test_eval_sigkilled_mid_run_reruns_only_the_unfinished_examples(tiny_built_d
                                                                     tiny_adapter_dir, tmp_path):
     out = tmp_path / "ev"
     preds = out / "predictions.jsonl"
-    args = ["eval", "--dataset", tiny_built_dataset, "--model", tiny_model_dir, "--adapter", tiny_adapter_dir,
+    args = ["eval", "--json", "--dataset", tiny_built_dataset, "--model", tiny_model_dir, "--adapter", tiny_adapter_dir,
             "--out", out, "--n", 16, "chunk_size=2", "n_bootstrap=0", "figures=false",
             "inference.max_new_tokens=8", "inference.batch_size=2"]
     proc = cli(*args)
@@ -91,7 +91,7 @@ def test_train_sigkilled_after_a_checkpoint_resumes_from_the_last_complete_one(t
                 "optim.lr=1e-2", "optim.batch_size=2", "optim.grad_accum=1", "optim.warmup=0.0", "optim.max_steps=6"]
     out = tmp_path / "run"
     ckpts = out / "checkpoints"
-    args = ["train", "--data", tiny_traces_path, "--out", out, *settings]
+    args = ["train", "--json", "--data", tiny_traces_path, "--out", out, *settings]
     proc = cli(*args)
     kill_when(proc, lambda: len(_complete_steps(ckpts)) >= 2 if ckpts.is_dir() else False)
     last = max(_complete_steps(ckpts))

@@ -85,11 +85,17 @@ def test_explain_fraction_keeps_every_answer_task_and_a_seeded_share_of_explanat
     assert explains == [(r["cell_line"], r["perturbation"], r["gene"]) for r in again if r["task"] == "explain"]
 
 
-def test_explain_fraction_outside_multitask_is_refused():
+def test_explain_fraction_is_ignored_outside_multitask(tiny_traces_path):
+    """The quickstart sets explain_fraction; switching it to another mode with one override must still run."""
     from synthpert.config.train import TrainConfig
+    from synthpert.train_data import training_examples
 
-    with pytest.raises(ValueError, match="explain_fraction applies to mode=multitask"):
-        TrainConfig.model_validate({"mode": "reasoning", "explain_fraction": 0.5})
+    cfg = TrainConfig.model_validate({"base_model": "unused", "mode": "reasoning", "explain_fraction": 0.25,
+                                      "eval_fraction": 0.0, "seed": 3})
+    rows = training_examples(cfg, tiny_traces_path)["train"]
+    assert rows and all(r.get("task") is None for r in rows)
+    full = training_examples(cfg.model_copy(update={"explain_fraction": 1.0}), tiny_traces_path)["train"]
+    assert [r["assistant"] for r in rows] == [r["assistant"] for r in full]
 
 
 def test_an_explanation_that_argues_for_another_label_is_flagged():

@@ -251,7 +251,7 @@ def test_run_with_an_rl_section_evaluates_the_rl_adapter_beside_the_sft_one(tmp_
     cfg["rl"] = {"num_generations": 4, "batch_size": 8, "max_completion_length": 12, "max_steps": 2,
                  "lr": 1e-3, "max_prompts": 16}
     cfg["eval_sets"] = {"k562_test": {"test_cells": ["k562"], "n": 12}}
-    cfg["eval"].update({"n_bootstrap": 0, "figures": False})
+    cfg["eval"].update({"n_bootstrap": 0, "figures": False, "decision_fit_n": 30})
     cfg["eval"]["inference"]["max_new_tokens"] = 12
     path = tmp_path / "withrl.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -268,6 +268,8 @@ def test_run_with_an_rl_section_evaluates_the_rl_adapter_beside_the_sft_one(tmp_
     for name, adapter in (("k562_test", run_dir / "rl"), ("k562_test_sft", run_dir / "train")):
         metrics = (run_dir / "eval" / name / "result" / "metrics.json").read_text()
         assert f'"adapter": "{adapter}"' in metrics
+    if cfg["eval"].get("decision") == "tuned":  # each adapter gets its own rule, bound to its own hash
+        assert (run_dir / "eval" / "decision_fit").is_dir() and (run_dir / "eval" / "decision_fit_train").is_dir()
 
 
 @pytest.mark.slow

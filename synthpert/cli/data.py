@@ -51,6 +51,7 @@ def data_build(
     test_cells: str | None = typer.Option(None, "--test-cells", help="Comma-separated, e.g. rpe1."),
     protocol: str | None = typer.Option(None, "--protocol", help="'split' (default) or 'published'."),
     seed: int | None = typer.Option(None, "--seed"),
+    as_json: bool = typer.Option(False, "--json", help="Print the full summary as JSON instead of a few lines."),
     overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. train_subsample.n=1500"),
 ) -> None:
     """Build train / validation / test examples from the CSVs and save them as a datasets.DatasetDict."""
@@ -59,7 +60,16 @@ def data_build(
     cfg = _data_config(config, overrides, source=source, train_cells=train_cells, test_cells=test_cells,
                        protocol=protocol, seed=seed)
     _, summary = build(cfg, out)
-    typer.echo(json.dumps(summary, indent=2))
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    short = {"upregulated": "up", "downregulated": "down", "not differentially expressed": "not DE"}
+    typer.echo(f"{summary['setting']}: train {', '.join(summary['train_cells'])} → test "
+               f"{', '.join(summary['test_cells'])} ({summary['protocol']} protocol, seed {summary['seed']})")
+    for name, split in summary["splits"].items():
+        by = ", ".join(f"{short.get(k, k)} {v:,}" for k, v in split.get("by_class", {}).items())
+        typer.echo(f"{name}: {split['n']:,} triples, {split.get('perturbations', 0):,} perturbations ({by})")
+    typer.echo(f"written: {out / 'dataset'} (details: {out / 'summary.json'})")
 
 
 def baselines_cmd(

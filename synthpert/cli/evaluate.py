@@ -27,6 +27,7 @@ def eval_cmd(
                                             "prompt (default: as the adapter was trained)."),
     base_url: str | None = typer.Option(None, "--base-url", help="openai backend: endpoint URL."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard earlier predictions in --out."),
+    as_json: bool = typer.Option(False, "--json", help="Print the full summary as JSON instead of a few lines."),
     overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. inference.max_new_tokens=256"),
 ) -> None:
     """Evaluate a model (+ adapter) on a built dataset: resumable predictions, metrics beside the baselines,
@@ -38,7 +39,18 @@ def eval_cmd(
              "inference.adapter": adapter, "inference.base_url": base_url}
     cfg = load_section(EvalConfig, "eval", config, overrides, flags)
     summary = run_eval(cfg, out_dir=out, overwrite=overwrite)
-    typer.echo(json.dumps(summary, indent=2))
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        f = lambda x: "—" if x is None else f"{x:.3f}"  # noqa: E731
+        todo = "" if summary["complete"] else " (incomplete: rerun to finish)"
+        typer.echo(f"evaluated {summary['n']:,} pairs{todo}: "
+                   f"accuracy {f(summary['accuracy'])}, macro-F1 {f(summary['macro_f1'])}, per-gene AUROC DE "
+                   f"{f(summary['auroc_de_per_gene'])}, unparseable {f(summary['unparseable_rate'])}")
+        if summary.get("decision") and summary.get("macro_f1_decided") is not None:
+            typer.echo(f"decided ({summary['decision']} rule): accuracy {f(summary['accuracy_decided'])}, "
+                       f"macro-F1 {f(summary['macro_f1_decided'])}")
+        typer.echo(f"written: {summary['out']} (predictions.jsonl, metrics.json; the baselines are in the report)")
     typer.echo(f"report: {Path(summary['out']) / 'report.md'}")
 
 

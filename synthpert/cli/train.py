@@ -54,6 +54,7 @@ def train_cmd(
                                         "dataset folder for mode=label_only. Default: the config's data_path."),
     out: Path | None = typer.Option(None, "--out", help="Run folder (default: the config's output_dir)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in the run folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the full summary as JSON instead of a few lines."),
     overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. lora.r=16 optim.lr=2e-4"),
 ) -> None:
     """LoRA SFT (TRL SFTTrainer + PEFT) of a student model on kept reasoning traces."""
@@ -70,7 +71,17 @@ def train_cmd(
     if out_dir is None:
         raise SynthpertError("give the run folder with --out (or `output_dir` in the config)")
     summary = run_train(cfg, source, out_dir)
-    typer.echo(json.dumps(summary, indent=2, default=str))
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2, default=str))
+        return
+    loss = lambda x: "—" if x is None else f"{x:.2f}"  # noqa: E731
+    typer.echo(f"trained {summary['base_model']} ({summary['mode']}): {summary['n_train']:,} examples, "
+               f"{summary['n_eval']:,} held out; {summary['global_step']:,} steps in "
+               f"{summary.get('runtime_s') or 0:.0f} s"
+               + (f" (resumed from {summary['resumed_from']})" if summary.get("resumed_from") else ""))
+    typer.echo(f"loss {loss(summary.get('first_logged_loss'))} → {loss(summary.get('last_logged_loss'))}; "
+               f"eval loss {loss(summary.get('eval_loss'))}")
+    typer.echo(f"written: {summary['run_dir']} (adapter; details: {Path(summary['run_dir']) / 'manifest.json'})")
 
 
 def merge_cmd(
@@ -80,12 +91,18 @@ def merge_cmd(
     tolerance: float = typer.Option(1e-3, "--tolerance", help="Max allowed |logit difference| merged vs "
                                     "base+adapter (fp32; use ~0.1 for bf16 models)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+    as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON instead of a few lines."),
 ) -> None:
     """Merge a LoRA adapter into its base model for serving, checking logit parity on a few prompts."""
     from ..merge import merge_adapter
 
     report = merge_adapter(adapter, out, base=base, tolerance=tolerance, dtype=dtype)
-    typer.echo(json.dumps(report, indent=2))
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    typer.echo(f"merged {report['adapter']} into {report['base_model']} ({report['dtype']}); largest logit "
+               f"difference to base + adapter {report['max_abs_logit_diff']:.2g} (tolerance {report['tolerance']:g})")
+    typer.echo(f"written: {report['merged_dir']} (details: {Path(report['merged_dir']) / 'merge_report.json'})")
 
 
 def register(app: typer.Typer) -> None:

@@ -48,7 +48,8 @@ class TrainConfig(StrictModel):
         "explain then answer; the student predicts with the answer task, so its class probabilities come "
         "before it commits to any reasoning")
     explain_fraction: float = Field(
-        1.0, gt=0, le=1, description="multitask: share of the triples that also get the explain task (seeded); "
+        1.0, gt=0, le=1, description="multitask only (other modes ignore it, so one config can switch "
+        "mode): share of the triples that also get the explain task (seeded); "
         "every triple keeps its answer task. Explanations are ~10x longer than answers, so a fraction buys "
         "more answer-task triples in the same compute")
     data_path: str | None = Field(None, description="kept traces JSONL, or a built dataset folder (label_only)",
@@ -111,8 +112,6 @@ class TrainConfig(StrictModel):
             raise ValueError("QLoRA (quantization=4bit) computes in bf16/fp16; precision=fp32 is not possible")
         if self.packing and self.overlength == "truncate":
             raise ValueError("packing cuts rows at max_length itself; use overlength=drop with packing")
-        if self.explain_fraction < 1 and self.mode != "multitask":
-            raise ValueError(f"explain_fraction applies to mode=multitask only (mode is {self.mode})")
         if self.gradient_checkpointing == "selective" and self.quantization == "4bit":
             raise ValueError("selective checkpointing is not supported with QLoRA's reentrant checkpointing")
         return self
