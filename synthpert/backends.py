@@ -316,7 +316,7 @@ class TransformersBackend(Backend):
 
         with self._lock:
             if cancel.is_set():  # the client left while this waited for the model
-                return Generation("", 0, "stop")
+                return Generation("", 0, "cancelled")
             ids = torch.tensor([query.prompt_ids], device=self.device)
             kwargs = self._sampling_kwargs(max_new_tokens or c.max_new_tokens, temperature, top_p, 1)
             hook = self.model.get_output_embeddings().register_forward_hook(record) if logprobs is not None else None
