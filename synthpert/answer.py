@@ -43,6 +43,16 @@ THINK_OPEN = "<think>"  # what a prompt ends with to start a reasoning block (me
 THINK_CLOSE = "</think>"
 ANSWER_OPEN = "<answer>"
 ANSWER_CLOSE = "</answer>"
+TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
+
+
+def open_tag_suffix(text: str) -> int:
+    """Length of the end of ``text`` that is the start of one of the format's tags (0 if none): a stream
+    holds those characters back so every tag reaches the client whole."""
+    for n in range(min(len(text), max(map(len, TAGS)) - 1), 0, -1):
+        if any(len(tag) > n and tag.startswith(text[-n:]) for tag in TAGS):
+            return n
+    return 0
 
 STRICT = "strict"
 LENIENT = "lenient"

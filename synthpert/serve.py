@@ -49,6 +49,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HTTPRequest
 
+from .answer import open_tag_suffix
 from .cells import get_cell_line
 from .config.serve import ServeConfig, ServeSettings
 from .decision import decision_for
@@ -557,9 +558,9 @@ def create_app(predictor, settings: ServeSettings | None = None, evidence_stats=
 
 
 class _Deltas:
-    """Turns a growing list of token ids into text deltas. Text is held back while it ends inside a tag
-    (``<ans`` ...) or inside a multi-byte character, so ``<answer>``, ``</think>`` and every character arrive
-    whole in one chunk, and the deltas concatenate to exactly the text a non-streaming request returns."""
+    """Turns a growing list of token ids into text deltas. Text is held back while it ends with the start of
+    one of answer.TAGS or inside a multi-byte character, so every tag and every character arrive whole in
+    one chunk, and the deltas concatenate to exactly the text a non-streaming request returns."""
 
     def __init__(self, tok):
         self.tok, self.ids, self.sent = tok, [], ""
@@ -570,9 +571,7 @@ class _Deltas:
         if text.endswith("\ufffd"):
             return ""
         tail = text[len(self.sent):]
-        cut = tail.rfind("<")
-        if cut != -1 and ">" not in tail[cut:] and len(tail) - cut <= 32:
-            tail = tail[:cut]
+        tail = tail[:len(tail) - open_tag_suffix(tail)]
         self.sent += tail
         return tail
 

@@ -124,3 +124,12 @@ def test_prompt_files_take_tags_and_labels_from_answer_py():
     user = student_messages("k562", "MYC", "GAPDH")[1]["content"]
     assert all(f"{ANSWER_OPEN}{lab}" in user for lab in LABELS)
     assert THINK_OPEN in student_messages("k562", "MYC", "GAPDH")[0]["content"]
+
+
+def test_open_tag_suffix_holds_back_only_the_start_of_a_format_tag():
+    from synthpert.answer import ANSWER_OPEN, THINK_CLOSE, open_tag_suffix
+
+    assert open_tag_suffix("text <ans") == len("<ans") and open_tag_suffix("done </thi") == len("</thi")
+    assert open_tag_suffix("a <") == 1 and open_tag_suffix("x" + THINK_CLOSE) == 0
+    assert open_tag_suffix("p < 0.05") == 0 and open_tag_suffix("<b") == 0  # not a format tag: sent at once
+    assert open_tag_suffix(ANSWER_OPEN[:-1]) == len(ANSWER_OPEN) - 1
