@@ -191,9 +191,7 @@ class ChatEngine:
         t0, stats, plan, all_calls = self._begin(requests)
         cache = ResponseCache(self.cache_path)
         try:
-            responses = cache.get_many([c.key for c in all_calls])
-            hits = set(responses)
-            todo = [c for c in all_calls if c.key not in responses]
+            responses, hits, todo = self._lookup(cache, all_calls)
             if not send:
                 for c in todo:
                     stats.failed.setdefault(c.request.id, "no answer in the imported batch output")
@@ -211,9 +209,7 @@ class ChatEngine:
         t0, stats, plan, all_calls = self._begin(requests)
         cache = ResponseCache(self.cache_path)
         try:
-            responses = cache.get_many([c.key for c in all_calls])
-            hits = set(responses)
-            todo = [c for c in all_calls if c.key not in responses]
+            responses, hits, todo = self._lookup(cache, all_calls)
             if todo:
                 self._key = resolve_api_key(self.cfg)
                 self._execute_batch(todo, responses, cache, stats, done_before=len(all_calls) - len(todo),
@@ -222,6 +218,12 @@ class ChatEngine:
         finally:
             cache.close()
         return self._end(requests, plan, responses, hits, via_batch, stats, t0)
+
+    @staticmethod
+    def _lookup(cache: ResponseCache, calls: list[Call]) -> tuple[dict, set[str], list[Call]]:
+        """(cached responses by key, the keys answered from the cache, the calls still to make)."""
+        responses = cache.get_many([c.key for c in calls])
+        return responses, set(responses), [c for c in calls if c.key not in responses]
 
     def _begin(self, requests: list[ChatRequest]) -> tuple[float, RunStats, dict[str, list[Call]], list[Call]]:
         seen: set[str] = set()
