@@ -34,22 +34,17 @@ it), ``Gate`` (declared length, API key), ``BodyLimit`` (streamed length), then 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
-import re
 import time
 import uuid
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
-from fastapi import HTTPException as FastAPIHTTPException
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HTTPRequest
 
-from .answer import open_tag_suffix
 from .cells import get_cell_line
 from .config.serve import ServeConfig, ServeSettings
 from .decision import decision_for
@@ -57,157 +52,12 @@ from .errors import SynthpertError, scrub
 from .evidence import dataset_training_stats, evidence_text
 from .inference import Triple, answer_record, check_evidence_setting, load_predictor
 from .schema import SYMBOL_PATTERN, Example
+from .serve_http import BodyLimit, BodyTooLarge, Envelope, Gate, error_response, too_large
+from .serve_stream import _sse, _token_stream, _whole_stream
 
 log = logging.getLogger("synthpert.serve")
 
 Symbol = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64, pattern=SYMBOL_PATTERN)]
-
-
-# A client's own request id is echoed only when it cannot smuggle anything into a header or a log line.
-REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-SECURITY_HEADERS = (
-    (b"x-content-type-options", b"nosniff"),
-    (b"cache-control", b"no-store"),
-    (b"referrer-policy", b"no-referrer"),
-    (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'"),
-    (b"x-frame-options", b"DENY"),
-)
-_ENVELOPE_HEADERS = {name for name, _ in SECURITY_HEADERS} | {b"x-request-id"}
-
-
-def _error_body(message: str, kind: str, param: str | None = None, code: str | None = None,
-                request_id: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code, "request_id": request_id}}
-
-
-def request_id_of(scope) -> str | None:
-    return (scope.get("state") or {}).get("request_id")
-
-
-def error_response(scope, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                   code: str | None = None, headers: dict | None = None):
-    from starlette.responses import JSONResponse
-
-    return JSONResponse(_error_body(message, kind, param, code, request_id_of(scope)), status_code=status,
-                        headers=headers)
-
-
-class BodyTooLarge(FastAPIHTTPException):
-    """Raised while the body streams in, as soon as it passes the cap (chunked bodies have no length). An
-    HTTPException, because FastAPI turns any other exception raised while reading a body into a 400."""
-
-    def __init__(self):
-        super().__init__(status_code=413, detail="request body too large")
-
-
-class BodyLimit:
-    """ASGI middleware: count request-body bytes as they arrive and stop reading past ``max_bytes``, so a
-    ``Transfer-Encoding: chunked`` body cannot exhaust memory (the Content-Length check cannot see it)."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise BodyTooLarge()
-            return message
-
-        await self.app(scope, limited, send)
-
-
-def too_large(scope, max_bytes: int):
-    return error_response(scope, 413, f"request body larger than {max_bytes} bytes", code="request_too_large",
-                          headers={"connection": "close"})
-
-
-class Gate:
-    """ASGI middleware: refuse a declared oversize body and a missing or wrong API key before any body is read."""
-
-    def __init__(self, app, max_bytes: int, api_key: str | None):
-        self.app, self.max_bytes, self.api_key = app, max_bytes, api_key
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = Headers(scope=scope)
-        length = headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await too_large(scope, self.max_bytes)(scope, receive, send)
-        if self.api_key is not None and scope["path"] != "/health":
-            auth = headers.get("authorization", "")
-            token = auth[7:] if auth.lower().startswith("bearer ") else ""
-            # compare_digest: the time taken does not tell how much of a guessed key was right
-            if not hmac.compare_digest(token.encode(), self.api_key.encode()):
-                return await error_response(scope, 401, "missing or invalid API key (Authorization: Bearer ...)",
-                                            "authentication_error", code="invalid_api_key")(scope, receive, send)
-        await self.app(scope, receive, send)
-
-
-class Envelope:
-    """Outermost ASGI middleware: give each request an id, add the id and the security headers to every
-    response, bound the requests in flight and the time each may take, and answer any exception that got
-    this far with a 500 in the error shape (never a traceback, never the text of the exception)."""
-
-    def __init__(self, app, max_in_flight: int, timeout_s: float, secret: str | None = None):
-        self.app, self.max_in_flight, self.timeout_s, self.secret = app, max_in_flight, timeout_s, secret
-        self.in_flight = 0  # one event loop: no lock needed
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        sent = Headers(scope=scope).get("x-request-id", "")
-        rid = sent if REQUEST_ID_PATTERN.fullmatch(sent) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = rid
-        started = False
-
-        async def send_enveloped(message):
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-                kept = [(k, v) for k, v in message.get("headers", []) if k.lower() not in _ENVELOPE_HEADERS]
-                message = {**message, "headers": [*kept, *SECURITY_HEADERS, (b"x-request-id", rid.encode())]}
-            await send(message)
-
-        def answer(status, text, kind, code, headers=None):
-            return error_response(scope, status, text, kind, code=code, headers=headers)(scope, receive,
-                                                                                         send_enveloped)
-
-        # Health probes must get through a full server: they are instant and never reach the model.
-        bounded = scope["path"] != "/health"
-        if bounded and self.in_flight >= self.max_in_flight:
-            return await answer(503, f"server busy: {self.max_in_flight} requests in flight; retry shortly",
-                                "overloaded_error", "overloaded", {"retry-after": "1"})
-        self.in_flight += bounded
-        try:
-            await asyncio.wait_for(self._inner(scope, receive, send_enveloped), self.timeout_s)
-        except asyncio.TimeoutError:
-            log.warning("request %s on %r passed the %ss timeout", rid, scope["path"], self.timeout_s)
-            if not started:
-                await answer(504, f"request took longer than request_timeout_s={self.timeout_s:g}s",
-                             "timeout_error", "timeout")
-        except Exception as exc:
-            log.error("internal error on %r (request %s): %s", scope["path"], rid, scrub(repr(exc), self.secret),
-                      exc_info=exc)
-            if not started:
-                await answer(500, f"internal server error (request id {rid})", "server_error", "internal_error")
-        finally:
-            self.in_flight -= bounded
-
-    async def _inner(self, scope, receive, send):
-        try:
-            await self.app(scope, receive, send)
-        except asyncio.TimeoutError as e:
-            # the app's own timeout is an internal error, not this request's deadline
-            raise RuntimeError(f"timeout inside the app: {e!r}") from e
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -550,123 +400,6 @@ def create_app(predictor, settings: ServeSettings | None = None, evidence_stats=
                           "total_tokens": prompt + completion}}
 
     return app
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Streaming: server-sent events in OpenAI's chat.completion.chunk format.
-# Event sources yield ("delta", text, [logprob entries] | None), then ("end", finish_reason, prompt, completion).
-
-
-class _Deltas:
-    """Turns a growing list of token ids into text deltas. Text is held back while it ends with the start of
-    one of answer.TAGS or inside a multi-byte character, so every tag and every character arrive whole in
-    one chunk, and the deltas concatenate to exactly the text a non-streaming request returns."""
-
-    def __init__(self, tok):
-        self.tok, self.ids, self.sent = tok, [], ""
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""
-        tail = text[len(self.sent):]
-        tail = tail[:len(tail) - open_tag_suffix(tail)]
-        self.sent += tail
-        return tail
-
-    def rest(self) -> str:
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
-        tail, self.sent = text[len(self.sent):], text
-        return tail
-
-
-async def _token_stream(backend, messages, sampling):
-    """Token-by-token from a backend with ``stream``; the model stops at its next step when the consumer goes
-    away (client disconnect, request timeout), so no work outlives the request."""
-    import threading
-
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    cancel = threading.Event()
-
-    def post(item):
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the loop is gone (server shutting down): nobody is listening
-            cancel.set()
-
-    def work():
-        try:
-            query = backend.prepare(messages)
-            gen = backend.stream(query, lambda t, lp: post(("token", t, lp)), cancel, **sampling)
-            post(("end", gen.finish_reason, len(query.prompt_ids or []), gen.completion_tokens))
-        except Exception as e:  # noqa: BLE001 - handed to the event loop, which reports it in the stream
-            post(("error", e))
-
-    worker = loop.run_in_executor(None, work)
-    deltas, pending = _Deltas(backend.tokenizer), []
-    try:
-        while True:
-            item = await queue.get()
-            if item[0] == "token":
-                if item[2] is not None:
-                    pending.append(item[2])
-                text = deltas.push(item[1])
-                if text:
-                    yield ("delta", text, pending if sampling["logprobs"] is not None else None)
-                    pending = []
-            elif item[0] == "end":
-                text = deltas.rest()
-                if text or pending:
-                    yield ("delta", text, pending if sampling["logprobs"] is not None else None)
-                yield item
-                return
-            else:
-                raise item[1]
-    finally:
-        cancel.set()
-        if not worker.done():
-            worker.add_done_callback(lambda f: f.exception())  # retrieved: no "never retrieved" warning
-
-
-async def _whole_stream(batcher, key, messages):
-    """For backends that cannot stream: the whole completion from the batcher, sent as one content chunk."""
-    [(q, [g])] = await batcher.submit(key, [messages])
-    yield ("delta", g.text, g.logprobs if key[-1] is not None else None)
-    yield ("end", g.finish_reason or "stop", len(q.prompt_ids or []), g.completion_tokens)
-
-
-async def _sse(events, cid: str, made: int, name: str, include_usage: bool, scope):
-    import json
-
-    def chunk(delta: dict, finish=None, logprobs=None, usage=None, choices=True) -> bytes:
-        body = {"id": cid, "object": "chat.completion.chunk", "created": made, "model": name,
-                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]
-                if choices else []}
-        if include_usage:  # OpenAI: null on every chunk but the last, which has no choices
-            body["usage"] = usage
-        return f"data: {json.dumps(body)}\n\n".encode()
-
-    yield chunk({"role": "assistant", "content": ""})
-    try:
-        async for ev in events:
-            if ev[0] == "delta":
-                yield chunk({"content": ev[1]}, logprobs=None if ev[2] is None else {"content": ev[2],
-                                                                                     "refusal": None})
-            else:
-                _, finish, prompt, completion = ev
-                yield chunk({}, finish=finish)
-                if include_usage:
-                    yield chunk({}, usage={"prompt_tokens": prompt, "completion_tokens": completion,
-                                           "total_tokens": prompt + completion}, choices=False)
-    except Exception as exc:  # noqa: BLE001 - headers are sent: the error travels as an event, like OpenAI's
-        rid = request_id_of(scope)
-        log.error("error while streaming request %s: %r", rid, exc, exc_info=exc)
-        body = _error_body(f"internal server error (request id {rid})", "server_error", code="internal_error",
-                           request_id=rid)
-        yield f"data: {json.dumps(body)}\n\n".encode()
-    yield b"data: [DONE]\n\n"
 
 
 def _version() -> str:

@@ -24,7 +24,7 @@ STAGES = {
     "evaluate": {"evaluate"},
     "publish": {"publish"},
     "report": {"report"},
-    "serve": {"serve"},
+    "serve": {"serve", "serve_http", "serve_stream"},
     "predict": {"predict"},
 }
 ALLOWED_BETWEEN_STAGES = {("evaluate", "report")}
