@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import tracking
 from .checkpoints import graceful_stop_callback, last_complete_checkpoint, restore_signal
 from .config import dump_config
 from .config.rl import RLConfig
@@ -201,12 +202,12 @@ def grpo_config(cfg: RLConfig, out_dir: Path, precision: str):
         lr_scheduler_type=cfg.scheduler, max_grad_norm=cfg.max_grad_norm, logging_steps=cfg.logging_steps,
         logging_first_step=True, save_strategy="steps", save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit, seed=cfg.seed, data_seed=cfg.seed, bf16=precision == "bf16",
-        fp16=precision == "fp16", report_to="none", dataloader_pin_memory=_device_kind() == "cuda",
+        fp16=precision == "fp16", dataloader_pin_memory=_device_kind() == "cuda",
         use_cpu=_device_kind() == "cpu", use_vllm=cfg.use_vllm, vllm_mode=cfg.vllm_mode,
         vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
         vllm_enable_sleep_mode=cfg.vllm_enable_sleep_mode, vllm_max_model_length=cfg.vllm_max_model_length,
         # the dataset's label column reaches the reward functions only if TRL keeps it
-        remove_unused_columns=False,
+        remove_unused_columns=False, **tracking.trainer_kwargs(cfg.report_to, out_dir, GRPOConfig.__dataclass_fields__),
     )
     if cfg.gradient_checkpointing:
         fields = GRPOConfig.__dataclass_fields__
@@ -261,6 +262,7 @@ def run_rl(cfg: RLConfig, out_dir: str | Path) -> dict:
     check_vllm(cfg)
     state = PartialState(cpu=_device_kind() == "cpu")
     precision = resolve_precision(cfg)
+    tracking.require(cfg.report_to, "rl")  # before the policy loads, not after the run
     rows = prompt_rows(cfg)
     shares = class_shares([r["label"] for r in rows])
     weights = class_weights(cfg.rewards, shares)
@@ -293,6 +295,7 @@ def run_rl(cfg: RLConfig, out_dir: str | Path) -> dict:
     trainer = GRPOTrainer(model=model, reward_funcs=reward_functions(cfg.rewards, shares, cfg.max_completion_length),
                           args=args, train_dataset=Dataset.from_list(records), processing_class=tokenizer,
                           callbacks=[stop])
+    tracking.point_tensorboard_at(trainer, out_dir)
     resume_from = None
     if cfg.resume:
         resume_from = last_complete_checkpoint(out_dir / CHECKPOINTS)
@@ -317,6 +320,8 @@ def run_rl(cfg: RLConfig, out_dir: str | Path) -> dict:
         "resumed_from": resume_from, "first_reward": first.get("reward"), "last_reward": last.get("reward"),
         "mean_frac_reward_zero_std": _mean(curves, "frac_reward_zero_std"), "precision": precision,
         "runtime_s": round(time.time() - started, 2),
+        "tracking": (tracking.run_record(cfg.report_to, out_dir.name, out_dir) if tracking.active(cfg.report_to)
+                     else None),
     }
     if state.is_main_process:
         # only the trained adapter: with beta > 0 the model also holds TRL's frozen "ref" copy

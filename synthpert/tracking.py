@@ -1,4 +1,4 @@
-"""Experiment trackers: the names `train.report_to` accepts, the pip extra each needs, where a run's
+"""Experiment trackers: the names `train.report_to` / `rl.report_to` accept, the pip extra each needs, where a run's
 tracker lives (recorded in the adapter manifest), and evaluation metrics logged into that same run.
 
 Training logs through transformers' own callbacks (TRL passes ``report_to`` on); evaluation reads the
@@ -41,17 +41,36 @@ def active(report_to: list[str]) -> list[str]:
     return [n for n in report_to if n != "none"]
 
 
-def require(report_to: list[str]) -> None:
+def require(report_to: list[str], section: str = "train") -> None:
     """Fail before any model is loaded when a tracker's package is missing, naming the extra to install."""
     missing = [n for n in active(report_to) if importlib.util.find_spec(_MODULES[n]) is None]
     if missing:
         extras = ",".join(missing)
         raise SynthpertError(f"report_to {missing} needs {', '.join(_MODULES[n] for n in missing)}: "
-                             f"pip install 'synthpert[{extras}]' (or set train.report_to=none)")
+                             f"pip install 'synthpert[{extras}]' (or set {section}.report_to=none)")
 
 
 def tensorboard_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / TENSORBOARD_DIR
+
+
+def point_tensorboard_at(trainer, run_dir: str | Path) -> None:
+    """TensorBoard logs go to <run>/tensorboard (not a dated folder inside checkpoints/, which
+    save_total_limit housekeeping and a rerun would scatter), where `synthpert eval` adds its metrics. The
+    callback reads its folder once at train start; setting it here avoids a process-wide environment
+    variable (TENSORBOARD_LOGGING_DIR)."""
+    for cb in trainer.callback_handler.callbacks:
+        if type(cb).__name__ == "TensorBoardCallback":
+            cb.logging_dir = str(tensorboard_dir(run_dir))
+
+
+def trainer_kwargs(report_to: list[str], run_dir: Path, fields) -> dict:
+    """The TrainingArguments fields of tracking (TRL's SFTConfig and GRPOConfig alike): the trackers, the
+    run named after its folder, and Trackio's project where transformers has that field."""
+    kwargs = {"report_to": active(report_to) or "none", "run_name": Path(run_dir).name}
+    if "project" in fields:  # transformers >= 5.x
+        kwargs["project"] = PROJECT
+    return kwargs
 
 
 def run_record(report_to: list[str], run_name: str, run_dir: str | Path) -> dict:

@@ -128,15 +128,12 @@ def sft_config(cfg: TrainConfig, out_dir: Path, precision: str, has_eval: bool):
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
         eval_strategy=("steps" if cfg.eval_steps else "no") if has_eval else "no", eval_steps=cfg.eval_steps,
         seed=cfg.seed, data_seed=cfg.seed, bf16=precision == "bf16", fp16=precision == "fp16",
-        report_to=tracking.active(cfg.report_to) or "none", run_name=out_dir.name,
         dataloader_pin_memory=_device_kind() == "cuda", use_cpu=_device_kind() == "cpu",
         # We enforce max_length ourselves (guards + drop policy); padding-free without packing needs None.
         max_length=cfg.max_length if (cfg.packing or not cfg.padding_free) else None,
         packing=cfg.packing, padding_free=cfg.padding_free, use_liger_kernel=cfg.use_liger_kernel,
-        shuffle_dataset=True,
+        shuffle_dataset=True, **tracking.trainer_kwargs(cfg.report_to, out_dir, fields),
     )
-    if "project" in fields:  # Trackio's project (transformers >= 5.x)
-        kwargs["project"] = tracking.PROJECT
     if cfg.packing:
         kwargs["packing_strategy"] = "bfd"
     if cfg.gradient_checkpointing != "none":
@@ -149,16 +146,6 @@ def sft_config(cfg: TrainConfig, out_dir: Path, precision: str, has_eval: bool):
             gc_kwargs["selective"] = True
         kwargs[kw] = gc_kwargs
     return SFTConfig(**kwargs)
-
-
-def _point_tensorboard_at(trainer, out_dir: Path) -> None:
-    """TensorBoard logs go to <run>/tensorboard (not a dated folder inside checkpoints/, which
-    save_total_limit housekeeping and a rerun would scatter), where `synthpert eval` adds its metrics. The
-    callback reads its folder once at train start; setting it here avoids a process-wide environment
-    variable (TENSORBOARD_LOGGING_DIR)."""
-    for cb in trainer.callback_handler.callbacks:
-        if type(cb).__name__ == "TensorBoardCallback":
-            cb.logging_dir = str(tracking.tensorboard_dir(out_dir))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -254,7 +241,7 @@ def train_model(cfg: TrainConfig, source, out_dir: str | Path) -> TrainResult:
     trainer = SFTTrainer(model=model, args=sft_config(cfg, out_dir, precision, bool(eval_records)),
                          train_dataset=_dataset(train_records), eval_dataset=_dataset(eval_records),
                          processing_class=tokenizer, peft_config=lora_config(cfg), callbacks=[stop])
-    _point_tensorboard_at(trainer, out_dir)
+    tracking.point_tensorboard_at(trainer, out_dir)
     bad = [n for n, p in trainer.model.named_parameters()
            if p.requires_grad and ("embed_tokens" in n or "lm_head" in n or "wte" in n)]
     if bad:

@@ -41,6 +41,14 @@ def _cfg(adapter, dataset, **kw):
     return RLConfig.model_validate({**cfg.model_dump(), **base, **kw})
 
 
+def _tensorboard_scalars(log_dir) -> dict[str, list]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}
+
+
 def _weights(folder):
     from safetensors.torch import load_file
 
@@ -184,7 +192,7 @@ def test_grpo_moves_the_adapter_writes_the_manifest_and_resumes(answer_adapter, 
     from synthpert.rl import run_rl
 
     out = tmp_path / "rl"
-    summary = run_rl(_cfg(answer_adapter, tiny_built_dataset), out)
+    summary = run_rl(_cfg(answer_adapter, tiny_built_dataset, report_to=["tensorboard"]), out)
     assert summary["global_step"] == 2
     before, after = _weights(answer_adapter), _weights(out)
     assert before.keys() == after.keys()
@@ -200,6 +208,13 @@ def test_grpo_moves_the_adapter_writes_the_manifest_and_resumes(answer_adapter, 
         assert {"reward", "frac_reward_zero_std", "rewards/correctness/mean", "rewards/format/mean"} <= set(row)
     assert man["config"]["scale_rewards"] == "none"
     assert (out / "checkpoints" / "checkpoint-2").is_dir()
+    # rl.report_to: the reward curves reach TensorBoard in <run>/tensorboard, findable from the manifest
+    assert man["tracking"]["report_to"] == ["tensorboard"] and man["tracking"]["run_name"] == "rl"
+    assert man["tracking"]["tensorboard_log_dir"] == str((out / "tensorboard").resolve())
+    tb = _tensorboard_scalars(out / "tensorboard")
+    for key in ("reward", "rewards/correctness/mean", "rewards/format/mean"):
+        assert [s.step for s in tb[f"train/{key}"]] == [c["step"] for c in man["reward_curves"]], key
+        assert [s.value for s in tb[f"train/{key}"]] == pytest.approx([c[key] for c in man["reward_curves"]]), key
 
     with pytest.raises(SynthpertError, match="already holds a run"):
         run_rl(_cfg(answer_adapter, tiny_built_dataset), out)

@@ -54,6 +54,34 @@ def test_sft_config_gets_trackers_and_the_run_name(tmp_path):
     assert sft_config(TrainConfig(), tmp_path / "r", "fp32", False).report_to == []
 
 
+def test_rl_report_to_is_checked_like_train_and_names_its_section(monkeypatch):
+    import importlib.util
+
+    from synthpert import tracking
+    from synthpert.config import validate_config
+    from synthpert.config.rl import RLConfig
+    from synthpert.errors import SynthpertError
+
+    assert RLConfig().report_to == ["none"] and RLConfig(report_to="TensorBoard").report_to == ["tensorboard"]
+    with pytest.raises(SynthpertError, match="did you mean 'mlflow'") as e:
+        validate_config(RLConfig, {"report_to": ["mlfow"]}, "rl config")
+    assert "report_to" in str(e.value)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "trackio" else real(n, *a))
+    with pytest.raises(SynthpertError, match=r"pip install 'synthpert\[trackio\]' \(or set rl.report_to=none\)"):
+        tracking.require(["trackio"], "rl")
+
+
+@pytest.mark.slow  # imports trl
+def test_grpo_config_gets_trackers_and_the_run_name(tmp_path):
+    from synthpert.config.rl import RLConfig
+    from synthpert.rl import grpo_config
+
+    args = grpo_config(RLConfig(report_to=["tensorboard"], num_generations=4), tmp_path / "my-rl", "fp32")
+    assert args.report_to == ["tensorboard"] and args.run_name == "my-rl"
+    assert grpo_config(RLConfig(num_generations=4), tmp_path / "r", "fp32").report_to == []
+
+
 def _scalars(log_dir) -> dict[str, list]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

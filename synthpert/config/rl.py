@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..answer import canonical_class
+from ..tracking import TRACKERS, check_report_to
 from . import StrictModel
 
 
@@ -90,6 +91,11 @@ class RLConfig(StrictModel):
                                                                "supports it, fp32 on CPU")
     gradient_checkpointing: bool = Field(False, description="recompute activations to save memory (8B: on)")
     resume: bool = Field(False, description="continue from the last checkpoint in the run folder")
+    report_to: list[str] = Field(
+        ["none"], description=f"experiment trackers ({', '.join(TRACKERS)}), as train.report_to: the tracker "
+        "run is named after the RL run folder and logs the reward curves; `synthpert eval` of the RL adapter "
+        "adds its metrics to it. Each tracker needs its extra (pip install 'synthpert[tensorboard]'); "
+        "TensorBoard logs go to <run>/tensorboard")
 
     use_vllm: bool = Field(False, description="generate rollouts with vLLM (needs vllm and a CUDA GPU)")
     vllm_mode: Literal["colocate", "server"] = Field("colocate", description="colocate: vLLM in the training "
@@ -99,6 +105,11 @@ class RLConfig(StrictModel):
     vllm_enable_sleep_mode: bool = Field(False, description="offload vLLM's weights and KV cache during the "
                                          "optimizer step")
     vllm_max_model_length: int | None = Field(None, ge=16, description="vLLM context (prompt + completion)")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers(cls, v):
+        return check_report_to(v)
 
     @model_validator(mode="after")
     def _combinations(self):
