@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import httpx
 import pytest
@@ -111,3 +112,122 @@ def test_vllm_served_endpoint(vllm_backend):
         resp = client.chat.completions.create(model=model, max_tokens=MAX_NEW, temperature=0,
                                               messages=_messages()[0])
         assert resp.choices[0].message.content is not None and resp.usage.completion_tokens <= MAX_NEW
+
+
+# ---------------------------------------------------------------------------------------------------------
+# vLLM's own OpenAI server (the documented command) against `synthpert serve` on the same adapter
+
+SERVER_OPT_IN = "SYNTHPERT_TEST_VLLM_SERVER"
+SERVER_START_TIMEOUT_S = 420  # ~120 s measured on 2 busy cores: three processes each import vLLM and torch
+
+
+def documented_server_command() -> str:
+    """The `vllm-server-command` block of docs/ecosystem.md, continuation lines joined."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "ecosystem.md").read_text()
+    block = re.search(r"<!-- vllm-server-command -->\s*\n```bash\n(.*?)```", text, flags=re.S)
+    assert block, "docs/ecosystem.md lost its vllm-server-command block"
+    return " ".join(block.group(1).replace("\\\n", " ").split())
+
+
+def test_documented_vllm_server_command_serves_the_adapter_with_the_runs_template():
+    cmd = documented_server_command()
+    assert cmd.startswith("python -m vllm.entrypoints.openai.api_server --model BASE ")
+    for flag in ("--enable-lora", "--lora-modules student=RUN", "--max-lora-rank RANK",
+                 "--chat-template RUN/chat_template.jinja", "--port PORT"):
+        assert flag in cmd, flag
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def vllm_openai_server(tiny_model_dir, tiny_adapter_dir, tmp_path):
+    """`python -m vllm.entrypoints.openai.api_server` started from the documented command; yields its URL."""
+    import shlex
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from synthpert.backends import adapter_rank
+    from synthpert.vllm_backend import vllm_lora_rank
+
+    port = _free_port()
+    cmd = documented_server_command()
+    for placeholder, value in (("BASE", str(tiny_model_dir)), ("RUN", str(tiny_adapter_dir)), ("PORT", str(port)),
+                               ("RANK", str(vllm_lora_rank(adapter_rank(tiny_adapter_dir))))):
+        cmd = re.sub(rf"\b{placeholder}\b", value, cmd)
+    args = shlex.split(cmd)
+    assert args[0] == "python"
+    log = (tmp_path / "vllm-server.log").open("w")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+    # its own session: the API server spawns an engine core and a worker, ended together below
+    proc = subprocess.Popen([sys.executable, *args[1:]], stdout=log, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    url, started = f"http://127.0.0.1:{port}", time.monotonic()
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vLLM server exited ({proc.returncode}):\n{_tail(tmp_path / 'vllm-server.log')}")
+            if time.monotonic() - started > SERVER_START_TIMEOUT_S:
+                pytest.fail(f"vLLM server not healthy after {SERVER_START_TIMEOUT_S} s:\n"
+                            f"{_tail(tmp_path / 'vllm-server.log')}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        print(f"vLLM OpenAI server healthy after {time.monotonic() - started:.1f} s")
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def _tail(path, n=40) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+
+
+@pytest.mark.skipif(not os.environ.get(SERVER_OPT_IN), reason=f"opt-in (~2 min of vLLM start-up on CPU): set "
+                    f"{SERVER_OPT_IN}=1")
+def test_vllm_openai_server_with_the_adapter_answers_like_synthpert_serve(vllm_openai_server, vllm_backend):
+    from openai import OpenAI
+
+    from synthpert.answer import parse_both
+    from synthpert.config.serve import ServeSettings
+    from synthpert.inference import Predictor
+    from synthpert.prompting import student_messages
+    from synthpert.serve import create_app
+
+    messages = student_messages("k562", "MYC", "GAPDH")
+    ask = dict(messages=messages, temperature=0, max_tokens=48)
+    vllm_client = OpenAI(base_url=f"{vllm_openai_server}/v1", api_key="unused")
+    assert "student" in [m.id for m in vllm_client.models.list().data]  # the adapter, as a LoRA module
+    theirs = vllm_client.chat.completions.create(model="student", extra_body={"return_token_ids": True}, **ask)
+    with LiveServer(create_app(Predictor(vllm_backend), ServeSettings())) as srv:
+        client = OpenAI(base_url=f"{srv.url}/v1", api_key="x")
+        ours = client.chat.completions.create(model=client.models.list().data[0].id, **ask)
+    # the same chat template renders the same prompt, token for token
+    assert theirs.model_dump()["prompt_token_ids"] == vllm_backend.prepare(messages).prompt_ids
+    text, expected = theirs.choices[0].message.content, ours.choices[0].message.content
+    assert text and text == expected
+    assert theirs.usage.completion_tokens == ours.usage.completion_tokens
+    assert parse_both(text) == parse_both(expected)
+    # and the adapter is really applied: the bare base model answers something else
+    base_id = next(m.id for m in vllm_client.models.list().data if m.id != "student")
+    base = vllm_client.chat.completions.create(model=base_id, **ask)
+    assert base.choices[0].message.content != text
