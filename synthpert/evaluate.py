@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -144,10 +145,14 @@ def predict_missing(predictor: Predictor | None, examples: pd.DataFrame, out: Pa
     evidence = [evidence_text(evidence_stats, r.cell_line, r.perturbation, r.gene) if evidence_stats is not None
                 else None for r in todo.itertuples()]
 
-    def write(lines: list[str]) -> None:
+    written = 0
+
+    def write(lines: list[str], asked: int | None = None) -> None:
+        nonlocal written
         append_lines(path, lines)
-        if bar is not None:
-            bar.update(task, advance=len(lines))
+        written += len(lines)
+        if bar is not None:  # a request that failed (openai) is still done for this run
+            bar.update(task, advance=len(lines) if asked is None else asked)
 
     try:
         if bar is not None:
@@ -156,12 +161,13 @@ def predict_missing(predictor: Predictor | None, examples: pd.DataFrame, out: Pa
             from .evaluate_ray import rows_of, score_on_ray
 
             return score_on_ray(ray_cfg, rows_of(todo, evidence), ray_cfg.inference, write)
+        t0 = time.perf_counter()
         for start in range(0, len(todo), chunk_size):
             part = todo.iloc[start:start + chunk_size]
             triples = [Triple(r.id, r.cell_line, r.perturbation, r.gene, r.label, e)
                        for r, e in zip(part.itertuples(), evidence[start:start + chunk_size])]
-            write([p.model_dump_json() for p in predictor.predict(triples)])
-        return {"engine": "local", "predicted": len(todo)}
+            write([p.model_dump_json() for p in predictor.predict(triples)], len(part))
+        return {"engine": "local", "predicted": written, "scoring_s": round(time.perf_counter() - t0, 2)}
     finally:
         if bar is not None:
             bar.stop()
@@ -299,8 +305,10 @@ def run_eval(cfg: EvalConfig, dataset_path: str | Path | None = None, out_dir: s
 
         check_local_paths(cfg)
     owned = backend is None and not on_ray
+    t0 = time.perf_counter()
     if owned:
         backend = make_backend(inf)
+    load_s = time.perf_counter() - t0
     try:
         run = {**fp, "backend_info": ray_backend_info(inf) if on_ray else backend.describe(),
                "model_name": cfg.name or _default_name(inf),
@@ -310,6 +318,8 @@ def run_eval(cfg: EvalConfig, dataset_path: str | Path | None = None, out_dir: s
         engine = predict_missing(None if on_ray else Predictor(backend), examples, out, stats if evidence else None,
                                  cfg.chunk_size, progress, cfg if on_ray else None)
         engine_stats = None if on_ray else getattr(backend, "last_stats", None)
+        if not on_ray and engine["predicted"]:
+            engine["setup_s"] = round(load_s, 2)  # loading the model (Ray's own: starting Ray)
     finally:
         if owned:
             backend.close()

@@ -53,8 +53,11 @@ class Scorer:
 
         triples = [Triple(r.id, r.cell_line, r.perturbation, r.gene, r.label, r.evidence or None)
                    for r in batch.itertuples()]
+        start = time.time()  # wall clock: the driver compares batches of different actors
         records = self.predictor.predict(triples)
-        return pd.DataFrame({"record": [r.model_dump_json() for r in records], "worker": [self.pid] * len(records)})
+        n = len(records)
+        return pd.DataFrame({"record": [r.model_dump_json() for r in records], "worker": [self.pid] * n,
+                             "started": [start] * n, "ended": [time.time()] * n})
 
 
 def start_ray(cfg: EvalConfig):
@@ -63,7 +66,8 @@ def start_ray(cfg: EvalConfig):
     ray = import_ray()
     if ray.is_initialized():
         return ray, False
-    quiet = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    # the CLI owns the terminal: Ray's start-up notices and its workers' output stay in Ray's log files
+    quiet = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     try:
         if cfg.ray.address:
             ray.init(address=cfg.ray.address, **quiet)
@@ -95,7 +99,7 @@ def score_on_ray(cfg: EvalConfig, rows: pd.DataFrame, inference: InferenceConfig
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # the CLI draws the only progress bar
     ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     workers = cfg.ray_workers()
     size = cfg.ray.batch_size or cfg.chunk_size
     # one block per batch: blocks are what the pool hands out, so a single block would keep one actor busy
@@ -107,10 +111,15 @@ def score_on_ray(cfg: EvalConfig, rows: pd.DataFrame, inference: InferenceConfig
     pids: set[int] = set()
     n = 0
     t1 = time.perf_counter()
+    first, first_rows, started, ended = None, 0, float("inf"), 0.0
     try:
         for block in ds.iter_batches(batch_size=None, batch_format="pandas"):
+            if first is None:
+                first, first_rows = time.perf_counter() - t1, len(block)
             on_records(list(block["record"]))
             pids |= set(int(p) for p in block["worker"])
+            if len(block):
+                started, ended = min(started, float(block["started"].min())), max(ended, float(block["ended"].max()))
             n += len(block)
     except ray.exceptions.RayError as e:
         raise SynthpertError(f"the Ray evaluation stopped: {_cause(e)}; the {n} predictions received are kept, "
@@ -120,7 +129,10 @@ def score_on_ray(cfg: EvalConfig, rows: pd.DataFrame, inference: InferenceConfig
             ray.shutdown()
     return {"engine": "ray", "workers": workers, "workers_used": len(pids), "predicted": n,
             "address": cfg.ray.address or "local", "setup_s": round(setup, 2),
-            "scoring_s": round(time.perf_counter() - t1, 2)}
+            "scoring_s": round(time.perf_counter() - t1, 2), "first_result_s": round(first or 0.0, 2),
+            "first_result_rows": first_rows,
+            # from the first batch an actor began to the last it finished: scoring without start-up
+            "scoring_span_s": round(ended - started, 2) if n else 0.0}
 
 
 def _cause(e: Exception) -> str:
