@@ -100,10 +100,10 @@ def score_on_ray(cfg: EvalConfig, rows: pd.DataFrame, inference: InferenceConfig
     ctx.enable_progress_bars = False  # the CLI draws the only progress bar
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)
-    workers = cfg.ray_workers()
     size = cfg.ray.batch_size or cfg.chunk_size
     # one block per batch: blocks are what the pool hands out, so a single block would keep one actor busy
     blocks = [rows.iloc[i:i + size] for i in range(0, len(rows), size)]
+    workers = min(cfg.ray_workers(), len(blocks))  # an actor with no block would load the model for nothing
     ds = ray.data.from_pandas(blocks).map_batches(
         Scorer, fn_constructor_kwargs={"inference": inference.model_dump(mode="json")}, batch_format="pandas",
         batch_size=size, compute=ActorPoolStrategy(size=workers),
