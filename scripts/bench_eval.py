@@ -1,6 +1,8 @@
-"""Generated tokens/s of the evaluation backends on the same prompts, measured side by side.
+"""Generated tokens/s of the evaluation backends on the same prompts, measured side by side; with --engines,
+`synthpert eval` in-process against eval.engine ray with 1 and 2 workers on the same pairs.
 
     python scripts/bench_eval.py [--model DIR] [--prompts 32] [--new-tokens 64] [--batch 16] [--no-vllm]
+    python scripts/bench_eval.py --engines [--n 48] [--new-tokens 32] [--batch 8] [--source PERTURBQA_DIR]
 
 Without --model it builds the tiny offline model (random weights: generation runs to --new-tokens because
 EOS is ignored/forced off, so every backend generates exactly the same number of tokens). Backends:
@@ -69,6 +71,66 @@ def bench_vllm(model: str, msgs, new_tokens: int) -> dict:
             "seconds": round(dt, 3), "tokens_per_s": round(toks / dt, 1), "engine_start_s": round(start, 1)}
 
 
+def bench_engines(args) -> None:
+    """run_eval on the same pairs: in-process, then Ray with 1 and 2 actors (each a local Ray instance the
+    run starts and stops itself, so its start-up is counted). ``examples_per_s`` counts the whole prediction
+    phase: model loading in-process; Ray start-up, actor start (each imports torch and loads the model) and
+    scoring on Ray. ``steady_examples_per_s`` counts scoring only (see _steady)."""
+    from synthpert.config.data import DataConfig
+    from synthpert.config.evaluate import EvalConfig
+    from synthpert.data import build
+    from synthpert.evaluate import run_eval
+    from synthpert.tiny import build_tiny_model
+
+    tmp = Path(tempfile.mkdtemp())
+    source = args.source or os.environ.get("SYNTHPERT_TEST_DATA", "../shared/data/perturbqa")
+    model = args.model or str(build_tiny_model(tmp / "tiny", source=source, seed=0))
+    data = tmp / "data"
+    build(DataConfig(source=str(source), train_cells=["k562"], test_cells=["k562"], seed=0,
+                     train_subsample={"n": 96}, test_subsample={"n": args.n}), data)
+    rows = []
+    for engine, workers in (("local", 1), ("ray", 1), ("ray", 2)):
+        cfg = EvalConfig(dataset=str(data), n=args.n, n_bootstrap=0, figures=False, chunk_size=args.batch,
+                         engine=engine, ray={"num_workers": workers},
+                         inference={"model": model, "max_new_tokens": args.new_tokens, "batch_size": args.batch})
+        t0 = time.perf_counter()
+        summary = run_eval(cfg, out_dir=tmp / f"{engine}{workers}", progress=False)
+        wall = time.perf_counter() - t0
+        e = summary["engine"]
+        predict_s = e["setup_s"] + e["scoring_s"]  # in-process: model load; Ray: ray.init (actors load in scoring)
+        rows.append({"engine": engine if engine == "local" else f"ray x{workers}", "examples": e["predicted"],
+                     "wall_s": round(wall, 1), "examples_per_s": round(e["predicted"] / predict_s, 3),
+                     "setup_s": e["setup_s"], "first_result_s": e.get("first_result_s"),
+                     "workers_used": e.get("workers_used"), "steady_examples_per_s": _steady(e),
+                     "predictions": (tmp / f"{engine}{workers}" / "predictions.jsonl").read_text()})
+    base = rows[0]["examples_per_s"]
+    same = {r["engine"]: _labels(r.pop("predictions")) == _labels(rows[0]["predictions"]) for r in rows[1:]}
+    rows[0].pop("predictions")
+    print(f"\n{args.n} pairs, {args.new_tokens} new tokens, batch {args.batch}, cpu ({os.cpu_count()} cores)")
+    print(f"{'engine':<10}{'ex/s':>8}{'x local':>9}{'scoring ex/s':>13}{'x local':>9}{'wall s':>8}{'setup s':>10}"
+          f"{'1st result s':>14}{'workers used':>14}")
+    for r in rows:
+        r["ratio_vs_local"] = round(r["examples_per_s"] / base, 2)
+        r["steady_ratio_vs_local"] = round(r["steady_examples_per_s"] / rows[0]["steady_examples_per_s"], 2)
+        r["same_labels_as_local"] = same.get(r["engine"], True)
+        print(f"{r['engine']:<10}{r['examples_per_s']:>8}{r['ratio_vs_local']:>9}{r['steady_examples_per_s']:>13}"
+              f"{r['steady_ratio_vs_local']:>9}{r['wall_s']:>8}{r['setup_s']:>10}{str(r['first_result_s'] or '—'):>14}"
+              f"{str(r['workers_used'] or '—'):>14}")
+    for r in rows:
+        print(json.dumps(r))
+
+
+def _steady(e: dict) -> float:
+    """Examples/s while scoring: in-process the prediction loop; on Ray from the first batch an actor began
+    to the last one it finished (Ray and actor start-up excluded, idle actors included)."""
+    span = e["scoring_s"] if e["engine"] == "local" else e["scoring_span_s"]
+    return round(e["predicted"] / span, 3)
+
+
+def _labels(text: str) -> dict:
+    return {r["id"]: (r["label_strict"], r["raw_text"]) for r in map(json.loads, text.splitlines())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model")
@@ -76,8 +138,13 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--no-vllm", action="store_true")
+    ap.add_argument("--engines", action="store_true", help="in-process vs eval.engine ray with 1 and 2 workers")
+    ap.add_argument("--n", type=int, default=48, help="--engines: test pairs scored by each engine")
+    ap.add_argument("--source", help="--engines: PerturbQA CSV folder (default $SYNTHPERT_TEST_DATA)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.engines:
+        return bench_engines(args)
     model = args.model
     if model is None:
         from synthpert.tiny import build_tiny_model

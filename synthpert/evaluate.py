@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -117,42 +118,59 @@ def read_predictions(path: Path) -> dict[str, Prediction]:
 
 
 def append_predictions(path: Path, records: list[Prediction]) -> None:
+    append_lines(path, [r.model_dump_json() for r in records])
+
+
+def append_lines(path: Path, lines: list[str]) -> None:
+    """Whole JSON records, one a line, made durable before the caller counts them as done."""
     with open(path, "a", encoding="utf-8") as f:
-        for r in records:
-            f.write(r.model_dump_json() + "\n")
+        for line in lines:
+            f.write(line + "\n")
         f.flush()
         os.fsync(f.fileno())
 
 
-def predict_missing(predictor: Predictor, examples: pd.DataFrame, out: Path, evidence_stats, chunk_size: int,
-                    progress: bool = True) -> int:
-    """Predict the examples without a record yet, appending each chunk as it finishes. Returns how many."""
+def predict_missing(predictor: Predictor | None, examples: pd.DataFrame, out: Path, evidence_stats, chunk_size: int,
+                    progress: bool = True, ray_cfg: EvalConfig | None = None) -> dict:
+    """Predict the examples without a record yet, appending each chunk as it finishes: here with
+    ``predictor``, or on a Ray actor pool when ``ray_cfg`` is given. Returns the engine's statistics
+    (``predicted``: how many were predicted this time)."""
     path = out / PREDICTIONS
     repair_tail(path)
     done = set(read_predictions(path))
     todo = examples[~examples["id"].isin(done)]
     if todo.empty:
-        return 0
+        return {"engine": ray_cfg.engine if ray_cfg else "local", "predicted": 0}
     bar, task = count_progress(len(examples), len(examples) - len(todo), "eval") if progress else (None, None)
+    evidence = [evidence_text(evidence_stats, r.cell_line, r.perturbation, r.gene) if evidence_stats is not None
+                else None for r in todo.itertuples()]
+
     written = 0
+
+    def write(lines: list[str], asked: int | None = None) -> None:
+        nonlocal written
+        append_lines(path, lines)
+        written += len(lines)
+        if bar is not None:  # a request that failed (openai) is still done for this run
+            bar.update(task, advance=len(lines) if asked is None else asked)
+
     try:
         if bar is not None:
             bar.start()
+        if ray_cfg is not None:
+            from .evaluate_ray import rows_of, score_on_ray
+
+            return score_on_ray(ray_cfg, rows_of(todo, evidence), ray_cfg.inference, write)
+        t0 = time.perf_counter()
         for start in range(0, len(todo), chunk_size):
             part = todo.iloc[start:start + chunk_size]
-            triples = [Triple(r.id, r.cell_line, r.perturbation, r.gene, r.label,
-                              evidence_text(evidence_stats, r.cell_line, r.perturbation, r.gene)
-                              if evidence_stats is not None else None)
-                       for r in part.itertuples()]
-            records = predictor.predict(triples)
-            append_predictions(path, records)
-            written += len(records)
-            if bar is not None:
-                bar.update(task, advance=len(part))
+            triples = [Triple(r.id, r.cell_line, r.perturbation, r.gene, r.label, e)
+                       for r, e in zip(part.itertuples(), evidence[start:start + chunk_size])]
+            write([p.model_dump_json() for p in predictor.predict(triples)], len(part))
+        return {"engine": "local", "predicted": written, "scoring_s": round(time.perf_counter() - t0, 2)}
     finally:
         if bar is not None:
             bar.stop()
-    return written
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -281,17 +299,27 @@ def run_eval(cfg: EvalConfig, dataset_path: str | Path | None = None, out_dir: s
 
     stats = training_stats(data_cfg)
     decision = decision_for(cfg.decision, inf.adapter, stats)
-    owned = backend is None
-    if backend is None:
+    on_ray = cfg.engine == "ray" and backend is None
+    if on_ray:
+        from .evaluate_ray import check_local_paths, ray_backend_info
+
+        check_local_paths(cfg)
+    owned = backend is None and not on_ray
+    t0 = time.perf_counter()
+    if owned:
         backend = make_backend(inf)
+    load_s = time.perf_counter() - t0
     try:
-        predictor = Predictor(backend)
-        run = {**fp, "backend_info": backend.describe(), "model_name": cfg.name or _default_name(inf),
+        run = {**fp, "backend_info": ray_backend_info(inf) if on_ray else backend.describe(),
+               "model_name": cfg.name or _default_name(inf),
                "versions": library_versions(), "data_config": data_cfg.model_dump(mode="json"),
                "n_bootstrap": cfg.n_bootstrap, "config": cfg.model_dump(mode="json")}
         write_json_atomic(out / RUN_FILE, jsonable(run))
-        predict_missing(predictor, examples, out, stats if evidence else None, cfg.chunk_size, progress)
-        engine_stats = getattr(backend, "last_stats", None)
+        engine = predict_missing(None if on_ray else Predictor(backend), examples, out, stats if evidence else None,
+                                 cfg.chunk_size, progress, cfg if on_ray else None)
+        engine_stats = None if on_ray else getattr(backend, "last_stats", None)
+        if not on_ray and engine["predicted"]:
+            engine["setup_s"] = round(load_s, 2)  # loading the model (Ray's own: starting Ray)
     finally:
         if owned:
             backend.close()
@@ -306,6 +334,7 @@ def run_eval(cfg: EvalConfig, dataset_path: str | Path | None = None, out_dir: s
     figures = write_figures(out, metrics, examples, preds, run["model_name"]) if cfg.figures and preds else []
     write_report(out, metrics, run, figures)
     result = summary(metrics, out)
+    result["engine"] = engine
     result["tracked"] = log_to_training_trackers(inf.adapter, cfg, metrics)
     return result
 

@@ -171,9 +171,10 @@ class Pipeline:
                     runs.append((f"{name}_zero_shot",
                                  self.cfg.eval.model_copy(update={"name": "base model (zero-shot)"}), None))
                 for label, ecfg, adp in runs:
-                    if adp not in backends:
-                        backends[adp] = make_backend(ecfg.inference.model_copy(
-                            update={"model": self.base_model, "adapter": adp}))
+                    inference = ecfg.inference.model_copy(update={"model": self.base_model, "adapter": adp})
+                    ecfg = ecfg.model_copy(update={"inference": inference})
+                    if adp not in backends:  # eval.engine ray: the actors load the model, this process none
+                        backends[adp] = make_backend(inference) if ecfg.engine == "local" else None
                         if adp and ecfg.decision == "tuned":  # fitted on the run's validation rows, never test
                             self.log(f"[eval] fitting the tuned decision rule on {ecfg.decision_fit_n} validation rows")
                             # one fit per adapter: each is bound to its adapter's hash (SFT and RL differ)
@@ -187,7 +188,8 @@ class Pipeline:
                                           overwrite=not resume)
         finally:
             for b in backends.values():
-                b.close()
+                if b is not None:
+                    b.close()
         unfinished = [k for k, v in out.items() if not v.get("complete", True)]
         if unfinished:
             raise SynthpertError(f"evaluation of {unfinished} stopped early; rerun to continue (finished "

@@ -40,6 +40,10 @@ class VLLMBackend(Backend):
 
     def __init__(self, cfg: InferenceConfig):
         super().__init__(cfg)
+        if cfg.data_parallel_size > 1:  # eval runs it as Ray actors, each with data_parallel_size 1
+            raise SynthpertError(f"data_parallel_size {cfg.data_parallel_size}: vLLM's offline engine runs one "
+                                 "data-parallel rank per process; `synthpert eval` runs them with eval.engine ray, "
+                                 "one engine per GPU. Here (one engine) leave it at 1")
         import_vllm()
         import torch
         from vllm import LLM

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "transformers", "trl", "peft", "vllm", "fastapi", "datasets")
+HEAVY = ("torch", "transformers", "trl", "peft", "vllm", "fastapi", "datasets", "ray")
 
 
 def test_help_imports_no_heavy_library():

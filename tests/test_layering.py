@@ -21,7 +21,7 @@ STAGES = {
     "rl": {"rl", "rewards"},
     "tiny": {"tiny"},
     "merge": {"merge"},
-    "evaluate": {"evaluate"},
+    "evaluate": {"evaluate", "evaluate_ray"},
     "publish": {"publish"},
     "report": {"report"},
     "serve": {"serve", "serve_http", "serve_stream"},

@@ -36,6 +36,10 @@ class InferenceConfig(StrictModel):
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
     enforce_eager: bool | None = None
     max_model_len: int | None = Field(None, ge=64)
+    data_parallel_size: int = Field(
+        1, ge=1, description="vllm: engines run side by side, one per GPU of the node, each scoring its share "
+        "of the examples. vLLM's offline engine refuses data_parallel_size > 1 inside one process, so synthpert "
+        "runs them as Ray actors: needs eval.engine ray (eval.ray.num_workers defaults to this)")
     # openai backend
     base_url: str | None = None
     api_key_env: str = Field("OPENAI_API_KEY", description="name of the env var holding the key (never the key)")
@@ -69,6 +73,27 @@ class InferenceConfig(StrictModel):
                              "no log-probabilities: use votes with n_samples > 1")
         return self
 
+    @model_validator(mode="after")
+    def _data_parallel_needs_vllm(self):
+        if self.data_parallel_size > 1 and self.backend != "vllm":
+            raise ValueError(f"data_parallel_size {self.data_parallel_size} is a vllm setting; backend is "
+                             f"{self.backend!r} (set backend: vllm, or leave data_parallel_size at 1)")
+        return self
+
+
+class RayConfig(StrictModel):
+    """Where and how wide `eval.engine: ray` runs (an actor pool, each actor holding one backend)."""
+
+    address: str | None = Field(None, description="an existing Ray cluster (ray://HEAD:10001, or 'auto' on a "
+                                "cluster node); unset = start a local Ray instance with num_workers x "
+                                "cpus_per_worker CPUs and stop it afterwards")
+    num_workers: int | None = Field(None, ge=1, description="actors, each loading the model once; unset = "
+                                    "inference.data_parallel_size (1 unless set)")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per actor (also its torch threads)")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per actor: 1 for a vLLM or transformers engine "
+                                   "per GPU; 0 on CPU")
+    batch_size: int | None = Field(None, ge=1, description="examples per actor call; unset = eval.chunk_size")
+
 
 class EvalConfig(StrictModel):
     dataset: str | None = Field(None, description="folder written by `synthpert data build`",
@@ -88,4 +113,28 @@ class EvalConfig(StrictModel):
                           "else prior), or a path to a decision.json")
     decision_fit_n: int = Field(2000, ge=10, description="synthpert run with decision 'tuned': validation rows (seeded "
                                 "sample of the run's validation split) the rule is fitted on before evaluation")
+    engine: Literal["local", "ray"] = Field(
+        "local", description="local: this process drives one backend; ray: the examples become a Ray Dataset "
+        "scored by a pool of actors (eval.ray), each running the same backend (needs `pip install "
+        "'synthpert[ray]'`)")
+    ray: RayConfig = Field(default_factory=RayConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
+
+    @model_validator(mode="after")
+    def _ray_engine_fits_the_backend(self):
+        inf, dp = self.inference, self.inference.data_parallel_size
+        if self.engine == "ray" and inf.backend == "openai":
+            raise ValueError("eval.engine ray runs local backends (transformers, vllm) in actors; the openai "
+                             "backend already sends requests concurrently (inference.concurrency): use engine local")
+        if dp > 1 and self.engine != "ray":
+            raise ValueError(f"inference.data_parallel_size {dp} needs eval.engine ray: vLLM's offline engine "
+                             "refuses data_parallel_size > 1 in one process, so synthpert runs one engine per "
+                             "GPU as Ray actors")
+        if dp > 1 and self.ray.num_workers not in (None, dp):
+            raise ValueError(f"eval.ray.num_workers {self.ray.num_workers} and inference.data_parallel_size {dp} "
+                             "disagree: set one of them")
+        return self
+
+    def ray_workers(self) -> int:
+        """Actors of the Ray engine: eval.ray.num_workers, else the vLLM data-parallel size."""
+        return self.ray.num_workers or self.inference.data_parallel_size
