@@ -13,15 +13,17 @@ import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from .errors import SynthpertError
+from .errors import STORAGE_ERRNOS, SynthpertError
 from .resources import hash_file_into
 
 ADAPTER_MANIFEST = "manifest.json"  # written by `synthpert train` beside the adapter
@@ -90,17 +92,62 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 def write_jsonl_atomic(path: Path, records) -> int:
-    """Write pydantic records as JSONL atomically (fsynced before the rename)."""
+    """Write pydantic records as JSONL atomically (fsynced before the rename). On an error (a full disk) the
+    temporary file is removed and the error names ``path``: a failed write() names no file at all."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(r.model_dump_json() + "\n")
-            n += 1
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(r.model_dump_json() + "\n")
+                n += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from None
     return n
+
+
+def check_writable(folder: Path) -> None:
+    """Fail now, naming ``folder``, when nothing can be written there (read-only, full): before a model that
+    takes minutes to load, not after. The probe file is removed at once."""
+    probe = Path(folder) / f".write-probe-{os.getpid()}"
+    try:
+        probe.write_bytes(b"x")
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(folder)) from None
+    probe.unlink(missing_ok=True)
+
+
+def storage_errno(exc: BaseException) -> int | None:
+    """The errno of a failed write that a library reported in its own exception type: safetensors raises
+    ``SafetensorError('... No space left on device (os error 28)')``, an OSError without a file name."""
+    if isinstance(exc, OSError):
+        return exc.errno
+    m = re.search(r"\(os error (\d+)\)", str(exc))
+    return int(m.group(1)) if m else None
+
+
+@contextmanager
+def storage_errors(folder: Path):
+    """Inside: a write that fails for want of space or permission (however the library reports it) becomes an OSError
+    naming the file last written under ``folder`` (the one the failed write left behind), which the CLI
+    reports without a traceback."""
+    try:
+        yield
+    except Exception as e:
+        code = storage_errno(e)
+        if code not in STORAGE_ERRNOS or (isinstance(e, OSError) and e.filename):
+            raise
+        raise OSError(code, os.strerror(code), str(last_written(Path(folder)))) from None
+
+
+def last_written(folder: Path) -> Path:
+    files = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
+    return max(files, key=lambda p: p.stat().st_mtime_ns) if files else folder
 
 
 @dataclass
@@ -176,7 +223,7 @@ class Timer:
 
 
 def write_adapter_manifest(run_dir: Path, manifest: dict) -> None:
-    (Path(run_dir) / ADAPTER_MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    write_json_atomic(Path(run_dir) / ADAPTER_MANIFEST, manifest)  # marks the run finished: never half of it
 
 
 def read_manifest(run_dir: str | Path) -> dict:
