@@ -242,6 +242,10 @@ def test_vllm_eval_sigkilled_mid_run_reruns_only_the_unfinished_examples(vllm_ba
     import signal
     import time
 
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a forked child cannot use its parent's CUDA context (the CPU engine runs in this process)")
     from synthpert.config.evaluate import EvalConfig
     from synthpert.evaluate import run_eval
 
