@@ -16,6 +16,10 @@ from pathlib import Path
 
 from .errors import SynthpertError
 
+# SQLITE_PERM, SQLITE_READONLY, SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN (primary codes): the folder is
+# read-only or full; the file itself may be fine
+CANNOT_WRITE = {3, 8, 10, 13, 14}
+
 
 def cache_key(model: str, messages: list[dict], sampling: dict, extra: dict | None = None) -> str:
     payload = {"model": model, "messages": messages, "sampling": sampling}
@@ -49,6 +53,9 @@ class ResponseCache:
                               "PRIMARY KEY (key, batch_id))")
             self.conn.execute("CREATE TABLE IF NOT EXISTS batch_answers (key TEXT PRIMARY KEY, batch_id TEXT NOT NULL)")
         except sqlite3.DatabaseError as e:
+            if ((getattr(e, "sqlite_errorcode", 0) or 0) & 0xFF) in CANNOT_WRITE:  # the disk, not the file
+                raise SynthpertError(f"response cache {self.path}: cannot write it ({e}); make {self.path.parent} "
+                                     "writable or free space, then rerun (cached answers are kept)") from None
             raise SynthpertError(f"response cache {self.path} is not a usable SQLite database ({e}); move it "
                                  "aside to start a fresh cache") from None
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import re
+
+# What the machine, not the code, got wrong (a full, read-only or forbidden disk): the user frees space or
+# fixes permissions and reruns. The CLI reports these without a traceback.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
+                            getattr(errno, "EDQUOT", errno.ENOSPC)})
 
 
 class SynthpertError(Exception):

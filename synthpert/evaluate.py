@@ -37,7 +37,7 @@ from .progress import count_progress
 from .prompting import student_prompt_hash
 from .report import write_figures, write_report
 from .tracking import log_eval_metrics
-from .runs import adapter_manifest, library_versions, write_json_atomic
+from .runs import adapter_manifest, check_writable, library_versions, write_json_atomic
 from .schema import HARD_LABEL, Prediction, jsonable, read_jsonl
 
 log = logging.getLogger("synthpert.evaluate")
@@ -285,6 +285,7 @@ def run_eval(cfg: EvalConfig, dataset_path: str | Path | None = None, out_dir: s
         inf = cfg.inference.model_copy(update=inf_updates)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)  # a read-only or full folder fails now, not after the model has loaded
     if inf.backend == "openai" and not inf.cache_path:
         inf = inf.model_copy(update={"cache_path": str(out / "cache.sqlite")})
     cfg = cfg.model_copy(update={"inference": inf})

@@ -29,7 +29,8 @@ from .evidence import dataset_training_stats, evidence_text
 from .prompting import student_messages, student_prompt_hash
 from .resources import sha256_text
 from .rewards import class_weights, reward_functions, wrong_reward
-from .runs import ADAPTER_MANIFEST, git_revision, hash_json, library_versions, read_manifest, write_adapter_manifest
+from .runs import (ADAPTER_MANIFEST, git_revision, hash_json, library_versions, read_manifest, storage_errors,
+                   write_adapter_manifest)
 from .schema import read_jsonl
 from .tokenizer import load_tokenizer
 
@@ -303,7 +304,8 @@ def run_rl(cfg: RLConfig, out_dir: str | Path) -> dict:
             raise SynthpertError(f"--resume: no checkpoint in {out_dir / CHECKPOINTS} (written every save_steps="
                                  f"{cfg.save_steps} steps)")
     try:
-        trainer.train(resume_from_checkpoint=resume_from)
+        with storage_errors(out_dir):  # as train's: a full disk mid-checkpoint is a message, not a traceback
+            trainer.train(resume_from_checkpoint=resume_from)
     finally:
         restore_signal(stop)
     if stop.requested:
@@ -325,8 +327,9 @@ def run_rl(cfg: RLConfig, out_dir: str | Path) -> dict:
     }
     if state.is_main_process:
         # only the trained adapter: with beta > 0 the model also holds TRL's frozen "ref" copy
-        trainer.model.save_pretrained(str(out_dir), selected_adapters=["default"])
-        tokenizer.save_pretrained(str(out_dir))
+        with storage_errors(out_dir):
+            trainer.model.save_pretrained(str(out_dir), selected_adapters=["default"])
+            tokenizer.save_pretrained(str(out_dir))
         _write_manifest(out_dir, cfg, summary, sft_manifest, curves, dhash, tokenizer)
     state.wait_for_everyone()
     return summary

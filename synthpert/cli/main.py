@@ -6,12 +6,11 @@ Heavy libraries (torch, transformers, trl, vllm) are imported only inside the co
 
 from __future__ import annotations
 
-import errno
 import sys
 
 import typer
 
-from ..errors import SynthpertError
+from ..errors import STORAGE_ERRNOS, SynthpertError
 from . import data, evaluate, generate, publish, rl, run, train
 from .output import error
 
@@ -22,11 +21,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-# What the machine, not the code, got wrong: the user frees space or fixes permissions and reruns.
-ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
-                      getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 def _print_version(value: bool) -> None:
@@ -57,7 +51,7 @@ def main() -> None:
         error("interrupted; finished work is saved and a rerun resumes")
         sys.exit(130)
     except OSError as e:
-        if e.errno not in ENVIRONMENT_ERRNOS:
+        if e.errno not in STORAGE_ERRNOS:
             raise
         error(f"{e.filename or 'a file'}: {e.strerror}; finished work is kept: free space (or fix the "
                   "permissions) and rerun the same command")
