@@ -184,11 +184,14 @@ def train_tokenizer(texts: list[str], vocab_size: int = 2048, chat_format: str =
 def build_tiny_model(out_dir: str | Path, *, source: str | Path | None = None, seed: int = 0,
                      layers: int = 2, hidden: int = 128, heads: int = 4, intermediate: int = 256,
                      vocab_size: int = 2048, initializer_range: float = 0.1,
-                     max_position_embeddings: int = 4096, chat_format: str = "chatml") -> Path:
+                     max_position_embeddings: int = 4096, chat_format: str = "chatml", tokenizer=None) -> Path:
     """Build and save the tiny model + tokenizer to ``out_dir``; returns the folder.
 
     ``source``: folder with PerturbQA CSVs for the gene-symbol vocabulary (default: $SYNTHPERT_DATA or
     the download cache if present, else a built-in list). Same arguments -> same weights and tokenizer.
+    ``tokenizer``: a ready tokenizer (with its chat template) to use instead of training one, e.g. a real
+    model's vocabulary; the embedding and LM head are then sized to it, and ``source``, ``vocab_size`` and
+    ``chat_format`` are not used.
     """
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
@@ -199,14 +202,20 @@ def build_tiny_model(out_dir: str | Path, *, source: str | Path | None = None, s
     if head_dim not in VLLM_CPU_HEAD_DIMS:
         raise SynthpertError(f"head_dim {head_dim} (= hidden/heads) must be one of {VLLM_CPU_HEAD_DIMS}: "
                              "vLLM's CPU attention accepts only those")
-    if source is None:
-        from .config.data import default_data_dir
+    if tokenizer is None:
+        if source is None:
+            from .config.data import default_data_dir
 
-        source = default_data_dir()
+            source = default_data_dir()
+        tokenizer = train_tokenizer(prompt_corpus(source, seed=seed), vocab_size=vocab_size, chat_format=chat_format)
+        vocab_source = str(source) if _has_csvs(source) else "built-in gene list"
+    else:
+        if not getattr(tokenizer, "chat_template", None) or tokenizer.eos_token_id is None:
+            raise SynthpertError("the tokenizer given must carry a chat template and an eos token")
+        vocab_source, chat_format = f"given tokenizer ({type(tokenizer).__name__})", "given"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = train_tokenizer(prompt_corpus(source, seed=seed), vocab_size=vocab_size, chat_format=chat_format)
     eos_id = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id
     bos_id = tokenizer.bos_token_id
@@ -225,6 +234,6 @@ def build_tiny_model(out_dir: str | Path, *, source: str | Path | None = None, s
         "built_by": "synthpert model tiny", "seed": seed, "layers": layers, "hidden": hidden, "heads": heads,
         "head_dim": head_dim, "vocab_size": len(tokenizer), "chat_format": chat_format,
         "initializer_range": initializer_range,
-        "vocab_source": str(source) if _has_csvs(source) else "built-in gene list",
+        "vocab_source": vocab_source,
     }, indent=2))
     return out

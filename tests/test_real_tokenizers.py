@@ -163,3 +163,80 @@ def test_chatml_generation_prompt_ends_where_the_model_starts(qwen):
     assert p[-3:] == [IM_START, *fast.encode("assistant\n", add_special_tokens=False)]
     assert ids[:len(p)] == p  # the served prompt is the trained context, to the token
     assert labels[len(p)] != -100 and all(label == -100 for label in labels[:len(p)])
+
+
+@pytest.mark.slow
+def test_tiny_model_on_qwens_vocabulary_trains_and_round_trips_through_eval_and_serve(
+        qwen, tiny_traces_path, tiny_built_dataset, tmp_path):
+    """Train → eval → serve with the embedding and LM head sized to Qwen's real 151,646 tokens (all earlier
+    round trips ran on the tiny 2,048-token vocabulary): the adapter's saved tokenizer + ChatML template must
+    render the same prompts at eval and serve time, and the answer scoring must work on real token ids."""
+    import json
+    import math
+
+    from starlette.testclient import TestClient
+
+    from synthpert.backends import make_backend
+    from synthpert.config.evaluate import EvalConfig
+    from synthpert.config.serve import ServeSettings
+    from synthpert.config.train import TrainConfig
+    from synthpert.evaluate import read_predictions, run_eval
+    from synthpert.inference import Predictor, answer_record
+    from synthpert.serve import create_app
+    from synthpert.tiny import build_tiny_model
+    from synthpert.train import run_train
+
+    fast, _ = qwen
+    # hidden 64 / 2 heads (head_dim 32, vLLM-CPU-valid): the two 151,646 x 64 matrices dominate, ~78 MB fp32
+    base = build_tiny_model(tmp_path / "base", tokenizer=fast, layers=1, hidden=64, heads=2, intermediate=128)
+    assert json.loads((base / "config.json").read_text())["vocab_size"] == len(fast) == 151646
+    assert json.loads((base / "synthpert_tiny.json").read_text())["vocab_source"].startswith("given tokenizer")
+    cfg = TrainConfig.model_validate({
+        "base_model": str(base), "max_length": 512, "seed": 0, "eval_fraction": 0.0, "max_examples": 2,
+        "logging_steps": 1, "lora": {"r": 8, "alpha": 16},
+        "optim": {"lr": 1e-2, "epochs": 1, "batch_size": 1, "grad_accum": 1, "warmup": 0.0},
+    })  # two one-example steps: on CPU TRL's chunked LM-head loss costs ~4 ms a token over 151k columns
+    run = tmp_path / "run"
+    summary = run_train(cfg, tiny_traces_path, run)
+    assert summary["global_step"] == 2 and summary["loss_mask"] in ("assistant_only", "completion_only")
+    # a near-uniform random head: the loss is that of a 151,646-way guess (ln = 11.9), not a 2,048-way one (7.6)
+    assert abs(summary["first_logged_loss"] - math.log(len(fast))) < 1.0
+    assert (run / "adapter_model.safetensors").exists()
+
+    inference = {"backend": "transformers", "model": str(base), "adapter": str(run), "max_new_tokens": 4}
+    backend = make_backend(EvalConfig(dataset=str(tiny_built_dataset), inference=inference).inference)
+    assert len(backend.tokenizer) == 151646 and backend.tokenizer.chat_template == fast.chat_template
+    # the saved folder reloads as transformers' Qwen2Tokenizer (config model_type qwen2), which rebuilds its own
+    # normaliser and pre-tokeniser: it must still split text exactly as the tokenizer trained with
+    hard = "ΔGAPDH — 毕老师！ e\u0301 ﬁ 12345\n\n\t  x"
+    assert backend.tokenizer.encode(hard, add_special_tokens=False) == fast.encode(hard, add_special_tokens=False)
+    prompts = []
+    prepare = backend.prepare
+    backend.prepare = lambda messages: prompts.append(prepare(messages)) or prompts[-1]  # what eval renders
+    out = tmp_path / "eval"
+    run_eval(EvalConfig(dataset=str(tiny_built_dataset), split="test", n=3, n_bootstrap=0, figures=False,
+                        inference=inference), out_dir=out, backend=backend, progress=False)
+    preds = read_predictions(out / "predictions.jsonl")
+    assert len(preds) == len(prompts) == 3
+    for q in prompts:  # system, user, then the generation prompt: <|im_start|>assistant\n on Qwen's ids
+        assert q.prompt_ids[0] == IM_START and q.prompt_ids.count(IM_START) == 3 and q.prompt_ids.count(IM_END) == 2
+        assert q.prompt_ids[-3:] == [IM_START, *fast.encode("assistant\n", add_special_tokens=False)]
+        assert q.prompt_ids == fast.apply_chat_template(q.messages, add_generation_prompt=True, return_dict=False)
+        assert max(q.prompt_ids) >= 2048  # real-vocabulary ids, beyond anything the tiny tokenizer has
+
+    # the endpoint over the same loaded backend (a second load of the 78 MB model would add ~3 s, same code)
+    app = create_app(Predictor(backend), ServeSettings())
+    with TestClient(app) as client:
+        for p in preds.values():
+            assert p.probabilities and sum(p.probabilities.values()) == pytest.approx(1.0, abs=1e-6)
+            r = client.post("/v1/predict", json={"cell_line": p.cell_line, "perturbation": p.perturbation,
+                                                 "gene": p.gene, "return_reasoning": True})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["probability_method"] == "answer_logprob"
+            assert body["probabilities"] == pytest.approx(p.probabilities, abs=1e-5)
+            assert body["reasoning"] == (p.reasoning if p.reasoning is not None else p.raw_text)  # same greedy text
+            assert body["label_generated"] == p.label_lenient and body["label"] == answer_record(p, None)["label"]
+    backend.close()
+    served = sorted(tuple(q.prompt_ids) for q in prompts[3:])  # the endpoint asked the model what eval asked
+    assert served == sorted(tuple(q.prompt_ids) for q in prompts[:3])

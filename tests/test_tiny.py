@@ -89,3 +89,15 @@ def test_tokenizer_ignores_other_csvs_in_the_data_folder(tmp_path, perturbqa_dir
     a = build_tiny_model(tmp_path / "a", source=only_lines, seed=0)
     b = build_tiny_model(tmp_path / "b", source=perturbqa_dir, seed=0)
     assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
+
+
+
+def test_a_given_tokenizer_must_carry_a_chat_template(tmp_path):
+    """(the model built around a real vocabulary: tests/test_real_tokenizers.py)"""
+    from synthpert.tiny import build_tiny_model, train_tokenizer
+
+    tok = train_tokenizer(["MYC GAPDH knockdown"] * 4, vocab_size=300)
+    tok.chat_template = None
+    with pytest.raises(SynthpertError, match="chat template"):
+        build_tiny_model(tmp_path / "m", tokenizer=tok)
+    assert not (tmp_path / "m").exists()  # refused before writing anything
