@@ -3,6 +3,7 @@
     python scripts/bench_science.py                       # every variant, seed 0, then 3 seeds of --chosen
     python scripts/bench_science.py --variants multitask label_only --seeds 0 1 2
     python scripts/bench_science.py --list
+    python scripts/bench_science.py --variants multitask_grpo --seeds 0 --table-only   # table from finished runs
 
 Each variant is the quickstart recipe (configs/quickstart.yaml: trained on K562 + HepG2 + Jurkat, so the
 evidence block carries cross-line observations; multitask student) with a few overrides, run through
@@ -10,8 +11,10 @@ evidence block carries cross-line observations; multitask student) with a few ov
 SAME pairs as the quickstart: every K562 test pair of 300 random readout genes (held-out perturbations) and
 every RPE1 test pair of 300 (an unseen line). Every variant fits the tuned decision rule on validation rows;
 the table shows each model three ways from the same predictions — argmax of its class probabilities, prior
-shift, tuned — beside majority, gene prior, cross-cell and combined. Writes a Markdown table (stdout and
---out) with the date, the machine and the wall time.
+shift, tuned — beside majority, gene prior, cross-cell and combined, with the expected calibration error (ECE)
+of the probabilities each rule reads. A run with an `rl:` stage (`multitask_grpo`) shows its SFT adapter
+(`<set>_sft`) and its SFT+GRPO adapter side by side, and the stage wall times. Writes a Markdown table
+(stdout and --out) with the date, the machine and the wall time.
 """
 
 from __future__ import annotations
@@ -40,6 +43,12 @@ VARIANTS = {
     "multitask_no_evidence": {"train.evidence": "false"},
     "multitask_natural": {"data.train_subsample.balance": "false"},
     "multitask_gene_matched": {"data.train_subsample.gene_matched": "true"},
+    # SFT, then GRPO (issue #15) in the same run: eval scores the RL adapter as <set> and the SFT adapter as
+    # <set>_sft on the same pairs. Sized for ~10 min on 2 CPU cores: 150 steps of 4 prompts x 4 completions,
+    # completions of at most 16 tokens (the answer task's block needs ~8); prompts are the SFT's own
+    # training triples (the run's training split, never validation or test).
+    "multitask_grpo": {"rl.num_generations": 4, "rl.batch_size": 16, "rl.max_completion_length": 16,
+                       "rl.max_steps": 150, "rl.save_steps": 50, "rl.lr": 5.0e-4, "rl.temperature": 1.0},
 }
 BASELINES = ("majority", "gene_prior", "crosscell", "combined")
 SETS = ("k562_test", "rpe1_unseen")
@@ -58,21 +67,41 @@ def run_variant(name: str, seed: int, runs_dir: Path, env: dict) -> Path:
     return runs_dir / f"{name}-s{seed}"
 
 
-def _prior_row(run: Path, eval_set: str) -> dict:
+def _test_and_probs(run: Path, eval_set: str, result: str):
+    from synthpert.data import load_built
+    from synthpert.evaluate import read_predictions
+
+    test = load_built(run / "eval" / eval_set / "data", "test").to_pandas()
+    preds = read_predictions(run / "eval" / result / "result" / "predictions.jsonl")
+    test = test[test["id"].isin(preds)].reset_index(drop=True)
+    return test, np.array([preds[i].prob_vector() for i in test["id"]])
+
+
+def _prior_row(run: Path, eval_set: str, result: str, adapter: str) -> dict:
     """The prior-shift rule on the same predictions (the run itself applied the tuned rule)."""
     from synthpert.baselines import score_predictions
-    from synthpert.data import built_config, load_built
+    from synthpert.data import built_config
     from synthpert.decision import decision_for
-    from synthpert.evaluate import read_predictions
     from synthpert.evidence import training_stats
 
-    data = run / "eval" / eval_set / "data"
-    test = load_built(data, "test").to_pandas()
-    preds = read_predictions(run / "eval" / eval_set / "result" / "predictions.jsonl")
-    test = test[test["id"].isin(preds)].reset_index(drop=True)
-    probs = np.array([preds[i].prob_vector() for i in test["id"]])
-    d = decision_for("prior", str(run / "train"), training_stats(built_config(data)))  # what eval.decision=prior does
+    test, probs = _test_and_probs(run, eval_set, result)
+    d = decision_for("prior", str(run / adapter), training_stats(built_config(run / "eval" / eval_set / "data")))
     return score_predictions(test, d.labels_for(probs), d.adjusted(probs), n_bootstrap=200, seed=0)["overall"]
+
+
+def _with_ece(m: dict, run: Path, eval_set: str, result: str, decision: dict | None) -> dict:
+    """Metrics of a finished run gain the calibration error when they predate it (recomputed from the saved
+    predictions: the probabilities the rule reads, i.e. the tuned rule's adjusted ones)."""
+    if "ece" in m:
+        return m
+    from synthpert.answer import LABELS
+    from synthpert.decision import Decision
+    from synthpert.metrics import calibration
+
+    test, probs = _test_and_probs(run, eval_set, result)
+    if decision:
+        probs = Decision(**{k: v for k, v in decision.items() if k in Decision.model_fields}).adjusted(probs)
+    return {**m, **calibration(test["label"].map(LABELS.index).to_numpy(), probs)}
 
 
 def _cell(m: dict, key: str) -> str:
@@ -84,18 +113,38 @@ def _cell(m: dict, key: str) -> str:
 
 
 def rows_for(run: Path, label: str, eval_set: str) -> list[list[str]]:
-    metrics = json.loads((run / "eval" / eval_set / "result" / "metrics.json").read_text())
-    model = metrics["model"]
+    """The run's model three ways; a run with an rl stage: its SFT adapter first, then SFT+GRPO."""
+    models = [(label, eval_set, "train")]
+    if (run / "eval" / f"{eval_set}_sft").is_dir():
+        models = [(f"{label} SFT", f"{eval_set}_sft", "train"), (f"{label} SFT+GRPO", eval_set, "rl")]
     out = []
-    for rule, m in (("argmax", model["scored"]["overall"]), ("prior", _prior_row(run, eval_set)),
-                    ("tuned", model["decided"]["overall"])):
-        out.append([f"{label} ({rule})", m])
+    for name, result, adapter in models:
+        metrics = json.loads((run / "eval" / result / "result" / "metrics.json").read_text())
+        model = metrics["model"]
+        for rule, m in (("argmax", _with_ece(model["scored"]["overall"], run, eval_set, result, None)),
+                        ("prior", _prior_row(run, eval_set, result, adapter)),
+                        ("tuned", _with_ece(model["decided"]["overall"], run, eval_set, result,
+                                            metrics.get("decision")))):
+            out.append([f"{name} ({rule})", m])
     return out
+
+
+def stage_times(results: dict[str, Path]) -> str:
+    """Wall seconds of each run's stages (stage.json), e.g. the rl stage's."""
+    lines = []
+    for label, run in results.items():
+        secs = {}
+        for stage in ("train", "rl", "eval"):
+            f = run / stage / "stage.json"
+            if f.exists():
+                secs[stage] = json.loads(f.read_text())["seconds"]
+        lines.append(f"- {label}: " + ", ".join(f"{k} {v:.0f} s" for k, v in secs.items()))
+    return "\n".join(lines)
 
 
 def table(results: dict[str, Path], base_run: Path) -> str:
     head = ("| set | predictor | accuracy | macro-F1 | F1 up | F1 down | F1 not DE | AUROC DE (per gene) | "
-            "AUROC dir (per gene) |\n|---|---|---|---|---|---|---|---|---|")
+            "AUROC dir (per gene) | ECE |\n|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for eval_set in SETS:
         rows = []
@@ -108,7 +157,8 @@ def table(results: dict[str, Path], base_run: Path) -> str:
             lines.append(f"| {eval_set} | {label} | {_cell(m, 'accuracy')} | {_cell(m, 'macro_f1')} | "
                          f"{pc['up']['f1']:.3f} | {pc['down']['f1']:.3f} | {pc['not_de']['f1']:.3f} | "
                          f"{_cell(m, 'auroc_de_per_gene')} ({m.get('auroc_de_genes')} genes) | "
-                         f"{_cell(m, 'auroc_dir_per_gene')} ({m.get('auroc_dir_genes')} genes) |")
+                         f"{_cell(m, 'auroc_dir_per_gene')} ({m.get('auroc_dir_genes')} genes) | "
+                         f"{_cell(m, 'ece')} |")
     return "\n".join(lines)
 
 
@@ -120,6 +170,7 @@ def main() -> None:
     ap.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "bench_science")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--table-only", action="store_true", help="write the table from finished run folders")
     args = ap.parse_args()
     if args.list:
         print(yaml.safe_dump({"base": BASE, "variants": VARIANTS}, sort_keys=False))
@@ -134,10 +185,11 @@ def main() -> None:
     if args.chosen:
         plan += [(args.chosen, s) for s in (1, 2) if (args.chosen, s) not in plan]
     for v, s in plan:
-        results[f"{v} s{s}"] = run_variant(v, s, args.runs_dir, env)
+        results[f"{v} s{s}"] = (args.runs_dir / f"{v}-s{s}" if args.table_only
+                                else run_variant(v, s, args.runs_dir, env))
     text = (f"bench_science — {time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores, "
             f"wall {time.time() - t0:.0f} s; `python scripts/bench_science.py {' '.join(sys.argv[1:])}`\n\n"
-            + table(results, next(iter(results.values()))))
+            + stage_times(results) + "\n\n" + table(results, next(iter(results.values()))))
     print(text)
     if args.out:
         args.out.write_text(text + "\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,3 +94,27 @@ def shape_problem(raw: dict, n: int) -> str | None:
         if not isinstance(content, str):
             return "a choice has no text content"
     return None
+
+
+def choice_logprobs(raws: list[dict]) -> list[list[float] | None]:
+    """Token log-probabilities of each choice, in ChatResult.texts order; None where the server sent none."""
+    out: list[list[float] | None] = []
+    for raw in raws:
+        for ch in sorted(raw.get("choices") or [], key=lambda c: c.get("index", 0)):
+            content = (ch.get("logprobs") or {}).get("content")
+            lps = [float(t["logprob"]) for t in content or [] if isinstance(t, dict) and t.get("logprob") is not None]
+            out.append(lps or None)
+    return out
+
+
+def sequence_confidence(logprobs: list[float] | None) -> float | None:
+    """exp(mean token log-probability) of a whole completion: the geometric-mean token probability, i.e. 1 /
+    perplexity — CoCoA's sequence confidence (Vashurin et al. 2025).
+
+    The whole completion, not the answer block: in a reason-then-answer completion the answer tokens follow from
+    the reasoning already written and come out near-certain whatever the teacher's doubt, so the doubt shows in
+    the reasoning's tokens; and locating the answer block's tokens in a server's token stream depends on its
+    tokenizer. The mean (not the sum) keeps long traces from looking unsure by length alone."""
+    if not logprobs:
+        return None
+    return float(math.exp(sum(logprobs) / len(logprobs)))

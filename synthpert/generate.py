@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from .answer import LABELS, LENIENT, parse_answer
-from .chat import ChatRequest, ChatResult
+from .chat import ChatRequest, ChatResult, choice_logprobs, sequence_confidence
 from .client import engine_for
 from .config.generate import TeacherConfig
 from .data import load_examples
@@ -125,6 +125,7 @@ def to_records(cfg: TeacherConfig, req: ChatRequest, res: ChatResult, info: dict
     row = req.context
     teacher = "evidence" if cfg.mode in OFFLINE_MODES else res.model
     usages = _split_usage(res.usage, len(res.texts))
+    logprobs = choice_logprobs(res.raw)
     out = []
     for i, text in enumerate(res.texts):
         parsed = parse_answer(text, LENIENT)
@@ -134,7 +135,8 @@ def to_records(cfg: TeacherConfig, req: ChatRequest, res: ChatResult, info: dict
             prompt_name=info["prompt_name"], prompt_hash=info["prompt_hash"], messages=req.messages,
             sampling=req.sampling, raw_text=text or "", reasoning=parsed.reasoning, parsed_label=parsed.label,
             parse_error=parsed.error, usage=usages[i], cost_usd=res.cost_usd / max(len(res.texts), 1),
-            cache_key=res.keys[min(i, len(res.keys) - 1)])
+            cache_key=res.keys[min(i, len(res.keys) - 1)],
+            confidence=sequence_confidence(logprobs[i]) if i < len(logprobs) else None)
         if cfg.mode in ("predict", "evidence_blind") and parsed.label != row.label:
             rec.kept = False  # rejection sampling: the raw sample is kept, marked unusable
             rec.reject_reason = f"rejection sampling: answer {parsed.label or 'unparseable'} != label {row.label}"

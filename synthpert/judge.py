@@ -8,7 +8,9 @@ its parsed answer equals the observed label.
   both genes and the cell line, length bounds. It can only certify form, so it rates at most "good".
 * ``consistency``: LABEL-FREE selection (arXiv 2510.05871): from k label-blind samples per triple (teacher
   mode predict / evidence_blind), keep the traces that give the majority answer when the majority's share
-  reaches ``agreement``; optional per-class quotas. No model is asked: the samples are already paid for.
+  reaches ``agreement``; optional per-class quotas, filled in order of agreement or, with ``rank_by: cocoa``,
+  of confidence x agreement (CoCoA; confidence from the teacher's token log-probabilities). No model is asked:
+  the samples are already paid for.
 
 Both go through the same engine (cache, accounting) and write the same outputs: ``kept.jsonl``,
 ``rejected.jsonl`` (TraceRecords with the verdict attached) and ``summary.json`` (keep rate overall, per
@@ -148,6 +150,21 @@ def _write_outputs(cfg: JudgeConfig, out_dir: Path, kept: list, rejected: list, 
     return summary
 
 
+def _cocoa(group: list[TraceRecord], majority: str | None, agreement: float) -> float | None:
+    """CoCoA-style score of a triple: the mean confidence of its majority-answer samples x the majority's
+    agreement. A confident teacher that agrees with itself ranks first; one that agrees while unsure of its
+    tokens, or is sure of one sample among disagreeing ones, ranks lower. None without log-probabilities."""
+    conf = [t.confidence for t in group if t.parsed_label == majority and t.confidence is not None]
+    if majority is None or not conf:
+        return None
+    return sum(conf) / len(conf) * agreement
+
+
+def _mean(values: list) -> float | None:
+    vals = [v for v in values if v is not None]
+    return round(sum(vals) / len(vals), 4) if vals else None
+
+
 def consistency_select(cfg: JudgeConfig, traces: list[TraceRecord]) -> tuple[list, list, dict]:
     """(kept, rejected, summary) of label-free selection. The label is read only for the report: how often
     the kept majority answer equals it, i.e. what going label-free costs."""
@@ -163,6 +180,12 @@ def consistency_select(cfg: JudgeConfig, traces: list[TraceRecord]) -> tuple[lis
         raise SynthpertError(f"judge.kind=consistency needs label-blind samples (teacher mode predict or "
                              f"evidence_blind); these traces were written in mode {sorted(blind)}, which tells "
                              "the teacher the label")
+    if cfg.rank_by == "cocoa":
+        bare = [t.id for t in traces if t.confidence is None and t.parsed_label is not None]
+        if bare:
+            raise SynthpertError(f"judge.rank_by=cocoa needs token log-probabilities, but {len(bare)} traces have "
+                                 f"none (e.g. {bare[0]}): generate with teacher.sampling.logprobs=true from a server "
+                                 "that returns them (the offline teacher has none), or use rank_by=agreement")
     scored = []
     for eid, g in groups.items():
         votes = Counter(t.parsed_label for t in g if t.parsed_label is not None)
@@ -171,12 +194,13 @@ def consistency_select(cfg: JudgeConfig, traces: list[TraceRecord]) -> tuple[lis
             majority, n = max(votes.items(), key=lambda kv: (kv[1], -LABELS.index(kv[0])))
         else:
             majority, n = None, 0
-        scored.append((eid, majority, n / len(g)))
+        scored.append((eid, majority, n / len(g), _cocoa(g, majority, n / len(g))))
     quota = {canonical_class(k): v for k, v in (cfg.class_quota or {}).items()}
     taken: Counter = Counter()
     keep: dict[str, str] = {}
     why: dict[str, str] = {}
-    for eid, majority, share in sorted(scored, key=lambda x: (-x[2], x[0])):  # most consistent first
+    rank = 3 if cfg.rank_by == "cocoa" else 2
+    for eid, majority, share, _ in sorted(scored, key=lambda x: (-(x[rank] or 0.0), x[0])):  # best first
         if majority is None:
             why[eid] = "no parseable sample"
         elif share < cfg.agreement:
@@ -186,13 +210,16 @@ def consistency_select(cfg: JudgeConfig, traces: list[TraceRecord]) -> tuple[lis
         else:
             taken[majority] += 1
             keep[eid] = majority
-    share_of = {eid: share for eid, _, share in scored}
+    share_of = {eid: share for eid, _, share, _ in scored}
+    score_of = {eid: score for eid, _, _, score in scored}
     kept, rejected = [], []
     for t in traces:
         rec = t.model_copy(deep=True)
         majority = keep.get(t.example_id)
         rec.judge = JudgeVerdict(judge="consistency", rating=None,
-                                 justification=f"majority agreement {share_of[t.example_id]:.2f}")
+                                 justification=f"majority agreement {share_of[t.example_id]:.2f}"
+                                 + (f", CoCoA score {score_of[t.example_id]:.3f}"
+                                    if score_of[t.example_id] is not None else ""))
         if majority is None:
             rec.kept, rec.reject_reason = False, why[t.example_id]
         elif t.parsed_label != majority:
@@ -210,12 +237,15 @@ def consistency_select(cfg: JudgeConfig, traces: list[TraceRecord]) -> tuple[lis
     agree = sum(1 for e, m in keep.items() if m == label_of[e])
     summary = {
         "complete": True, "judge": "consistency", "kind": "consistency", "offline_heuristic": False,
-        "agreement": cfg.agreement, "class_quota": cfg.class_quota, "traces": len(traces), "triples": len(groups),
+        "agreement": cfg.agreement, "class_quota": cfg.class_quota, "rank_by": cfg.rank_by,
+        "traces": len(traces), "triples": len(groups),
         "kept_triples": len(keep), "kept": len(kept), "rejected": len(rejected),
         "keep_rate": round(len(kept) / len(traces), 4), "triple_keep_rate": round(len(keep) / len(groups), 4),
         "per_class": per_class,
         "kept_majority_equals_label": round(agree / len(keep), 4) if keep else None,
         "kept_majority_differs_from_label": len(keep) - agree,
+        "mean_cocoa_score_kept": _mean([score_of[e] for e in keep]),
+        "mean_cocoa_score_rejected": _mean([score_of[e] for e, _, _, _ in scored if e not in keep]),
         "teacher_parse_failures": sum(1 for t in traces if t.parsed_label is None),
         "teacher_cost_usd": round(sum(t.cost_usd for t in traces), 6),
     }

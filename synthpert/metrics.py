@@ -4,6 +4,8 @@ Every score set reports accuracy, macro-F1, balanced accuracy, per-class precisi
 confusion matrix and the unparseable rate, plus PerturbQA's own metric: AUROC computed within each readout
 gene (genes whose labels are all one class are skipped) and averaged over genes, for the DE task
 (score = P(up) + P(down)) and the direction task (score = P(up) / (P(up) + P(down)), truly DE pairs only).
+Where class probabilities exist, the expected calibration error (ECE) of the top class, and of each class
+one-vs-rest, says whether they can be read as probabilities (GRPO is known to make them overconfident).
 
 Unparseable predictions count as wrong (they are a fourth predicted class that matches no gold label).
 When only hard labels exist, probabilities are one-hot and the output says so: AUROC from hard labels is
@@ -115,6 +117,38 @@ def _auroc_tasks(genes, y_true_labels, probs: np.ndarray) -> dict[str, tuple[Per
             "dir": (PerGeneAUROC(genes[is_de], y[is_de] == LABELS[0], direction[is_de]), is_de)}
 
 
+ECE_BINS = 10
+
+
+def expected_calibration_error(confidence, correct, n_bins: int = ECE_BINS) -> float:
+    """Sum over equal-width confidence bins of (share of rows in the bin) x |accuracy - mean confidence|.
+
+    Equal-width rather than equal-mass bins: the standard definition (Guo et al. 2017), so numbers compare
+    with published ones; confidence 1.0 falls in the top bin."""
+    conf = np.asarray(confidence, dtype=float)
+    hit = np.asarray(correct, dtype=float)
+    if not len(conf):
+        return float("nan")
+    bins = np.minimum((np.clip(conf, 0.0, 1.0) * n_bins).astype(np.int64), n_bins - 1)
+    count = np.bincount(bins, minlength=n_bins)
+    gap = np.abs(np.bincount(bins, hit, n_bins) - np.bincount(bins, conf, n_bins))  # per bin: n x |acc - conf|
+    return float(gap.sum() / count.sum())
+
+
+def calibration(y_true_codes: np.ndarray, probs: np.ndarray) -> dict:
+    """Top-class ECE (confidence = the largest class probability, correct = its class is the gold one) and
+    one-vs-rest ECE per class (P(c) against "the gold label is c"). Probabilities are renormalised per row, so
+    scores that do not sum to 1 (a decision rule's adjusted ones) are read as the distribution they imply."""
+    p = np.asarray(probs, dtype=float)
+    total = p.sum(axis=1, keepdims=True)
+    p = np.where(total > 0, p / np.where(total > 0, total, 1), 1 / 3)
+    top = p.argmax(axis=1)
+    return {"ece": expected_calibration_error(p.max(axis=1), top == y_true_codes),
+            "ece_per_class": {SHORT[lab]: expected_calibration_error(p[:, i], y_true_codes == i)
+                              for i, lab in enumerate(LABELS)},
+            "ece_bins": ECE_BINS}
+
+
 def probabilities_from_labels(pred_labels) -> np.ndarray:
     """One-hot rows for hard labels; an unparseable prediction gets a uniform row (it carries no signal)."""
     probs = np.full((len(pred_labels), 3), 1 / 3)
@@ -156,6 +190,8 @@ def compute_metrics(y_true, y_pred, probs: np.ndarray | None = None, genes=None,
                              "counts": cm.astype(int).tolist()},
         "probabilities": "scores" if probs is not None else "hard_labels",
     }
+    if probs is not None and len(y_true):  # one-hot scores from hard labels have no calibration to speak of
+        out |= calibration(t, np.asarray(probs, dtype=float))
     tasks = None
     if genes is not None:
         pr = np.asarray(probs, dtype=float) if probs is not None else probabilities_from_labels(y_pred)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .answer import LABELS, LENIENT, SHORT, STRICT
+from .metrics import ECE_BINS
 from .runs import write_text_atomic
 from .schema import HARD_LABEL, Prediction
 
@@ -38,12 +39,13 @@ def _row(name: str, m: dict) -> str:
     pc = m["per_class"]
     cells = [name, str(m["n"]), fmt(m["accuracy"], ci.get("accuracy")), fmt(m["macro_f1"], ci.get("macro_f1")),
              fmt(m["balanced_accuracy"], ci.get("balanced_accuracy")), fmt(pc["up"]["f1"]), fmt(pc["down"]["f1"]),
-             fmt(pc["not_de"]["f1"]), _fmt_auc(m, "de"), _fmt_auc(m, "dir"), fmt(m["unparseable_rate"])]
+             fmt(pc["not_de"]["f1"]), _fmt_auc(m, "de"), _fmt_auc(m, "dir"), fmt(m.get("ece")),
+             fmt(m["unparseable_rate"])]
     return "| " + " | ".join(cells) + " |"
 
 
 TABLE_HEAD = ("| predictor | n | accuracy | macro-F1 | balanced acc. | F1 up | F1 down | F1 not DE | AUROC DE "
-              "(per gene) | AUROC dir (per gene) | unparseable |\n|" + "---|" * 11)
+              "(per gene) | AUROC dir (per gene) | ECE | unparseable |\n|" + "---|" * 12)
 
 
 MODEL_ROWS = {  # metrics["model"] key -> how the report names the row
@@ -68,7 +70,7 @@ def metrics_table(metrics: dict, model_name: str, stratum: str) -> str | None:
             lines.append(_row(f"**{model_name}** ({_row_name(mode, metrics)})", m))
     for name, b in metrics["baselines"].items():
         if "unavailable" in b:
-            lines.append(f"| {name} | — | unavailable: {b['unavailable']} |" + " |" * 8)
+            lines.append(f"| {name} | — | unavailable: {b['unavailable']} |" + " |" * 9)
         elif stratum in b:
             lines.append(_row(name, b[stratum]))
     return "\n".join(lines) if len(lines) > 1 else None
@@ -128,7 +130,9 @@ def write_report(out: Path, metrics: dict, run: dict, figures: list[str]) -> Pat
                  "unseen": "Perturbation not seen in any other training cell line"}[stratum]
         lines += ["", f"## {title}", "", table]
     lines += ["", "Brackets: 95% bootstrap intervals over perturbations. Per-gene AUROC is PerturbQA's metric "
-              "(within each readout gene, averaged); the gene priors score 0.5 on it by construction."]
+              "(within each readout gene, averaged); the gene priors score 0.5 on it by construction. ECE: expected "
+              f"calibration error of the top class's probability ({ECE_BINS} equal-width bins; 0 = calibrated, "
+              "— for hard labels); per-class one-vs-rest ECE is in metrics.json."]
     for fig in figures:
         lines += ["", f"![{Path(fig).stem}]({fig})"]
     tok = metrics["tokens"]

@@ -112,6 +112,7 @@ class TraceRecord(BaseModel):
     usage: Usage = Field(default_factory=Usage)
     cost_usd: float = 0.0
     cache_key: str | None = None
+    confidence: float | None = None  # exp(mean token logprob) of the completion, where the server sent them
     judge: JudgeVerdict | None = None
     kept: bool | None = None
     reject_reason: str | None = None

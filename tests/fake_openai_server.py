@@ -29,6 +29,10 @@ Responders decide the completion text from the request. Built in (``responder=``
 Every completion text ends with a per-server sequence number comment (``<!-- seq N -->``) so a test can
 tell which HTTP response produced a stored answer.
 
+A request with ``logprobs: true`` gets OpenAI's ``choices[i].logprobs.content``: one entry per
+whitespace-separated word of the text, each with the log-probability ``logprob(body, index)`` (a callable
+given to the server; default -0.1), so a test controls each sample's token confidence.
+
 The Batch API, as OpenAI serves it: ``POST /v1/files`` (multipart upload, purpose ``batch``),
 ``GET /v1/files/{id}`` and ``/v1/files/{id}/content``, ``POST /v1/batches`` and ``GET /v1/batches/{id}``.
 Input files are validated as OpenAI does (JSONL, unique ``custom_id``, method POST, the batch's endpoint,
@@ -57,6 +61,7 @@ from collections.abc import Callable
 
 LABELS = ("upregulated", "downregulated", "not differentially expressed")
 Responder = Callable[[dict, int], str]
+LogprobFn = Callable[[dict, int], float]
 
 
 def _last_user_text(body: dict) -> str:
@@ -165,6 +170,7 @@ class BatchJob:
 class ServerState:
     latency_ms: float = 0.0
     responder: Responder = field(default=auto_responder)
+    logprob: LogprobFn = field(default=lambda body, index: -0.1)  # per-token log-probability of a choice
     prompt_tokens: int | None = 100  # None: len(prompt chars) // 4
     completion_tokens: int = 50
     reasoning_tokens: int = 0
@@ -208,6 +214,15 @@ class ServerState:
                 "batch_duplicates": sum(c - 1 for c in submitted.values()), "batch_retrieves": self.batch_retrieves}
 
 
+def _logprobs(state: ServerState, body: dict, index: int, content: str) -> dict | None:
+    """OpenAI's logprobs object when the request asked for it (None otherwise, as OpenAI sends)."""
+    if not body.get("logprobs"):
+        return None
+    lp = float(state.logprob(body, index))
+    return {"content": [{"token": w, "logprob": lp, "bytes": list(w.encode()), "top_logprobs": []}
+                        for w in content.split()], "refusal": None}
+
+
 def completion_body(state: ServerState, body: dict, garbage: bool = False) -> dict:
     """A chat.completion for ``body`` (the chat endpoint and batch requests answer alike)."""
     n = int(body.get("n") or 1)
@@ -217,8 +232,9 @@ def completion_body(state: ServerState, body: dict, garbage: bool = False) -> di
             state.seq += 1
             seq = state.seq
         text = "I am not sure." if garbage else state.responder(body, i)
-        choices.append({"index": i, "finish_reason": "stop", "logprobs": None,
-                        "message": {"role": "assistant", "content": f"{text}\n<!-- seq {seq} -->"}})
+        content = f"{text}\n<!-- seq {seq} -->"
+        choices.append({"index": i, "finish_reason": "stop", "logprobs": _logprobs(state, body, i, content),
+                        "message": {"role": "assistant", "content": content}})
     prompt = state.prompt_tokens if state.prompt_tokens is not None else len(_all_text(body)) // 4
     usage = {"prompt_tokens": prompt, "completion_tokens": state.completion_tokens * n,
              "total_tokens": prompt + state.completion_tokens * n,
@@ -496,10 +512,12 @@ class FakeOpenAIServer:
 
     def __init__(self, latency_ms: float = 0.0, responder: str | Responder = "auto", *,
                  prompt_tokens: int | None = 100, completion_tokens: int = 50, reasoning_tokens: int = 0,
-                 cached_tokens: int = 0):
+                 cached_tokens: int = 0, logprob: LogprobFn | None = None):
         self.state = ServerState(latency_ms=latency_ms, responder=make_responder(responder),
                                  prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                                  reasoning_tokens=reasoning_tokens, cached_tokens=cached_tokens)
+        if logprob is not None:
+            self.state.logprob = logprob
         self._server = None
         self._thread: threading.Thread | None = None
         self.port: int | None = None

@@ -4,6 +4,8 @@ teacher and an OpenAI-compatible server), its keep rule, per-class quotas and re
 from __future__ import annotations
 
 import hashlib
+import math
+import shutil
 import sys
 from collections import Counter
 from pathlib import Path
@@ -83,6 +85,46 @@ def test_consistency_against_a_server_k_samples_once_keep_rule_quota_and_report(
     assert sum(v["triples"] for v in s["per_class"].values()) == 24
 
 
+def _logprob(body: dict, index: int) -> float:
+    """Every token of a triple's samples gets the same log-probability, which varies across triples."""
+    user = [m["content"] for m in body["messages"] if m["role"] == "user"][-1]
+    return -0.05 * (1 + int(hashlib.sha256(f"lp{user}".encode()).hexdigest(), 16) % 9)
+
+
+def test_cocoa_ranks_by_server_logprobs_which_join_the_cache_key_only_when_requested(dataset, tmp_path,
+                                                                                     monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "sk-test-0123456789")
+    with FakeOpenAIServer(responder=split_responder, logprob=_logprob) as srv:
+        plain = TeacherConfig(model="fake-model", base_url=srv.base_url, api_key_env=KEY_ENV, timeout=10,
+                              progress=False, mode="predict", samples=3)
+        run_generate(plain, dataset, tmp_path / "gen")
+        assert len(srv.received) == 24 and not any("logprobs" in b for b in srv.received)  # off: not sent
+        shutil.copy(tmp_path / "gen" / "traces.jsonl", tmp_path / "plain.jsonl")
+        cfg = plain.model_copy(update={"sampling": plain.sampling.model_copy(update={"logprobs": True})})
+        run_generate(cfg, dataset, tmp_path / "gen")
+        assert len(srv.received) == 48 and all(b["logprobs"] is True for b in srv.received[24:])
+        run_generate(cfg, dataset, tmp_path / "gen")
+        assert len(srv.received) == 48  # the rerun with logprobs is served from the cache: 0 requests
+    traces = list(read_jsonl(tmp_path / "gen" / "traces.jsonl", TraceRecord))
+    conf = {t.example_id: math.exp(_logprob({"messages": t.messages}, 0)) for t in traces}
+    assert all(t.confidence == pytest.approx(conf[t.example_id]) for t in traces)
+
+    # quota of 2 "up" triples among the unanimous ones (agreement 1): CoCoA takes the 2 most confident,
+    # agreement order the first 2 by id
+    unanimous = sorted({t.example_id for t in traces if _pattern({"messages": t.messages}) == PATTERNS[0]})
+    by_cocoa = sorted(unanimous, key=lambda e: (-conf[e], e))[:2]
+    assert set(by_cocoa) != set(unanimous[:2])  # the two orders differ on this data, so the test can fail
+    for rank_by, expect in (("cocoa", by_cocoa), ("agreement", unanimous[:2])):
+        jcfg = JudgeConfig(kind="consistency", agreement=0.6, class_quota={"up": 2}, rank_by=rank_by)
+        s = run_judge(jcfg, tmp_path / "gen" / "traces.jsonl", tmp_path / f"j_{rank_by}")
+        kept = list(read_jsonl(tmp_path / f"j_{rank_by}" / "kept.jsonl", TraceRecord))
+        assert sorted({t.example_id for t in kept if t.parsed_label == UP}) == sorted(expect)
+        assert s["rank_by"] == rank_by and s["mean_cocoa_score_kept"] is not None
+    assert "CoCoA score" in kept[0].judge.justification
+    with pytest.raises(SynthpertError, match="logprobs=true"):
+        run_judge(JudgeConfig(kind="consistency", rank_by="cocoa"), tmp_path / "plain.jsonl", tmp_path / "jp")
+
+
 def test_consistency_with_the_offline_label_blind_teacher(dataset, tmp_path):
     run_generate(TeacherConfig(mode="evidence_blind", samples=4, progress=False), dataset, tmp_path / "gen")
     traces = list(read_jsonl(tmp_path / "gen" / "traces.jsonl", TraceRecord))
@@ -122,3 +164,10 @@ def test_a_run_config_with_consistency_needs_a_label_blind_teacher_with_samples(
     with pytest.raises(ValidationError, match="samples >= 2"):
         RunConfig.model_validate({**base, "teacher": {"mode": "evidence_blind"}})
     assert RunConfig.model_validate({**base, "teacher": {"mode": "evidence_blind", "samples": 4}}).judge.agreement
+    cocoa = {**base, "judge": {"kind": "consistency", "rank_by": "cocoa"}}
+    with pytest.raises(ValidationError, match="logprobs=true"):  # the offline teacher has no log-probabilities
+        RunConfig.model_validate({**cocoa, "teacher": {"mode": "evidence_blind", "samples": 4}})
+    assert RunConfig.model_validate({**cocoa, "teacher": {"mode": "predict", "samples": 4,
+                                                          "sampling": {"logprobs": True}}}).judge.rank_by == "cocoa"
+    with pytest.raises(ValidationError, match="consistency only"):
+        JudgeConfig(kind="rules", rank_by="cocoa")

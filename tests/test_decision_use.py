@@ -61,6 +61,11 @@ def test_decide_then_eval_and_serve_apply_the_same_rule(tiny_model_dir, tiny_ada
     assert all(v["row"] == "decided" for v in metrics["verdict"].values())
     report = (out / "report.md").read_text()
     assert "(argmax of class probabilities)" in report and "(decided: tuned rule)" in report
+    # calibration is reported wherever class probabilities exist: metrics.json and a report column
+    for mode in ("scored", "decided"):
+        m = metrics["model"][mode]["overall"]
+        assert 0 <= m["ece"] <= 1 and set(m["ece_per_class"]) == {"up", "down", "not_de"}
+    assert "| ECE |" in report
     preds = read_predictions(out / "predictions.jsonl")
     ids = sorted(preds)
     probs = np.array([preds[i].prob_vector() for i in ids])

@@ -128,3 +128,39 @@ def test_bootstrap_gives_auroc_intervals_around_the_estimate():
         lo, hi = m["ci"][f"auroc_{task}_per_gene"]
         # 1,000 rows over 40 perturbations: a real interval around the estimate, well under 0.2 wide
         assert lo < m[f"auroc_{task}_per_gene"] < hi and 0 < hi - lo < 0.2
+
+
+def _probs_with_top(conf, top):
+    """Rows whose class `top` has probability `conf` and the other two share the rest."""
+    p = np.repeat(((1 - np.asarray(conf)) / 2)[:, None], 3, axis=1)
+    p[np.arange(len(top)), top] = conf
+    return p
+
+
+def test_ece_of_calibrated_overconfident_and_hand_computed_probabilities():
+    rng = np.random.default_rng(0)
+    n = 20000
+    conf = rng.uniform(0.4, 1.0, n)
+    top = rng.integers(0, 3, n)
+    hit = rng.random(n) < conf  # the top class is right exactly as often as it claims
+    gold = np.where(hit, top, (top + rng.integers(1, 3, n)) % 3)
+    labels = [LABELS[i] for i in gold]
+    m = compute_metrics(labels, [LABELS[i] for i in top], _probs_with_top(conf, top))
+    assert m["ece"] < 0.02 and m["ece_bins"] == 10
+
+    # Always 98% sure of "up", always wrong: the gap is the whole confidence.
+    wrong = compute_metrics([NOT_DE] * 50, [UP] * 50, _probs_with_top(np.full(50, 0.98), np.zeros(50, int)))
+    assert wrong["ece"] == pytest.approx(0.98)
+    assert wrong["ece_per_class"]["up"] == pytest.approx(0.98)      # P(up) = 0.98, never up
+    assert wrong["ece_per_class"]["not_de"] == pytest.approx(0.99)  # P(not DE) = 0.01, always not DE
+
+    # Hand case: bin 0.9-1.0 holds two rows at 0.9, one right (gap 0.4); bin 0.5-0.6 two at 0.55, both right
+    # (gap 0.45). ECE = 2/4 * 0.4 + 2/4 * 0.45.
+    hand = compute_metrics([UP, DOWN, UP, UP], [UP] * 4, _probs_with_top(np.array([0.9, 0.9, 0.55, 0.55]),
+                                                                        np.zeros(4, int)))
+    assert hand["ece"] == pytest.approx(0.425)
+
+
+def test_ece_is_left_out_for_hard_labels():
+    m = compute_metrics([UP, DOWN], [UP, UP], genes=["g", "g"])
+    assert "ece" not in m and m["probabilities"] == "hard_labels"

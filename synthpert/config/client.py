@@ -27,11 +27,15 @@ class SamplingConfig(StrictModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     seed: int | None = None
     reasoning_effort: str | None = None
+    logprobs: bool = Field(False, description="ask for token log-probabilities (OpenAI chat logprobs=true); the "
+                           "consistency judge's rank_by=cocoa reads them. Sent only when true, so turning it on "
+                           "changes the request (and its cache key) and leaving it off changes nothing")
     extra: dict[str, Any] = Field(default_factory=dict, description="other request fields, sent as they are "
                                   "(e.g. vLLM's top_k)")
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in self.model_dump().items() if v is not None and k != "extra"}
+        # logprobs=false is the servers' default: not sent, so the cache keys of existing runs stay valid
+        d = {k: v for k, v in self.model_dump().items() if v is not None and k != "extra" and v is not False}
         return {**d, **self.extra}
 
 

@@ -50,6 +50,11 @@ class JudgeConfig(ClientConfig):
     class_quota: dict[str, int] | None = Field(
         None, description="consistency: keep at most this many triples per majority class (up/down/not_de), the "
         "most consistent first, so filtering cannot erase a rare class by letting a common one dominate")
+    rank_by: Literal["agreement", "cocoa"] = Field(
+        "agreement", description="consistency: the order in which triples fill class_quota. agreement: the majority "
+        "answer's share; cocoa: confidence x agreement (CoCoA), confidence = the mean over the majority-answer "
+        "samples of exp(mean token log-probability); needs teacher.sampling.logprobs=true and a server that "
+        "returns them (the offline teacher has none)")
     threshold: Literal["excellent", "good", "average", "bad", "terrible"] = Field(
         "good", description="keep traces rated at least this (SynthPert's main run kept only 'excellent')")
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.0,
@@ -73,6 +78,8 @@ class JudgeConfig(ClientConfig):
         unknown = sorted(k for k in (self.class_quota or {}) if canonical_class(k) is None)
         if unknown:
             raise ValueError(f"unknown class name(s) in judge.class_quota: {unknown}; use up, down, not_de")
+        if self.rank_by != "agreement" and self.kind != "consistency":
+            raise ValueError(f"judge.rank_by={self.rank_by} applies to judge.kind=consistency only")
         if self.class_quota and self.kind != "consistency":
             raise ValueError("judge.class_quota applies to judge.kind=consistency only")
         if self.kind == "rules" and JUDGE_RATINGS.index(self.threshold) < JUDGE_RATINGS.index("good"):

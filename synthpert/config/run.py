@@ -67,4 +67,7 @@ class RunConfig(StrictModel):
             raise ValueError(f"judge.kind=consistency compares label-blind samples: set teacher.mode to predict or "
                              f"evidence_blind and teacher.samples >= 2 (now mode={self.teacher.mode}, samples="
                              f"{self.teacher.samples})")
+        if self.judge.rank_by == "cocoa" and not (self.teacher.mode == "predict" and self.teacher.sampling.logprobs):
+            raise ValueError("judge.rank_by=cocoa ranks by token confidence: set teacher.mode=predict and "
+                             "teacher.sampling.logprobs=true (the offline teacher returns no log-probabilities)")
         return self
