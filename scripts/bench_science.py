@@ -40,6 +40,8 @@ VARIANTS = {
     "multitask_no_evidence": {"train.evidence": "false"},
     "multitask_natural": {"data.train_subsample.balance": "false"},
     "multitask_gene_matched": {"data.train_subsample.gene_matched": "true"},
+    # examples from every fold: same-gene examples of different folds see counts that differ by their labels
+    "multitask_shared_folds": {"data.disjoint_evidence": "false"},
 }
 BASELINES = ("majority", "gene_prior", "crosscell", "combined")
 SETS = ("k562_test", "rpe1_unseen")
