@@ -49,6 +49,8 @@ VARIANTS = {
     # training triples (the run's training split, never validation or test).
     "multitask_grpo": {"rl.num_generations": 4, "rl.batch_size": 16, "rl.max_completion_length": 16,
                        "rl.max_steps": 150, "rl.save_steps": 50, "rl.lr": 5.0e-4, "rl.temperature": 1.0},
+    # examples from every fold: same-gene examples of different folds see counts that differ by their labels
+    "multitask_shared_folds": {"data.disjoint_evidence": "false"},
 }
 BASELINES = ("majority", "gene_prior", "crosscell", "combined")
 SETS = ("k562_test", "rpe1_unseen")

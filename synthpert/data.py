@@ -290,6 +290,14 @@ def training_rows(cfg: DataConfig, lines: dict[str, CellData] | None = None) -> 
                      ignore_index=True)
 
 
+def _in_example_folds(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows whose perturbation lies in an example fold (data.disjoint_evidence; evidence.py says why)."""
+    from .schema import EXAMPLE_FOLDS, perturbation_fold
+
+    folds = {p: perturbation_fold(p) for p in rows["perturbation"].unique().tolist()}
+    return rows[rows["perturbation"].map(folds).isin(EXAMPLE_FOLDS)]
+
+
 def build_frames(cfg: DataConfig, lines: dict[str, CellData] | None = None) -> dict[str, pd.DataFrame]:
     """Return {'train', 'validation', 'test'} DataFrames of examples (columns EXAMPLE_COLUMNS)."""
     setting = setting_name(cfg)
@@ -311,6 +319,8 @@ def build_frames(cfg: DataConfig, lines: dict[str, CellData] | None = None) -> d
     val, train = train[is_val], train[~is_val]
     # "Seen" is measured against what a model actually trains on (train minus validation).
     seen_basis = {get_cell_line(k).key: train[train.cell_line == get_cell_line(k).key] for k in cfg.train_cells}
+    if cfg.disjoint_evidence:
+        train, val = _in_example_folds(train), _in_example_folds(val)
     frames = {
         "train": subsample(_annotate_seen(train, seen_basis), cfg.train_subsample, cfg.seed),
         "validation": subsample(_annotate_seen(val, seen_basis), cfg.val_subsample, cfg.seed + 1),

@@ -7,6 +7,14 @@ test prompts (where the test perturbation is, by PerturbQA's split, absent from 
 Leaving out only the example's own row (leave-one-out) would leak its label backwards: of two knockdowns of
 one gene, the changed one would always show one "changed" count fewer, a shortcut a student learns instead
 of the evidence. Out of fold, two knockdowns of the same fold see identical counts for the same gene.
+Out of fold is not enough on its own. Two training examples of one gene from DIFFERENT folds still differ by
+their own labels: the changed one's fold holds its change, so the counts it sees have about 0.8 changes fewer
+than those a not-changed knockdown of another fold sees. Within a gene, in a class-balanced training sample,
+"fewer changes here" then predicts "changed" (per-gene AUROC ~0.72), a shortcut that exists only in
+training: every test knockdown of a gene sees the same full counts. So a training perturbation's same-line
+counts also leave out every EXAMPLE fold (schema.EXAMPLE_FOLDS), and with data.disjoint_evidence the training
+and validation examples come only from those folds: every example of one (line, gene) then sees the same
+counts, taken from perturbations that are never examples.
 Other training lines keep the perturbation: at test time those lines' data about it is legitimately
 available.
 """
@@ -24,7 +32,7 @@ import pandas as pd
 from .answer import LABELS
 from .config.data import DataConfig
 from .data import built_config, line_csvs, resolve_source, training_rows
-from .schema import perturbation_fold
+from .schema import EXAMPLE_FOLDS, perturbation_fold
 
 _IDX = {lab: i for i, lab in enumerate(LABELS)}
 
@@ -86,11 +94,14 @@ class TrainingStats:
         return self.global_counts / total if total else np.full(3, 1 / 3)
 
     def _held_out(self, cell: str, pert: str, gene: str) -> np.ndarray:
-        """What the leakage rule removes from ``cell``'s counts of ``gene`` for this perturbation: its fold's
-        rows when the perturbation is a training perturbation of ``cell``, nothing otherwise (test rows)."""
+        """What the leakage rule removes from ``cell``'s counts of ``gene`` for this perturbation: the rows of
+        its own fold and of every example fold when the perturbation is a training perturbation of ``cell``,
+        nothing otherwise (test rows)."""
         if (cell, pert) not in self.pert_counts:
             return np.zeros(3, np.int64)
-        return self.fold_gene_counts.get((cell, gene, self._fold_of[pert]), np.zeros(3, np.int64))
+        zero = np.zeros(3, np.int64)
+        folds = EXAMPLE_FOLDS | {self._fold_of[pert]}
+        return sum((self.fold_gene_counts.get((cell, gene, f), zero) for f in folds), zero)
 
     def gene_counts_loo(self, cell: str, pert: str, gene: str) -> np.ndarray:
         """This gene's counts in ``cell``, out of fold for a training perturbation (module docstring)."""

@@ -317,6 +317,9 @@ class Pipeline:
             if s is not None and s not in STAGES:
                 raise SynthpertError(f"unknown stage {s!r}; stages: {', '.join(STAGES)}")
         cfg = self.cfg
+        if cfg.train.evidence and not cfg.data.disjoint_evidence:
+            self.log("warning: train.evidence is on but data.disjoint_evidence is off: examples of one gene from "
+                     "different perturbation folds see counts that differ by their own labels (docs/configuration.md)")
         forced = set(force or [])
         if from_stage:
             forced |= set(STAGES[STAGES.index(from_stage):])

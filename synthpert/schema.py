@@ -54,6 +54,10 @@ SYMBOL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-]*$"
 # perturbations of its fold (see evidence.py). Folds are a stable hash of the symbol, so every stage and every
 # run agree on them without storing anything.
 EVIDENCE_FOLDS = 5
+# With data.disjoint_evidence, training and validation examples come only from the perturbations of these
+# folds, and same-line evidence only from the others, so every example of one (line, gene) sees the same
+# counts: no example's label reaches another's evidence (evidence.py says why out-of-fold alone leaks).
+EXAMPLE_FOLDS = frozenset({0, 1})
 
 
 def perturbation_fold(perturbation: str, folds: int = EVIDENCE_FOLDS) -> int:

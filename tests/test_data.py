@@ -6,7 +6,7 @@ import pytest
 
 from synthpert.answer import DOWN, NOT_DE, UP
 from synthpert.config.data import DataConfig, SubsampleConfig
-from synthpert.data import build, build_frames, load_cell_line, load_lines
+from synthpert.data import build, build_frames, load_cell_line, load_lines, training_rows
 from synthpert.fetch import fetch
 from synthpert.errors import SynthpertError
 
@@ -87,6 +87,32 @@ def test_subsample_is_seeded_balanced_and_capped(lines, cfg):
     assert len(by_gene) == full.gene.isin(set(by_gene.gene)).sum()  # every pair of the chosen genes
     frac = build_frames(cfg(test_subsample=SubsampleConfig(fraction=0.1)), lines)["test"]
     assert len(frac) == round(0.1 * 23212)
+
+
+def test_disjoint_evidence_shows_every_example_of_a_gene_the_same_counts_from_non_examples(lines, cfg):
+    from synthpert.evidence import training_stats
+    from synthpert.schema import EXAMPLE_FOLDS, perturbation_fold
+
+    on = cfg(train_cells=["k562", "hepg2"], disjoint_evidence=True, train_subsample=SubsampleConfig(genes=60))
+    fr = build_frames(on, lines)
+    plain = build_frames(cfg(train_cells=["k562", "hepg2"], train_subsample=SubsampleConfig(genes=60)), lines)
+    assert not plain["train"].perturbation.map(perturbation_fold).isin(EXAMPLE_FOLDS).all()
+    for split in ("train", "validation"):
+        assert len(fr[split]) and fr[split].perturbation.map(perturbation_fold).isin(EXAMPLE_FOLDS).all()
+    stats = training_stats(on, lines)
+    tr = fr["train"]
+    here = {i: tuple(stats.gene_counts_loo(r.cell_line, r.perturbation, r.gene)) for i, r in enumerate(tr.itertuples())}
+    contrasted = 0
+    for _, group in tr.groupby(["cell_line", "gene"]):
+        # a changed and an unchanged knockdown of one gene see the same counts: no label reaches the evidence
+        assert len({here[i] for i in group.index}) == 1
+        contrasted += group.label.nunique() > 1
+    assert contrasted >= 10
+    r = tr.iloc[0]
+    rows = training_rows(on, lines)
+    counted = rows[(rows.cell_line == r.cell_line) & (rows.gene == r.gene)
+                   & ~rows.perturbation.map(perturbation_fold).isin(EXAMPLE_FOLDS)]
+    assert list(here[0]) == [int((counted.label == lab).sum()) for lab in (UP, DOWN, NOT_DE)]
 
 
 def test_gene_matched_subsample_pairs_each_not_de_row_with_a_changed_knockdown_of_its_gene(lines, cfg):

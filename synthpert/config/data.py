@@ -54,6 +54,11 @@ class DataConfig(StrictModel):
         "cell lines, every row of the training lines trains and every row of the test line is scored")
     val_fraction: float = Field(0.05, ge=0, lt=0.5, description="share of training PERTURBATIONS held out")
     seed: int = 0
+    disjoint_evidence: bool = Field(
+        False, description="draw training and validation examples only from the perturbations of the example "
+        "folds (2 of 5, a stable hash of the symbol), whose labels never enter any example's same-line "
+        "evidence. Turn it on when the student reads the evidence block (train.evidence): otherwise examples of "
+        "one gene from different folds see counts that differ by their own labels, a shortcut absent at test")
     train_subsample: SubsampleConfig | None = None
     val_subsample: SubsampleConfig | None = None
     test_subsample: SubsampleConfig | None = None
