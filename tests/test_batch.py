@@ -267,9 +267,20 @@ def test_batch_with_an_offline_teacher_or_judge_is_refused_at_load():
 
 
 def cli(*args: str) -> subprocess.Popen:
-    env = {**os.environ, KEY_ENV: KEY, "HF_HUB_OFFLINE": "1"}
+    # PYTHONFAULTHANDLER: a run that hangs is sent SIGABRT by `communicate` below and prints every thread's stack
+    env = {**os.environ, KEY_ENV: KEY, "HF_HUB_OFFLINE": "1", "PYTHONFAULTHANDLER": "1"}
     return subprocess.Popen([sys.executable, "-m", "synthpert.cli", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def communicate(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """``proc.communicate``, but a run that hangs fails with its threads' stacks and is not left running."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        _, stderr = proc.communicate(timeout=30)
+        raise AssertionError(f"the run hung for {timeout} s; its stacks:\n{stderr[-6000:]}") from None
 
 
 def gen_args(dataset: Path, out: Path, srv: FakeOpenAIServer, *extra: str) -> list[str]:
@@ -293,7 +304,7 @@ def test_ctrl_c_then_sigkill_while_polling_then_rerun_submits_nothing_twice(data
     proc = cli(*gen_args(dataset, out, server))
     wait_polling(proc, server, batches=3, retrieves=6)
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=30)
+    stdout, stderr = communicate(proc, timeout=30)
     assert proc.returncode == 130 and "rerun the same command to collect them" in stderr, stderr
     assert "Traceback" not in stderr and json.loads(stdout)["complete"] is False
     jobs = json.loads((out / "batches.json").read_text())["jobs"]  # the ids were on disk before the wait
@@ -305,7 +316,7 @@ def test_ctrl_c_then_sigkill_while_polling_then_rerun_submits_nothing_twice(data
     proc.wait(timeout=10)
     server.state.batch_hold = False
     proc = cli(*gen_args(dataset, out, server))
-    stdout, stderr = proc.communicate(timeout=60)
+    stdout, stderr = communicate(proc, timeout=60)
     assert proc.returncode == 0, stderr
     stats = server.stats()
     assert stats["batches_created"] == 3 and stats["batch_duplicates"] == 0
