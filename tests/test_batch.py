@@ -266,11 +266,17 @@ def test_batch_with_an_offline_teacher_or_judge_is_refused_at_load():
 # The CLI killed while it polls
 
 
+def _default_sigint() -> None:
+    # A suite started in the background by a non-interactive shell (`bash .ci/run &`) inherits SIGINT ignored,
+    # and Python keeps an ignored SIGINT ignored: the Ctrl-C below would then never reach the run.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def cli(*args: str) -> subprocess.Popen:
     # PYTHONFAULTHANDLER: a run that hangs is sent SIGABRT by `communicate` below and prints every thread's stack
     env = {**os.environ, KEY_ENV: KEY, "HF_HUB_OFFLINE": "1", "PYTHONFAULTHANDLER": "1"}
     return subprocess.Popen([sys.executable, "-m", "synthpert.cli", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
 
 
 def communicate(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
