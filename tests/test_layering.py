@@ -34,7 +34,8 @@ ALLOWED_BETWEEN_STAGES = {("evaluate", "report")}
 SHARED = {
     "__init__", "errors", "resources", "answer", "schema", "config", "cells", "prompting", "runs", "tokenizer",
     "chat", "cache", "accounting", "ratelimit", "progress", "client", "batch", "data", "fetch", "evidence", "metrics",
-    "baselines", "decision", "offline", "inference", "backends", "vllm_backend", "tracking", "checkpoints",
+    "baselines", "decision", "offline", "inference", "backends", "vllm_backend", "openai_backend", "tracking",
+    "checkpoints",
 }
 TOP = {"pipeline"}
 
