@@ -245,8 +245,11 @@ def subsample(df: pd.DataFrame, cfg: SubsampleConfig | None, seed: int) -> pd.Da
             cap = min(cap, -(-cfg.n // len(counts)))
         for label in LABELS:
             idx = np.flatnonzero(df["label"].to_numpy() == label)
-            if cfg.gene_matched and label == NOT_DE:
-                idx = _gene_matched(df, np.concatenate(parts), idx, cap, rng)
+            if cfg.gene_matched > 0 and label == NOT_DE:
+                k = min(cap, len(idx))
+                matched = _gene_matched(df, np.concatenate(parts), idx, round(cfg.gene_matched * k), rng)
+                rest = np.setdiff1d(idx, matched)
+                idx = np.concatenate([matched, rng.choice(rest, size=min(k - len(matched), len(rest)), replace=False)])
             elif len(idx) > cap:
                 idx = rng.choice(idx, size=cap, replace=False)
             parts.append(idx)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -193,6 +194,64 @@ def _losses(history: list[dict]) -> tuple[float | None, float | None]:
     return (losses[0], losses[-1]) if losses else (None, None)
 
 
+def average_loss_per_example(trainer) -> None:
+    """train.loss_average=example: every example weighs the same in the loss, whatever its length.
+
+    TRL averages over tokens: in a multitask set a tenth of the examples explain (~150 tokens each) and the rest
+    answer (one label token that matters), so the explanations carry ~15 times the answers' weight and the
+    student learns to write before it learns to decide. TRL 1.16's loss is the sum of -log p over the label
+    tokens divided by their count N in the accumulated batch; a forward hook scales each example's token
+    log-probs by N / (B · n_i) (n_i its label tokens, B the examples N counts), which turns that sum into the
+    mean over examples of each example's mean token loss. Entropy and token accuracy are left as they are."""
+    state = {"n_items": None}
+    plain = trainer.compute_loss
+
+    def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
+        state["n_items"] = num_items_in_batch
+        return plain(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def reweight(_module, _args, kwargs, output):
+        if not kwargs.get("fused_lm_head"):
+            return output
+        log_probs, mask = getattr(output, "log_probs", None), getattr(output, "label_mask", None)
+        if log_probs is None or mask is None:
+            raise SynthpertError("train.loss_average=example needs the per-token outputs of TRL's fused loss "
+                                 "(trl 1.16); this TRL returns none: use loss_average=token")
+        mask = mask.to(log_probs.dtype)
+        n_items, rows = state["n_items"], mask.shape[0]
+        if n_items is None:
+            total = mask.sum()
+        else:  # N counts the tokens of every accumulation step (and rank): so does B
+            total = torch.as_tensor(n_items, dtype=log_probs.dtype, device=log_probs.device)
+            rows *= getattr(trainer, "current_gradient_accumulation_steps", trainer.args.gradient_accumulation_steps)
+            if trainer.args.average_tokens_across_devices:
+                rows *= trainer.accelerator.num_processes
+        weights = total / (rows * mask.sum(dim=1).clamp(min=1))
+        output.log_probs = log_probs * weights.detach()[:, None]
+        return output
+
+    import torch
+
+    trainer.compute_loss = compute_loss
+    trainer.model.register_forward_hook(reweight, with_kwargs=True)
+
+
+def check_launch(env, device: str, num_processes: int) -> None:
+    """Refuse a launch whose processes would each train the whole model alone, writing the same output.
+
+    accelerate 1.15 does that without a word for an FSDP config on a CPU-only machine (docs/distributed.md):
+    every process comes up outside any process group. ``env``: the process environment."""
+    if device == "cpu" and env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        raise SynthpertError("an accelerate FSDP config was launched on a machine without a GPU: FSDP does not run "
+                             "on CPU (each process would train the whole model on its own). On CPU, launch with "
+                             "configs/accelerate/ddp.yaml (gloo DDP); FSDP needs GPUs.")
+    world = int(env.get("WORLD_SIZE") or 1)
+    if world > 1 and num_processes == 1:
+        raise SynthpertError(f"this process is one of WORLD_SIZE={world} launched processes but joined no process "
+                             "group, so each would train the whole model alone and write the same output. Check "
+                             "the launcher's config (distributed_type, use_cpu) against docs/distributed.md.")
+
+
 def train_model(cfg: TrainConfig, source, out_dir: str | Path) -> TrainResult:
     """Everything `synthpert train` does; returns the summary and the trainer (whose model is in memory)."""
     from accelerate import PartialState
@@ -205,6 +264,7 @@ def train_model(cfg: TrainConfig, source, out_dir: str | Path) -> TrainResult:
     # PartialState is a process-wide singleton and the first call decides the backend: on CPU it must be
     # cpu=True (as TrainingArguments(use_cpu=True) asks), or a torchrun launch would not become gloo DDP.
     state = PartialState(cpu=_device_kind() == "cpu")
+    check_launch(os.environ, _device_kind(), state.num_processes)
     precision = resolve_precision(cfg)  # fails early on CPU for QLoRA / bf16
     tracking.require(cfg.report_to)  # a missing tracker package fails before an hour of training, not after
     examples = training_examples(cfg, source)
@@ -242,6 +302,8 @@ def train_model(cfg: TrainConfig, source, out_dir: str | Path) -> TrainResult:
                          train_dataset=_dataset(train_records), eval_dataset=_dataset(eval_records),
                          processing_class=tokenizer, peft_config=lora_config(cfg), callbacks=[stop])
     tracking.point_tensorboard_at(trainer, out_dir)
+    if cfg.loss_average == "example":
+        average_loss_per_example(trainer)
     bad = [n for n, p in trainer.model.named_parameters()
            if p.requires_grad and ("embed_tokens" in n or "lm_head" in n or "wte" in n)]
     if bad:
@@ -269,6 +331,7 @@ def train_model(cfg: TrainConfig, source, out_dir: str | Path) -> TrainResult:
     first_loss, last_loss = _losses(trainer.state.log_history)
     summary = {
         "run_dir": str(out_dir), "base_model": cfg.base_model, "mode": cfg.mode, "loss_mask": mode,
+        "loss_average": cfg.loss_average,
         "n_train": len(train_records), "n_eval": len(eval_records),
         # the prior the model learns: a decision rule corrects from it to the test-time prior
         "class_shares": class_shares([r["label"] for r in examples["train"]]),

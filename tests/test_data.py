@@ -138,6 +138,15 @@ def test_gene_matched_subsample_pairs_each_not_de_row_with_a_changed_knockdown_o
     pnd = plain[plain.label == NOT_DE]
     pde = set(zip(plain.cell_line[plain.label != NOT_DE], plain.gene[plain.label != NOT_DE]))
     assert sum(k in pde for k in zip(pnd.cell_line, pnd.gene)) < 0.5 * len(pnd)  # without it, rarely paired
+    # a share: that many 'not DE' rows are partners, the rest random; the classes stay balanced
+    half = build_frames(cfg(train_subsample=SubsampleConfig(n=300, balance=True, gene_matched=0.5), seed=1),
+                        lines)["train"]
+    assert half.label.value_counts().to_dict() == {UP: 100, DOWN: 100, NOT_DE: 100}
+    hfold = half.perturbation.map(perturbation_fold)
+    hde = set(zip(half.cell_line[half.label != NOT_DE], half.gene[half.label != NOT_DE], hfold[half.label != NOT_DE]))
+    hnd = half[half.label == NOT_DE]
+    paired = sum(k in hde for k in zip(hnd.cell_line, hnd.gene, hfold[half.label == NOT_DE]))
+    assert 50 <= paired < 75, paired  # 50 matched, a few random ones pair by chance
     with pytest.raises(Exception, match="needs balance"):
         SubsampleConfig(n=10, gene_matched=True)
 

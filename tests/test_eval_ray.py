@@ -124,3 +124,45 @@ def test_ray_engine_checks_the_model_folder_before_starting_ray(tiny_built_datas
     cfg = _cfg(tiny_built_dataset, tmp_path / "no-model", tmp_path / "no-adapter", engine="ray")
     with pytest.raises(SynthpertError, match="model folder .* does not exist"):
         run_eval(cfg, out_dir=tmp_path / "out", progress=False)
+
+
+
+def _ray_actor_pids() -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["cmdline"]) if "MapWorker" in " ".join(p.info["cmdline"] or [])]
+
+
+@pytest.mark.slow
+def test_a_ray_worker_killed_mid_run_loses_and_repeats_nothing(ray_local, tiny_built_dataset, tiny_model_dir,
+                                                                tiny_adapter_dir, tmp_path, monkeypatch):
+    """An actor SIGKILLed once the first predictions are written, while the pool still has batches to score: Ray
+    restarts it and retries its batch, and the run completes with every pair exactly once; a rerun has nothing
+    left to do."""
+    import os
+    import signal
+
+    import synthpert.evaluate as evaluate
+    from synthpert.evaluate import run_eval
+
+    pytest.importorskip("psutil")
+    out, total = tmp_path / "ev", 40
+    cfg = _cfg(tiny_built_dataset, tiny_model_dir, tiny_adapter_dir, engine="ray").model_copy(update={"n": total})
+    killed: list[int] = []
+    append = evaluate.append_lines
+
+    def append_then_kill(path, lines):
+        append(path, lines)
+        if not killed:  # the driver waits here: the other blocks are still being scored or queued
+            pids = _ray_actor_pids()
+            assert pids, "no Ray Data actor process found"
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(len(path.read_text().splitlines()))
+
+    monkeypatch.setattr(evaluate, "append_lines", append_then_kill)
+    summary = run_eval(cfg, out_dir=out, progress=False)
+    assert killed and killed[0] < total, killed  # killed with pairs still to score
+    assert summary["complete"] and summary["engine"]["predicted"] == total
+    recs = _records(out)  # fails on a duplicate
+    assert len(recs) == total and all(r["probabilities"] for r in recs.values())
+    assert run_eval(cfg, out_dir=out, progress=False)["engine"]["predicted"] == 0

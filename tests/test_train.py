@@ -217,6 +217,18 @@ def test_label_only_examples_with_evidence(tiny_model_dir, tiny_built_dataset):
         training_examples(_cfg(tiny_model_dir, mode="label_only"), tiny_built_dataset / "summary.json")
 
 
+def test_launches_that_would_train_once_per_process_are_refused():
+    from synthpert.train import check_launch
+
+    check_launch({}, "cpu", 1)  # a plain run
+    check_launch({"WORLD_SIZE": "2"}, "cpu", 2)  # gloo DDP, as test_ddp_two_cpu_processes launches it
+    check_launch({"ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "2"}, "cuda", 2)
+    with pytest.raises(SynthpertError, match="FSDP does not run on CPU.*ddp.yaml"):
+        check_launch({"ACCELERATE_USE_FSDP": "true"}, "cpu", 1)
+    with pytest.raises(SynthpertError, match="WORLD_SIZE=2 .*joined no process group"):
+        check_launch({"WORLD_SIZE": "2"}, "cuda", 1)
+
+
 def test_ddp_two_cpu_processes(tiny_model_dir, tiny_traces_path, tmp_path):
     """The `synthpert train` CLI under torchrun (two gloo processes), with the shipped tiny config and packing."""
     import os
@@ -261,3 +273,49 @@ def test_bench_speedups_compute_the_same_loss(capsys):
     by = {r["variant"]: r for r in rows}
     assert by["plain"]["loss"] == pytest.approx(by["chunked_ce"]["loss"], abs=1e-4)
     assert all(r["finite"] and r["tokens_per_s"] > 0 for r in rows) and by["padding_free"]["variable_lengths"]
+
+
+def test_loss_average_example_weighs_every_example_once_whatever_its_length(tiny_model_dir, tmp_path):
+    """TRL's own loss path, with the hook: the mean over examples of each example's mean token loss (a one-token
+    answer counts as much as a long explanation); without it, the mean over tokens."""
+    import torch
+    from trl import SFTTrainer
+
+    from synthpert.loss_mask import tokenize_example
+    from synthpert.tokenizer import load_tokenizer
+    from synthpert.train import _dataset, average_loss_per_example, lora_config, sft_config
+
+    cfg = _cfg(tiny_model_dir, loss_average="example")
+    tok = load_tokenizer(tiny_model_dir)
+    prompt = [{"role": "user", "content": "Is GATA1 changed after MYC knockdown?"}]
+    rows = [tokenize_example(tok, prompt, a, "assistant_only") for a in (
+        "<answer>upregulated</answer>",
+        "<think>" + "The knockdown removes a transcription factor of the erythroid programme. " * 6
+        + "</think><answer>not differentially expressed</answer>")]
+    records = [{"input_ids": ids, "labels": labels} for ids, labels in rows]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    trainer = SFTTrainer(model=model, args=sft_config(cfg, tmp_path, "fp32", False), train_dataset=_dataset(records),
+                         processing_class=tok, peft_config=lora_config(cfg))
+    batch = trainer._prepare_inputs(trainer.data_collator(records))
+    trainer.model.eval()
+    with torch.no_grad():
+        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:],
+                                                ignore_index=-100, reduction="none")
+        mask = (batch["labels"][:, 1:] != -100).float()
+        per_example = (nll * mask).sum(1) / mask.sum(1)
+        by_token = float((nll * mask).sum() / mask.sum())
+        by_example = float(per_example.mean())
+        assert mask.sum(1)[1] > 5 * mask.sum(1)[0]  # the explanation has many more trained tokens
+        assert abs(by_token - by_example) > 0.05
+        assert float(trainer.compute_loss(trainer.model, dict(batch))) == pytest.approx(by_token, rel=1e-4)
+        average_loss_per_example(trainer)
+        assert float(trainer.compute_loss(trainer.model, dict(batch))) == pytest.approx(by_example, rel=1e-4)
+        # as in training: N counts the tokens of the accumulated batch
+        n = int(mask.sum())
+        assert float(trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=n)) == pytest.approx(
+            by_example, rel=1e-4)
+    with pytest.raises(Exception, match="one example per row"):
+        _cfg(tiny_model_dir, loss_average="example", packing=True)

@@ -69,6 +69,11 @@ class TrainConfig(StrictModel):
     loss_mask: Literal["auto", "assistant_only", "completion_only"] = Field(
         "auto", description="assistant_only: {% generation %} markers of the template; completion_only: "
         "everything after the generation prompt; auto: the first if the template has markers")
+    loss_average: Literal["token", "example"] = Field(
+        "token", description="token: TRL's mean over every trained token of a batch, so long examples weigh "
+        "more; example: each example's mean token loss, averaged over examples, so in a multitask set the "
+        "one-token answers are not outweighed by the long explanations (each task a per-example mean, as in "
+        "distilling step-by-step). Not with packing or padding_free, which merge examples into one row")
     max_length: int = Field(2048, ge=16, description="longest tokenized example (prompt + assistant)")
     overlength: Literal["drop", "truncate"] = Field(
         "drop", description="what to do with longer examples: drop them (a truncated trace loses its answer and "
@@ -112,6 +117,8 @@ class TrainConfig(StrictModel):
             raise ValueError("QLoRA (quantization=4bit) computes in bf16/fp16; precision=fp32 is not possible")
         if self.packing and self.overlength == "truncate":
             raise ValueError("packing cuts rows at max_length itself; use overlength=drop with packing")
+        if self.loss_average == "example" and (self.packing or self.padding_free):
+            raise ValueError("loss_average=example needs one example per row; packing and padding_free merge them")
         if self.gradient_checkpointing == "selective" and self.quantization == "4bit":
             raise ValueError("selective checkpointing is not supported with QLoRA's reentrant checkpointing")
         return self
