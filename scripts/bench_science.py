@@ -7,14 +7,14 @@
 
 Each variant is the quickstart recipe (configs/quickstart.yaml: trained on K562 + HepG2 + Jurkat, so the
 evidence block carries cross-line observations; multitask student) with a few overrides, run through
-`synthpert run` into its own run folder (so a rerun resumes and skips finished stages), evaluated on the
-SAME pairs as the quickstart: every K562 test pair of 300 random readout genes (held-out perturbations) and
-every RPE1 test pair of 300 (an unseen line). Every variant fits the tuned decision rule on validation rows;
-the table shows each model three ways from the same predictions — argmax of its class probabilities, prior
-shift, tuned — beside majority, gene prior, cross-cell and combined, with the expected calibration error (ECE)
-of the probabilities each rule reads. A run with an `rl:` stage (`multitask_grpo`) shows its SFT adapter
-(`<set>_sft`) and its SFT+GRPO adapter side by side, and the stage wall times. Writes a Markdown table
-(stdout and --out) with the date, the machine and the wall time.
+`synthpert run` into its own run folder (so a rerun resumes and skips finished stages), evaluated on the SAME
+pairs as the quickstart: every K562 test pair of 600 random readout genes (held-out perturbations) and every
+RPE1 test pair of 300 (an unseen line); a seed draws its own genes. Every variant fits the tuned decision rule
+on validation rows; the table shows each model three ways from the same predictions — argmax of its class
+probabilities, prior shift, tuned — beside majority, gene prior, cross-cell and combined, with the expected
+calibration error (ECE) of the probabilities each rule reads. A run with an `rl:` stage (`multitask_grpo`)
+shows its SFT adapter (`<set>_sft`) and its SFT+GRPO adapter side by side, and the stage wall times. Writes a
+Markdown table (stdout and --out) with the date, the machine and the wall time.
 """
 
 from __future__ import annotations
@@ -44,6 +44,9 @@ VARIANTS = {
     "multitask_no_evidence": {"train.evidence": "false"},
     "multitask_natural": {"data.train_subsample.balance": "false"},
     "multitask_gene_matched": {"data.train_subsample.gene_matched": "true"},
+    "multitask_half_matched": {"data.train_subsample.gene_matched": 0.5},
+    "multitask_example_loss": {"train.loss_average": "example"},
+    "multitask_2400x2": {"data.train_subsample.n": 2400, "train.optim.epochs": 2},  # the recipe before 4,800 x 1
     # SFT, then GRPO (issue #15) in the same run: eval scores the RL adapter as <set> and the SFT adapter as
     # <set>_sft on the same pairs. Sized for ~10 min on 2 CPU cores: 150 steps of 4 prompts x 4 completions,
     # completions of at most 16 tokens (the answer task's block needs ~8); prompts are the SFT's own

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import sqlite3
 import subprocess
@@ -24,6 +23,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _procs import communicate, synthpert_process  # noqa: E402
 from fake_openai_server import FakeOpenAIServer, run_batch_file  # noqa: E402
 
 from synthpert.config.data import DataConfig, SubsampleConfig  # noqa: E402
@@ -36,7 +36,6 @@ from synthpert.schema import TraceRecord, read_jsonl  # noqa: E402
 
 KEY_ENV = "SYNTHPERT_TEST_API_KEY"
 KEY = "sk-test-SECRET-0123456789abcdef"
-ROOT = Path(__file__).resolve().parents[1]
 N = 12  # training triples: enough to split files and to fail some, few enough to stay fast
 PROMPT, COMPLETION = 300, 120
 CHAT_COST = (PROMPT * 1.0 + COMPLETION * 2.0) / 1e6  # per request at the chat prices below
@@ -266,27 +265,8 @@ def test_batch_with_an_offline_teacher_or_judge_is_refused_at_load():
 # The CLI killed while it polls
 
 
-def _default_sigint() -> None:
-    # A suite started in the background by a non-interactive shell (`bash .ci/run &`) inherits SIGINT ignored,
-    # and Python keeps an ignored SIGINT ignored: the Ctrl-C below would then never reach the run.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def cli(*args: str) -> subprocess.Popen:
-    # PYTHONFAULTHANDLER: a run that hangs is sent SIGABRT by `communicate` below and prints every thread's stack
-    env = {**os.environ, KEY_ENV: KEY, "HF_HUB_OFFLINE": "1", "PYTHONFAULTHANDLER": "1"}
-    return subprocess.Popen([sys.executable, "-m", "synthpert.cli", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
-
-
-def communicate(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
-    """``proc.communicate``, but a run that hangs fails with its threads' stacks and is not left running."""
-    try:
-        return proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGABRT)
-        _, stderr = proc.communicate(timeout=30)
-        raise AssertionError(f"the run hung for {timeout} s; its stacks:\n{stderr[-6000:]}") from None
+    return synthpert_process(*args, env={KEY_ENV: KEY})
 
 
 def gen_args(dataset: Path, out: Path, srv: FakeOpenAIServer, *extra: str) -> list[str]:

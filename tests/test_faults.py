@@ -14,17 +14,16 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+sys.path.insert(0, str(Path(__file__).parent))
+from _procs import synthpert_process  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
 
 
 def cli(*args: str) -> subprocess.Popen:
     # One thread: the child's torch would otherwise spin a thread per core against the test process's own,
     # which on a 2-core runner makes it several times slower.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "synthpert.cli", *map(str, args)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return synthpert_process(*args, env={"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
 
 
 def kill_when(proc: subprocess.Popen, cond, timeout: float = 180.0) -> None:

@@ -4,7 +4,6 @@ judge through the real SDK against a local server, and the CLI under SIGKILL / S
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _procs import synthpert_process  # noqa: E402
 from fake_openai_server import FakeOpenAIServer  # noqa: E402
 
 from synthpert.answer import LABELS  # noqa: E402
@@ -25,7 +25,6 @@ from synthpert.schema import TraceRecord, read_jsonl  # noqa: E402
 
 KEY_ENV = "SYNTHPERT_TEST_API_KEY"
 KEY = "sk-test-SECRET-0123456789abcdef"
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -175,9 +174,7 @@ def test_judge_verdict_parser(text, rating):
 
 
 def cli(*args: str, env_extra: dict | None = None) -> subprocess.Popen:
-    env = {**os.environ, KEY_ENV: KEY, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-m", "synthpert.cli", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return synthpert_process(*args, env={KEY_ENV: KEY, **(env_extra or {})})
 
 
 def gen_args(dataset: Path, out: Path, srv: FakeOpenAIServer, *extra: str) -> list[str]:
