@@ -37,7 +37,6 @@ log = logging.getLogger("synthpert.generate")
 
 PROMPTS = {"rationalise": "teacher_rationalise.j2", "predict": "teacher_predict.j2",
            "evidence": "teacher_rationalise.j2", "evidence_blind": "teacher_predict.j2"}
-OFFLINE_MODES = ("evidence", "evidence_blind")  # the offline evidence teacher, told the label or not
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -91,18 +90,18 @@ def build_requests(cfg: TeacherConfig, df: pd.DataFrame,
     if cfg.samples > 1:
         sampling["n"] = cfg.samples
     key_extra = None
-    if cfg.mode in OFFLINE_MODES:
+    if cfg.offline:
         from .prompting import load_template
 
         sampling = {"n": cfg.samples} if cfg.samples > 1 else {}
         key_extra = {"evidence_template": load_template(EVIDENCE_TEMPLATE).sha256,
                      **({"label_blind": "v1"} if cfg.mode == "evidence_blind" else {})}
     reqs, info = [], {}
-    use_evidence = cfg.evidence_context or cfg.mode in OFFLINE_MODES
+    use_evidence = cfg.evidence_context or cfg.offline
     for row in df.itertuples(index=False):
         ev_text = evidence.text(row.cell_line, row.perturbation, row.gene) if use_evidence else None
         messages, name, phash = _messages(cfg, row, ev_text)
-        model = OFFLINE_EVIDENCE_MODEL if cfg.mode in OFFLINE_MODES else None
+        model = OFFLINE_EVIDENCE_MODEL if cfg.offline else None
         reqs.append(ChatRequest(id=row.id, messages=messages, sampling=sampling, model=model, key_extra=key_extra,
                                 context=row))
         info[row.id] = {"prompt_name": name, "prompt_hash": phash}
@@ -123,7 +122,7 @@ def _split_usage(usage: Usage, n: int) -> list[Usage]:
 
 def to_records(cfg: TeacherConfig, req: ChatRequest, res: ChatResult, info: dict) -> list[TraceRecord]:
     row = req.context
-    teacher = "evidence" if cfg.mode in OFFLINE_MODES else res.model
+    teacher = "evidence" if cfg.offline else res.model
     usages = _split_usage(res.usage, len(res.texts))
     logprobs = choice_logprobs(res.raw)
     out = []
@@ -156,10 +155,10 @@ def run_generate(cfg: TeacherConfig, dataset_path: str | Path, out_dir: str | Pa
     ``import_batch``: join a Batch output file into the cache, then write traces from the cache only."""
     out_dir = Path(out_dir)
     df = load_examples(dataset_path, cfg.split, cfg.subsample, cfg.seed)
-    needs_evidence = cfg.evidence_context or cfg.mode in OFFLINE_MODES
+    needs_evidence = cfg.evidence_context or cfg.offline
     evidence = EvidenceSource(Path(dataset_path)) if needs_evidence else None
     blind = cfg.mode == "evidence_blind"
-    local = evidence_backend(evidence, label_blind=blind) if cfg.mode in OFFLINE_MODES else None
+    local = evidence_backend(evidence, label_blind=blind) if cfg.offline else None
     requests, info = build_requests(cfg, df, evidence)
     engine = engine_for(cfg, out_dir, local=local, description=f"teacher ({cfg.mode})")
     if dry_run:
@@ -179,13 +178,13 @@ def run_generate(cfg: TeacherConfig, dataset_path: str | Path, out_dir: str | Pa
     matches = sum(1 for r in records if r.parsed_label == r.label)
     summary = {
         "complete": run.stats.completed == len(requests),
-        "mode": cfg.mode, "offline_heuristic": cfg.mode in OFFLINE_MODES,
-        "teacher": "evidence" if cfg.mode in OFFLINE_MODES else cfg.model,
-        "base_url": None if cfg.mode in OFFLINE_MODES else cfg.base_url,
+        "mode": cfg.mode, "offline_heuristic": cfg.offline,
+        "teacher": "evidence" if cfg.offline else cfg.model,
+        "base_url": None if cfg.offline else cfg.base_url,
         "prompt_name": (cfg.prompt or PROMPTS[cfg.mode]),
         "prompt_hash": next(iter(info.values()))["prompt_hash"] if info else None,
         "evidence_template_hash": (requests[0].key_extra["evidence_template"]
-                                   if cfg.mode in OFFLINE_MODES and requests else None),
+                                   if cfg.offline and requests else None),
         "evidence_context": needs_evidence, "sampling": requests[0].sampling if requests else {},
         "examples": len(df), "examples_done": run.stats.completed, "traces": len(records),
         "parse_failures": parse_failures, "answer_matches_label": matches,

@@ -26,7 +26,6 @@ from .schema import jsonable
 
 STAGES = ("data", "base_model", "generate", "judge", "train", "rl", "eval")
 TINY = "tiny"  # train.base_model value: build the offline tiny model inside the run
-OFFLINE_TEACHER_MODES = ("evidence", "evidence_blind")  # no API, no key
 # SynthPert sent 15% of the training triples to the teacher and about 2% of the training data survived
 # the judge: about 2 traces in 15 were kept. Shown beside the dry run's upper bound, as an expectation.
 PUBLISHED_KEEP_RATE = 2 / 15
@@ -215,7 +214,7 @@ class Pipeline:
         problems = []
         cfg = self.cfg
         clients = []
-        if cfg.teacher.mode not in OFFLINE_TEACHER_MODES:
+        if not cfg.teacher.offline:
             clients.append(("generate", "teacher", cfg.teacher.api_key_env))
         if cfg.judge.kind == "llm":
             clients.append(("judge", "judge", cfg.judge.api_key_env))

@@ -11,6 +11,8 @@ from ..schema import JUDGE_RATINGS
 from .client import ClientConfig, SamplingConfig
 from .data import SubsampleConfig
 
+OFFLINE_TEACHER_MODES = ("evidence", "evidence_blind")  # the offline evidence heuristic: no API, no key, no cost
+
 
 class TeacherConfig(ClientConfig):
     """The teacher: where it runs (ClientConfig fields) and what it is asked."""
@@ -29,9 +31,13 @@ class TeacherConfig(ClientConfig):
     system_prompt: str | None = Field("teacher_system.txt", description="system prompt file in prompts/ (null: none)")
     prompt: str | None = Field(None, description="user prompt template in prompts/ (default: per mode)")
 
+    @property
+    def offline(self) -> bool:
+        return self.mode in OFFLINE_TEACHER_MODES
+
     @model_validator(mode="after")
     def _batch_needs_an_api(self):
-        if self.batch and self.mode in ("evidence", "evidence_blind"):
+        if self.batch and self.offline:
             raise ValueError(f"teacher.batch applies to API teachers; mode {self.mode!r} is the offline evidence "
                              "heuristic, which sends no requests. Set teacher.batch=false or an API mode")
         return self
