@@ -309,7 +309,7 @@ def test_loss_average_example_weighs_every_example_once_whatever_its_length(tiny
         by_token = float((nll * mask).sum() / mask.sum())
         by_example = float(per_example.mean())
         assert mask.sum(1)[1] > 5 * mask.sum(1)[0]  # the explanation has many more trained tokens
-        assert abs(by_token - by_example) > 0.05
+        assert abs(by_token - by_example) > 0.01  # 100x the tolerance below: the two averages are told apart
         assert float(trainer.compute_loss(trainer.model, dict(batch))) == pytest.approx(by_token, rel=1e-4)
         average_loss_per_example(trainer)
         assert float(trainer.compute_loss(trainer.model, dict(batch))) == pytest.approx(by_example, rel=1e-4)
