@@ -24,146 +24,24 @@ The API key goes to the SDK client only; files written hold request bodies and j
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from .accounting import completion_cap, cost_of, estimate_prompt_tokens, price_for, usage_from_raw
+from .batch_files import ENDPOINT, chunk_calls, parse_batch_output
 from .cache import ResponseCache
-from .chat import Call, RunStats, shape_problem
+from .chat import Call, RunStats
 from .config.client import ClientConfig
 from .errors import SynthpertError, scrub
-from .ratelimit import RETRYABLE_STATUS
 from .runs import write_json_atomic
 
 log = logging.getLogger("synthpert.batch")
 
-ENDPOINT = "/v1/chat/completions"
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 JOBS_FILE = "batches.json"
 PENDING = "pending:"  # a job row whose batch may or may not exist yet: "pending:<input file id>"
 MAX_PROBLEMS_LOGGED = 5  # per file: a damaged 50,000-line file must not flood the terminal
-
-
-def batch_line(call: Call) -> dict:
-    """One request of a Batch input file (also what ``vllm run-batch`` reads)."""
-    return {"custom_id": call.key, "method": "POST", "url": ENDPOINT,
-            "body": {"model": call.model, "messages": call.messages, **call.sampling}}
-
-
-def _encode(line: dict) -> bytes:
-    return (json.dumps(line, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
-
-
-def chunk_calls(calls: list[Call], max_requests: int, max_bytes: int) -> list[tuple[str, list[Call], bytes]]:
-    """Input files as (model, calls, JSONL bytes): one model per file, within both limits, calls in order."""
-    by_model: dict[str, list[Call]] = {}
-    for c in calls:
-        by_model.setdefault(c.model, []).append(c)
-    out: list[tuple[str, list[Call], bytes]] = []
-    for model, group in by_model.items():
-        cur: list[Call] = []
-        parts: list[bytes] = []
-        size = 0
-        for c in group:
-            line = _encode(batch_line(c))
-            if len(line) > max_bytes:
-                raise SynthpertError(f"one request ({len(line):,} bytes) is larger than batch_max_bytes="
-                                     f"{max_bytes:,}; it cannot go through the Batch API (set batch: false)")
-            if cur and (len(cur) >= max_requests or size + len(line) > max_bytes):
-                out.append((model, cur, b"".join(parts)))
-                cur, parts, size = [], [], 0
-            cur.append(c)
-            parts.append(line)
-            size += len(line)
-        if cur:
-            out.append((model, cur, b"".join(parts)))
-    return out
-
-
-def write_batch_file(calls: list[Call], path: Path) -> int:
-    """The requests as one Batch JSONL file (for ``vllm run-batch`` or a manual upload)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        for c in calls:
-            f.write(_encode(batch_line(c)))
-    tmp.replace(path)
-    return len(calls)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Reading output and error files
-
-
-@dataclass
-class BatchOutput:
-    """What one output (or error) file held: answers by key, errors by key with whether a resubmission may
-    help, and problems with the file itself (each a sentence naming the line)."""
-
-    answers: dict[str, dict] = field(default_factory=dict)
-    errors: dict[str, tuple[str, bool]] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
-
-
-def parse_batch_output(text: str, expected: dict[str, int], source: str) -> BatchOutput:
-    """Parse a Batch output / error file. ``expected``: the keys the batch carried, each with its number of
-    choices (n). Never raises: every damaged line becomes a problem and every good line is kept."""
-    out = BatchOutput()
-    lines = text.split("\n")
-    truncated = bool(lines) and lines[-1] != ""
-    for no, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        last = no == len(lines)
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            what = "is cut off (truncated file)" if last and truncated else "is not valid JSON"
-            out.problems.append(f"{source} line {no} {what}; skipped")
-            continue
-        cid = obj.get("custom_id") if isinstance(obj, dict) else None
-        if not isinstance(cid, str):
-            out.problems.append(f"{source} line {no} has no custom_id; skipped")
-            continue
-        if cid not in expected:
-            out.problems.append(f"{source} line {no}: unknown custom_id {cid[:16]}… (not a request of this batch); "
-                                "skipped")
-            continue
-        if cid in out.answers:
-            out.problems.append(f"{source} line {no}: custom_id {cid[:16]}… answered twice; the first answer kept")
-            continue
-        resp = obj.get("response") if isinstance(obj.get("response"), dict) else {}
-        status, body, err = resp.get("status_code"), resp.get("body"), obj.get("error")
-        if status == 200 and isinstance(body, dict):
-            problem = shape_problem(body, expected[cid])
-            if problem is None:
-                out.answers[cid] = body
-                out.errors.pop(cid, None)
-            else:
-                out.errors[cid] = (f"response of the wrong shape: {problem}", True)
-            continue
-        out.errors[cid] = _line_error(status, body, err)
-    return out
-
-
-def _line_error(status, body, err) -> tuple[str, bool]:
-    """(reason, resubmitting may help) of a per-request error line."""
-    detail = err if isinstance(err, dict) else (body.get("error") if isinstance(body, dict) else None)
-    if isinstance(detail, dict):
-        msg = f"{detail.get('code') or detail.get('type') or 'error'}: {detail.get('message') or ''}".strip(": ")
-    else:
-        msg = str(detail or "no response")
-    if isinstance(status, int):
-        return f"HTTP {status}: {msg}", status in RETRYABLE_STATUS or status >= 500
-    return msg, True  # e.g. batch_expired: the request never ran
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Running batches
 
 
 class BatchRunner:

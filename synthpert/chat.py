@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,3 +119,11 @@ def sequence_confidence(logprobs: list[float] | None) -> float | None:
     if not logprobs:
         return None
     return float(math.exp(sum(logprobs) / len(logprobs)))
+
+
+def local_response(call: Call, text: str) -> dict:
+    """A chat completion body for ``text`` from a local (offline) backend: free, no usage counted."""
+    return {"id": f"local-{call.key[:16]}", "object": "chat.completion", "created": int(time.time()),
+            "model": call.model, "choices": [{"index": 0, "finish_reason": "stop",
+                                              "message": {"role": "assistant", "content": text}}],
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}

@@ -31,18 +31,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import random
 import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .accounting import completion_cap, cost_of, estimate_prompt_tokens, price_for, usage_from_raw
-from .batch import BatchRunner, chunk_calls, parse_batch_output, write_batch_file
+from .accounting import completion_cap, cost_of, estimate_prompt_tokens, usage_from_raw
+from .batch import BatchRunner
+from .budget import CostPlan
+from .batch_files import chunk_calls, import_batch_file, write_batch_file
 from .cache import ResponseCache, cache_key
-from .chat import Call, ChatRequest, ChatResult, EngineRun, RunStats, shape_problem
-from .config.client import ClientConfig, ModelPrice
+from .chat import Call, ChatRequest, ChatResult, EngineRun, RunStats, local_response, shape_problem
+from .config.client import ClientConfig
 from .errors import SynthpertError, scrub
 from .progress import CostProgress
 from .ratelimit import HINTS, RETRYABLE_STATUS, RateLimiter, Retryable, retry_after, server_message
@@ -51,17 +52,6 @@ from .schema import Usage
 log = logging.getLogger("synthpert.client")
 
 LOCAL_BASE_URL = "local"  # base_url of offline backends (evidence teacher, rules judge): no HTTP at all
-
-
-def resolve_api_key(cfg: ClientConfig) -> str:
-    if cfg.api_key_env is None:
-        return "EMPTY"  # vLLM and other local servers without auth still need a non-empty string
-    key = os.environ.get(cfg.api_key_env)
-    if not key:
-        raise SynthpertError(f"environment variable {cfg.api_key_env} is not set; export your API key there "
-                             f"(or set api_key_env to the variable that holds it, or null for a server "
-                             f"without authentication)")
-    return key
 
 
 LocalBackend = Callable[[ChatRequest, int], str]
@@ -82,6 +72,7 @@ class ChatEngine:
         self.local = local
         self.description = description
         self._key: str | None = None
+        self.costs = CostPlan(cfg, offline=local is not None)
 
     # ---- planning -------------------------------------------------------------------------------------
 
@@ -100,78 +91,34 @@ class ChatEngine:
             return calls
         return [Call(req, 0, cache_key(model, req.messages, sampling, req.key_extra), model, req.messages, sampling)]
 
-    def _price(self, model: str) -> ModelPrice | None:
-        return price_for(self.cfg.prices, model)
-
-    def _plan_price(self, model: str) -> ModelPrice | None:
-        """The price new requests will be bought at: the batch price when they go through the Batch API."""
-        price = self._price(model)
-        return self.cfg.batch_price(price) if self.cfg.batch and self.local is None else price
-
-    def _reservation(self, call: Call) -> float:
-        """Worst-case cost of a call: the prompt estimate scaled by the largest actual/estimate ratio seen
-        so far, plus the completion cap (or the largest completion seen) for every sample."""
-        price = self._price(call.model)
-        if price is None:
-            return 0.0
-        n = int(call.sampling.get("n") or 1)
-        cap = completion_cap(call.sampling) or max(self.cfg.completion_tokens_estimate, self._max_completion)
-        prompt = estimate_prompt_tokens(call.messages) * self._prompt_scale
-        return (prompt * price.input + cap * n * price.output) / 1e6
-
-    def _calibrate(self, call: Call, usage: Usage) -> None:
-        est = estimate_prompt_tokens(call.messages)
-        self._prompt_scale = max(self._prompt_scale, usage.prompt_tokens / max(est, 1))
-        n = int(call.sampling.get("n") or 1)
-        self._max_completion = max(self._max_completion, usage.completion_tokens // n)
-
-    def _check_prices(self, calls: list[Call]) -> None:
-        if self.local is not None or self.cfg.max_cost is None:
-            return
-        missing = sorted({c.model for c in calls if self._price(c.model) is None})
-        if missing:
-            raise SynthpertError(f"max_cost is set but no price is configured for model(s) {missing}; add "
-                                 f"prices.<model>.input/output (USD per 1M tokens) to the config")
-
     def estimate(self, requests: list[ChatRequest]) -> dict:
         """What a run would send and cost, without sending anything (dry run)."""
         calls = [c for r in requests for c in self._calls(r)]
-        cache = ResponseCache(self.cache_path) if self.cache_path.exists() else None
-        cached = cache.get_many([c.key for c in calls]) if cache else {}
-        if cache:
-            cache.close()
+        cached = self._cached(calls)
         todo = [c for c in calls if c.key not in cached]
-        prompt = sum(estimate_prompt_tokens(c.messages) for c in todo)
-        samples = sum(int(c.sampling.get("n") or 1) for c in todo)
-        expected_completion = samples * self.cfg.completion_tokens_estimate
-        worst_completion = sum((completion_cap(c.sampling) or self.cfg.completion_tokens_estimate)
-                               * int(c.sampling.get("n") or 1) for c in todo)
         offline_model = next((r.model for r in requests if r.model), self.cfg.model)
         out = {"model": self.cfg.model if self.local is None else f"{offline_model} (offline, free)",
                "base_url": self.cfg.base_url if self.local is None else LOCAL_BASE_URL,
                "requests": len(requests), "http_requests_needed": len(todo), "already_cached": len(calls) - len(todo),
-               "samples_to_generate": samples, "est_prompt_tokens": prompt,
-               "est_completion_tokens": expected_completion, "max_completion_tokens": worst_completion,
-               "est_cost_usd": 0.0, "max_cost_usd": 0.0, "max_cost_budget": self.cfg.max_cost}
+               **self.costs.tokens(todo), "est_cost_usd": 0.0, "max_cost_usd": 0.0,
+               "max_cost_budget": self.cfg.max_cost}
         if self.local is not None:
             return out
-        missing = sorted({c.model for c in todo if self._price(c.model) is None})
-        if missing:
-            out["est_cost_usd"] = out["max_cost_usd"] = None
-            out["note"] = f"no price configured for {missing}; add prices.<model>.input/output to estimate cost"
-            return out
-        if self.cfg.batch:
+        costs = self.costs.estimate(todo)
+        if self.cfg.batch and "note" not in costs:
             out["batch"] = {"discount": self.cfg.batch_discount,
                             "files": len(chunk_calls(todo, self.cfg.batch_max_requests, self.cfg.batch_max_bytes))}
-        for c in todo:
-            price, n = self._plan_price(c.model), int(c.sampling.get("n") or 1)
-            p_tok = estimate_prompt_tokens(c.messages)
-            cap = completion_cap(c.sampling) or self.cfg.completion_tokens_estimate
-            out["est_cost_usd"] += cost_of(Usage(prompt_tokens=p_tok,
-                                                 completion_tokens=n * self.cfg.completion_tokens_estimate), price)
-            out["max_cost_usd"] += cost_of(Usage(prompt_tokens=p_tok, completion_tokens=n * cap), price)
-        out["est_cost_usd"], out["max_cost_usd"] = round(out["est_cost_usd"], 4), round(out["max_cost_usd"], 4)
-        return out
+        return {**out, **costs}
+
+    def _cached(self, calls: list[Call]) -> dict:
+        """The cache's answers to ``calls`` (none when there is no cache yet), without creating one."""
+        if not self.cache_path.exists():
+            return {}
+        cache = ResponseCache(self.cache_path)
+        try:
+            return cache.get_many([c.key for c in calls])
+        finally:
+            cache.close()
 
     # ---- running ----------------------------------------------------------------------------------------
 
@@ -197,7 +144,7 @@ class ChatEngine:
                     stats.failed.setdefault(c.request.id, "no answer in the imported batch output")
             else:
                 if todo and self.local is None:
-                    self._key = resolve_api_key(self.cfg)
+                    self._key = self.cfg.api_key()
                 await self._execute(todo, responses, cache, stats, done_before=len(all_calls) - len(todo),
                                     total=len(all_calls))
             via_batch = cache.batch_answered([c.key for c in all_calls]) if self.local is None else set()
@@ -211,7 +158,7 @@ class ChatEngine:
         try:
             responses, hits, todo = self._lookup(cache, all_calls)
             if todo:
-                self._key = resolve_api_key(self.cfg)
+                self._key = self.cfg.api_key()
                 self._execute_batch(todo, responses, cache, stats, done_before=len(all_calls) - len(todo),
                                     total=len(all_calls))
             via_batch = cache.batch_answered([c.key for c in all_calls])
@@ -235,7 +182,7 @@ class ChatEngine:
         stats = RunStats(requests=len(requests))
         plan = {r.id: self._calls(r) for r in requests}
         all_calls = [c for calls in plan.values() for c in calls]
-        self._check_prices(all_calls)
+        self.costs.check_prices(all_calls)
         return t0, stats, plan, all_calls
 
     def _end(self, requests: list[ChatRequest], plan: dict[str, list[Call]], responses: dict, hits: set[str],
@@ -258,7 +205,7 @@ class ChatEngine:
                 via_batch: set[str]) -> ChatResult:
         texts, reasons, usage, cost = [], [], Usage(), 0.0
         model = calls[0].model
-        price = self._price(model)
+        price = self.costs.price(model)
         for call, raw in zip(calls, raws):
             for ch in sorted(raw.get("choices") or [], key=lambda c: c.get("index", 0)):
                 content = (ch.get("message") or {}).get("content")
@@ -296,13 +243,7 @@ class ChatEngine:
         for ``vllm run-batch -i FILE -o OUT --model ...``; ``import_batch(OUT)`` brings the answers back."""
         self._needs_requests("--export-batch")
         calls = [c for r in requests for c in self._calls(r)]
-        cached = {}
-        if self.cache_path.exists():
-            cache = ResponseCache(self.cache_path)
-            try:
-                cached = cache.get_many([c.key for c in calls])
-            finally:
-                cache.close()
+        cached = self._cached(calls)
         todo = list({c.key: c for c in calls if c.key not in cached}.values())
         n = write_batch_file(todo, Path(path))
         return {"exported": n, "already_cached": len(calls) - len(todo), "path": str(path),
@@ -316,21 +257,11 @@ class ChatEngine:
         if not path.is_file():
             raise SynthpertError(f"--import-batch {path}: no such file")
         calls = {c.key: c for r in requests for c in self._calls(r)}
-        parsed = parse_batch_output(path.read_text(encoding="utf-8", errors="replace"),
-                                    {k: int(c.sampling.get("n") or 1) for k, c in calls.items()}, str(path))
-        for p in parsed.problems[:5]:
-            log.warning("%s", p)
         cache = ResponseCache(self.cache_path)
         try:
-            for k, raw in parsed.answers.items():
-                c = calls[k]
-                cache.put_batch(k, c.model, {"model": c.model, "messages": c.messages, "sampling": c.sampling}, raw,
-                                f"import:{path.name}")
+            return import_batch_file(path, calls, cache)
         finally:
             cache.close()
-        return {"path": str(path), "imported": len(parsed.answers), "errors": len(parsed.errors),
-                "error_examples": dict(list({k[:16]: v[0] for k, v in parsed.errors.items()}.items())[:5]),
-                "damaged_lines": len(parsed.problems), "problems": parsed.problems[:10]}
 
     async def _execute(self, todo: list[Call], responses: dict, cache: ResponseCache, stats: RunStats,
                        done_before: int, total: int) -> None:
@@ -340,7 +271,7 @@ class ChatEngine:
         self._fatal: BaseException | None = None
         self._cooldown_until = 0.0
         self._reserved = 0.0
-        self._prompt_scale, self._max_completion = 1.0, 0
+        self.costs.reset()
         # With a budget, one request goes first so reservations are calibrated on a real usage object
         # before the workers fan out (a server may count many more prompt tokens than we estimate).
         self._calibrated = asyncio.Event()
@@ -416,7 +347,7 @@ class ChatEngine:
                         return
                 else:
                     self._probing = True
-            reserve = self._reservation(call)
+            reserve = self.costs.reservation(call)
             if self.cfg.max_cost is not None and self.local is None:
                 if stats.cost_new + self._reserved + reserve > self.cfg.max_cost:
                     self._stop = "max_cost"
@@ -440,15 +371,15 @@ class ChatEngine:
                                              "sampling": call.sampling}, raw)
             responses[call.key] = raw
             usage = usage_from_raw(raw)
-            self._calibrate(call, usage)
+            self.costs.calibrate(call, usage)
             stats.usage_new = stats.usage_new + usage
-            stats.cost_new += cost_of(usage, self._price(call.model)) if self.local is None else 0.0
+            stats.cost_new += cost_of(usage, self.costs.price(call.model)) if self.local is None else 0.0
             self._progress.advance(stats.cost_new)
 
     async def _complete(self, call: Call, stats: RunStats) -> dict:
         if self.local is not None:
             stats.http_requests += 1
-            return self._local_response(call)
+            return local_response(call, self.local(call.request, call.index))
         attempt = 0
         while True:
             wait = self._cooldown_until - time.monotonic()
@@ -509,13 +440,6 @@ class ChatEngine:
         if problem:
             raise Retryable(f"response of the wrong shape: {problem}")
         return raw
-
-    def _local_response(self, call: Call) -> dict:
-        text = self.local(call.request, call.index)
-        return {"id": f"local-{call.key[:16]}", "object": "chat.completion", "created": int(time.time()),
-                "model": call.model, "choices": [{"index": 0, "finish_reason": "stop",
-                                                  "message": {"role": "assistant", "content": text}}],
-                "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
 
 
 def engine_for(cfg: ClientConfig, out_dir: Path, local: LocalBackend | None = None,

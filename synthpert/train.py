@@ -203,6 +203,8 @@ def average_loss_per_example(trainer) -> None:
     tokens divided by their count N in the accumulated batch; a forward hook scales each example's token
     log-probs by N / (B · n_i) (n_i its label tokens, B the examples N counts), which turns that sum into the
     mean over examples of each example's mean token loss. Entropy and token accuracy are left as they are."""
+    import torch
+
     state = {"n_items": None}
     plain = trainer.compute_loss
 
@@ -229,8 +231,6 @@ def average_loss_per_example(trainer) -> None:
         weights = total / (rows * mask.sum(dim=1).clamp(min=1))
         output.log_probs = log_probs * weights.detach()[:, None]
         return output
-
-    import torch
 
     trainer.compute_loss = compute_loss
     trainer.model.register_forward_hook(reweight, with_kwargs=True)

@@ -238,7 +238,7 @@ def test_export_then_import_through_an_external_runner_sends_nothing(dataset, se
 
 
 def test_input_files_split_by_bytes_and_by_model_and_an_oversized_request_is_refused():
-    from synthpert.batch import chunk_calls
+    from synthpert.batch_files import chunk_calls
     from synthpert.chat import Call, ChatRequest
 
     def call(i: int, model: str, chars: int = 100) -> Call:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from pydantic import Field
 
+from ..errors import SynthpertError
 from . import StrictModel
 
 
@@ -80,6 +82,17 @@ class ClientConfig(StrictModel):
                                  "and per-request errors; false (`--no-resubmit`): report them only")
     batch_max_rounds: int = Field(3, ge=1, description="batch submissions per invocation: the first plus "
                                   "resubmissions of what is still missing")
+
+    def api_key(self) -> str:
+        """The key from the environment variable named by ``api_key_env``; a clear error when it is unset."""
+        if self.api_key_env is None:
+            return "EMPTY"  # vLLM and other local servers without auth still need a non-empty string
+        key = os.environ.get(self.api_key_env)
+        if not key:
+            raise SynthpertError(f"environment variable {self.api_key_env} is not set; export your API key there "
+                                 f"(or set api_key_env to the variable that holds it, or null for a server "
+                                 f"without authentication)")
+        return key
 
     def batch_price(self, price: ModelPrice | None) -> ModelPrice | None:
         """A chat price scaled by ``batch_discount`` (None stays None: unpriced models cost nothing)."""
