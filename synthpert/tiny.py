@@ -123,12 +123,16 @@ def _evidence_samples(rng: random.Random, cells: list[str], pert: str, gene: str
 def prompt_corpus(source: str | Path | None = None, n_prompts: int = 120, seed: int = 0) -> list[str]:
     """Texts to train the tokenizer on: rendered student prompts, answers, gene lists, cell descriptions."""
     from .answer import LABELS, format_answer
-    from .cells import all_cell_lines
+    from .cells import builtin_cell_lines
     from .prompting import student_messages
 
+    # The shipped lines only, not the process's registry: a user's line registered earlier in the same
+    # process (a config's extra_cell_lines, a test) would otherwise change the vocabulary, so the "same"
+    # tiny model built from the same seed would differ with what ran before it.
+    lines = builtin_cell_lines()
     rng = random.Random(seed)
     perts, genes = _gene_symbols(source, seed=seed)
-    cells = sorted(all_cell_lines())
+    cells = sorted(lines)
     texts: list[str] = []
     for i in range(n_prompts):
         cell, pert, gene = cells[i % len(cells)], rng.choice(perts), rng.choice(genes)
@@ -138,7 +142,7 @@ def prompt_corpus(source: str | Path | None = None, n_prompts: int = 120, seed: 
         texts.append(format_answer(LABELS[i % 3], _REASONING_CORPUS))
     texts.extend(" ".join(perts[i:i + 50]) for i in range(0, len(perts), 50))
     texts.extend(" ".join(genes[i:i + 50]) for i in range(0, len(genes), 50))
-    texts.extend(c.description for c in all_cell_lines().values())
+    texts.extend(c.description for c in lines.values())
     texts.extend(format_answer(label) for label in LABELS)
     return texts
 

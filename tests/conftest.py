@@ -17,6 +17,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True)
+def _cell_line_registry():
+    """A user's line registered by one test (process-global, as a config's extra_cell_lines is in a run)
+    must not be seen by the next."""
+    from synthpert import cells
+
+    before = dict(cells._extra)
+    yield
+    cells._extra.clear()
+    cells._extra.update(before)
+
+
 @pytest.fixture(scope="session")
 def perturbqa_dir() -> Path:
     path = Path(os.environ.get("SYNTHPERT_TEST_DATA",

@@ -92,6 +92,19 @@ def test_tokenizer_ignores_other_csvs_in_the_data_folder(tmp_path, perturbqa_dir
 
 
 
+def test_a_registered_user_line_does_not_change_the_tiny_model(tmp_path):
+    """The tiny model is a function of its seed and vocabulary source, not of what ran before in the process:
+    a user's line registered earlier (a run's extra_cell_lines) used to enter the tokenizer's corpus."""
+    from synthpert.cells import register_cell_line
+    from synthpert.tiny import build_tiny_model
+
+    a = build_tiny_model(tmp_path / "a", seed=0)
+    register_cell_line("mylab_ipsc", "iPSC", "Induced pluripotent stem cells from our lab, CRISPRi screen.")
+    b = build_tiny_model(tmp_path / "b", seed=0)
+    for name in ("tokenizer.json", "model.safetensors"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
 def test_a_given_tokenizer_must_carry_a_chat_template(tmp_path):
     """(the model built around a real vocabulary: tests/test_real_tokenizers.py)"""
     from synthpert.tiny import build_tiny_model, train_tokenizer
