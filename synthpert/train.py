@@ -133,8 +133,11 @@ def sft_config(cfg: TrainConfig, out_dir: Path, precision: str, has_eval: bool):
         # We enforce max_length ourselves (guards + drop policy); padding-free without packing needs None.
         max_length=cfg.max_length if (cfg.packing or not cfg.padding_free) else None,
         packing=cfg.packing, padding_free=cfg.padding_free, use_liger_kernel=cfg.use_liger_kernel,
-        shuffle_dataset=True, **tracking.trainer_kwargs(cfg.report_to, out_dir, fields),
+        # a curriculum is an order: keep it (sequential sampler, no up-front shuffle; resume replays it exactly)
+        shuffle_dataset=cfg.curriculum == "none", **tracking.trainer_kwargs(cfg.report_to, out_dir, fields),
     )
+    if cfg.curriculum != "none":
+        kwargs["train_sampling_strategy"] = "sequential"
     if cfg.packing:
         kwargs["packing_strategy"] = "bfd"
     if cfg.gradient_checkpointing != "none":
@@ -331,7 +334,7 @@ def train_model(cfg: TrainConfig, source, out_dir: str | Path) -> TrainResult:
     first_loss, last_loss = _losses(trainer.state.log_history)
     summary = {
         "run_dir": str(out_dir), "base_model": cfg.base_model, "mode": cfg.mode, "loss_mask": mode,
-        "loss_average": cfg.loss_average,
+        "loss_average": cfg.loss_average, "curriculum": cfg.curriculum, "n_contrast_first": examples["n_contrast"],
         "n_train": len(train_records), "n_eval": len(eval_records),
         # the prior the model learns: a decision rule corrects from it to the test-time prior
         "class_shares": class_shares([r["label"] for r in examples["train"]]),

@@ -75,6 +75,26 @@ def _dataset_rows(path: Path, split: str) -> list[dict]:
             for r in ds.to_list()]
 
 
+def contrast_first(rows: list[dict], seed: int = 0) -> tuple[list[dict], int]:
+    """Rows reordered for ``curriculum: contrast_first``: the contrast groups' rows, then the rest, each part
+    in seeded random order. A contrast group is a (cell line, gene, evidence fold) with both a changed and an
+    unchanged knockdown among ``rows``: with the leakage rule its rows see the same gene-level evidence, so
+    only the knockdown's evidence separates them. Returns (rows, how many open the order)."""
+    from .answer import NOT_DE
+    from .schema import perturbation_fold
+
+    key = lambda r: (r["cell_line"], r["gene"], perturbation_fold(r["perturbation"]))  # noqa: E731
+    kinds: dict[tuple, set[bool]] = {}
+    for r in rows:
+        kinds.setdefault(key(r), set()).add(r["label"] == NOT_DE)
+    first = [r for r in rows if len(kinds[key(r)]) == 2]
+    rest = [r for r in rows if len(kinds[key(r)]) == 1]
+    rng = random.Random(seed)
+    rng.shuffle(first)
+    rng.shuffle(rest)
+    return first + rest, len(first)
+
+
 def _split_eval(rows: list[dict], fraction: float, max_n: int, seed: int) -> tuple[list[dict], list[dict]]:
     """Hold out whole (cell line, perturbation) groups, so eval loss measures unseen knockdowns."""
     if fraction <= 0:
@@ -137,10 +157,17 @@ def training_examples(cfg: TrainConfig, source) -> dict[str, Any]:
     if cfg.mode == "multitask":  # after the split: both tasks of a triple stay on the same side
         rows = _multitask(rows, cfg.explain_fraction, cfg.seed)
         eval_rows = _multitask(eval_rows, cfg.explain_fraction, cfg.seed)
+    n_contrast = None
+    if cfg.curriculum == "contrast_first":  # after the multitask expansion: a triple's two tasks share a phase
+        rows, n_contrast = contrast_first(rows, cfg.seed)
+        if n_contrast == 0:
+            raise SynthpertError("curriculum=contrast_first found no contrast: no (cell line, gene, evidence fold) "
+                                 "has both a changed and an unchanged knockdown among the training examples; draw "
+                                 "some with data.train_subsample.gene_matched (e.g. 0.5)")
     stats = _evidence_stats(cfg, src_path) if cfg.evidence else None
     for r in [*rows, *eval_rows]:
         r["prompt"] = _student_prompt(r, stats)
-    return {"train": rows, "eval": eval_rows, "skipped": skipped, "source": origin}
+    return {"train": rows, "eval": eval_rows, "skipped": skipped, "source": origin, "n_contrast": n_contrast}
 
 
 def data_hash(rows: list[dict]) -> str:

@@ -151,6 +151,36 @@ def test_gene_matched_subsample_pairs_each_not_de_row_with_a_changed_knockdown_o
         SubsampleConfig(n=10, gene_matched=True)
 
 
+def test_contrast_first_curriculum_opens_with_the_gene_matched_contrasts(lines, cfg, tmp_path):
+    from synthpert.config.train import TrainConfig
+    from synthpert.schema import perturbation_fold
+    from synthpert.train import sft_config
+    from synthpert.train_data import contrast_first
+
+    tr = build_frames(cfg(train_subsample=SubsampleConfig(n=300, balance=True, gene_matched=0.5), seed=1),
+                      lines)["train"]
+    rows = tr[["cell_line", "perturbation", "gene", "label"]].to_dict("records")
+    ordered, n_first = contrast_first(rows, seed=0)
+    assert sorted(map(str, ordered)) == sorted(map(str, rows))  # a reordering: nothing lost or repeated
+    key = lambda r: (r["cell_line"], r["gene"], perturbation_fold(r["perturbation"]))  # noqa: E731
+    first, rest = ordered[:n_first], ordered[n_first:]
+    # every opening row has a partner of the other kind with the same gene-level evidence; no later row has
+    assert n_first >= 100  # 50 matched 'not DE' rows and their changed partners
+    for part, contrasted in ((first, True), (rest, False)):
+        for r in part:
+            kinds = {o["label"] == NOT_DE for o in rows if key(o) == key(r)}
+            assert (len(kinds) == 2) == contrasted
+    assert contrast_first(rows, seed=0) == (ordered, n_first)  # seeded
+    assert [r["gene"] for r in contrast_first(rows, seed=1)[0]] != [r["gene"] for r in ordered]
+    # the trainer keeps the order: no up-front shuffle, a sequential sampler
+    tc = TrainConfig(curriculum="contrast_first")
+    args = sft_config(tc, tmp_path, "fp32", has_eval=False)
+    assert args.train_sampling_strategy == "sequential" and not args.shuffle_dataset
+    assert sft_config(TrainConfig(), tmp_path, "fp32", has_eval=False).train_sampling_strategy == "random"
+    with pytest.raises(Exception, match="packing reorders"):
+        TrainConfig(curriculum="contrast_first", packing=True)
+
+
 def test_build_saves_datasetdict_and_summary(tmp_path, lines, cfg):
     dd, summary = build(cfg(train_subsample=SubsampleConfig(n=60, balance=True)), tmp_path, lines)
     assert set(dd) == {"train", "validation", "test"}

@@ -74,6 +74,13 @@ class TrainConfig(StrictModel):
         "more; example: each example's mean token loss, averaged over examples, so in a multitask set the "
         "one-token answers are not outweighed by the long explanations (each task a per-example mean, as in "
         "distilling step-by-step). Not with packing or padding_free, which merge examples into one row")
+    curriculum: Literal["none", "contrast_first"] = Field(
+        "none", description="none: one seeded shuffle of every example; contrast_first: first the examples "
+        "whose (cell line, readout gene, evidence fold) holds both changed and unchanged knockdowns (their "
+        "gene-level evidence is identical, so only the knockdown's own evidence tells them apart), then the "
+        "rest, each part shuffled (seeded). The student learns to read the knockdown before the gene's overall "
+        "rate, which alone explains most labels. Pair with data.train_subsample.gene_matched, which draws such "
+        "contrasts")
     max_length: int = Field(2048, ge=16, description="longest tokenized example (prompt + assistant)")
     overlength: Literal["drop", "truncate"] = Field(
         "drop", description="what to do with longer examples: drop them (a truncated trace loses its answer and "
@@ -117,6 +124,8 @@ class TrainConfig(StrictModel):
             raise ValueError("QLoRA (quantization=4bit) computes in bf16/fp16; precision=fp32 is not possible")
         if self.packing and self.overlength == "truncate":
             raise ValueError("packing cuts rows at max_length itself; use overlength=drop with packing")
+        if self.curriculum != "none" and self.packing:
+            raise ValueError("curriculum orders the examples; packing reorders them into rows (use one or the other)")
         if self.loss_average == "example" and (self.packing or self.padding_free):
             raise ValueError("loss_average=example needs one example per row; packing and padding_free merge them")
         if self.gradient_checkpointing == "selective" and self.quantization == "4bit":
