@@ -46,6 +46,11 @@ VARIANTS = {
     "multitask_gene_matched": {"data.train_subsample.gene_matched": "true"},
     "multitask_half_matched": {"data.train_subsample.gene_matched": 0.5},
     "multitask_example_loss": {"train.loss_average": "example"},
+    # half the 'not DE' rows gene-matched, and those contrasts trained first (the knockdown's evidence
+    # before the gene's overall rate)
+    "multitask_contrast_first": {"data.train_subsample.gene_matched": 0.5, "train.curriculum": "contrast_first"},
+    "label_only_contrast_first": {"train.mode": "label_only", "data.train_subsample.gene_matched": 0.5,
+                                  "train.curriculum": "contrast_first"},
     "multitask_2400x2": {"data.train_subsample.n": 2400, "train.optim.epochs": 2},  # the recipe before 4,800 x 1
     # SFT, then GRPO (issue #15) in the same run: eval scores the RL adapter as <set> and the SFT adapter as
     # <set>_sft on the same pairs. Sized for ~10 min on 2 CPU cores: 150 steps of 4 prompts x 4 completions,
