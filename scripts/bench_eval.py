@@ -3,6 +3,12 @@
 
     python scripts/bench_eval.py [--model DIR] [--prompts 32] [--new-tokens 64] [--batch 16] [--no-vllm]
     python scripts/bench_eval.py --engines [--n 48] [--new-tokens 32] [--batch 8] [--source PERTURBQA_DIR]
+    python scripts/bench_eval.py --prefill --run runs/quickstart [--n 600] [--batch 150] [--repeats 2]
+
+--prefill: the transformers backend's two ways of producing a prediction with class probabilities, on the
+same K562 test pairs (evidence as the adapter was trained, the quickstart's answer task): generate, then
+score the answer blocks after a second forward pass over the prompt (how it worked before 2026-12-02), and
+generate_and_score (one prefill shared by both), alternating, with equal outputs checked.
 
 Without --model it builds the tiny offline model (random weights: generation runs to --new-tokens because
 EOS is ignored/forced off, so every backend generates exactly the same number of tokens). Backends:
@@ -131,6 +137,55 @@ def _labels(text: str) -> dict:
     return {r["id"]: (r["label_strict"], r["raw_text"]) for r in map(json.loads, text.splitlines())}
 
 
+def bench_prefill(args) -> None:
+    import numpy as np
+
+    from synthpert.backends import make_backend
+    from synthpert.config.evaluate import InferenceConfig
+    from synthpert.inference import Predictor
+    from synthpert.runs import adapter_manifest
+    from synthpert.prompting import student_messages
+
+    run = Path(args.run)
+    data = next((d for d in sorted((run / "eval").glob("*/data")) if (d / "dataset").is_dir()), None)
+    if data is None:
+        raise SystemExit(f"{run}: no eval/<set>/data dataset; run the quickstart first (bash scripts/quickstart.sh)")
+    from synthpert.data import load_built
+    from synthpert.evidence import dataset_training_stats, evidence_text
+
+    ds = load_built(data, "test")
+    ds = ds.select(range(min(args.n, len(ds))))
+    manifest = adapter_manifest(str(run / "train"))
+    stats = dataset_training_stats(data) if manifest.get("evidence") else None
+    b = make_backend(InferenceConfig(model=str(run / "base_model"), adapter=str(run / "train"),
+                                     max_new_tokens=args.new_tokens, batch_size=args.batch))
+    task = Predictor(b).task
+    queries = [b.prepare(student_messages(r["cell_line"], r["perturbation"], r["gene"],
+                                          evidence_text(stats, r["cell_line"], r["perturbation"], r["gene"])
+                                          if stats else None, task)) for r in ds]
+    times: dict[str, list[float]] = {"two passes": [], "one prefill": []}
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        g1 = b.generate(queries)
+        s1 = b.answer_logprobs(queries, [g[0].text for g in g1])
+        times["two passes"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        g2, s2 = b.generate_and_score(queries)
+        times["one prefill"].append(time.perf_counter() - t)
+    same_text = sum(a[0].text == c[0].text for a, c in zip(g1, g2))
+    diff = float(np.abs(np.array(s1) - np.array(s2)).max())
+    n = len(queries)
+    print(f"\n{n} K562 test pairs of {run} (task {task or 'as trained'}, mean prompt "
+          f"{np.mean([len(q.prompt_ids) for q in queries]):.0f} tokens), batch {args.batch}, cpu ({os.cpu_count()} "
+          f"cores), {args.repeats} alternating repeats (best of)")
+    best = {k: min(v) for k, v in times.items()}
+    for k, v in best.items():
+        print(f"{k:<12}{n / v:>10.1f} pairs/s{v:>9.1f} s{best['two passes'] / v:>7.2f}x")
+    print(f"identical texts {same_text}/{n}; largest answer log-probability difference {diff:.1e}")
+    print(json.dumps({"pairs": n, "seconds": best, "ratio": round(best["two passes"] / best["one prefill"], 2),
+                      "identical_texts": same_text, "max_logprob_diff": diff}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model")
@@ -139,10 +194,19 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--no-vllm", action="store_true")
     ap.add_argument("--engines", action="store_true", help="in-process vs eval.engine ray with 1 and 2 workers")
-    ap.add_argument("--n", type=int, default=48, help="--engines: test pairs scored by each engine")
+    ap.add_argument("--n", type=int, default=48, help="--engines / --prefill: test pairs scored")
     ap.add_argument("--source", help="--engines: PerturbQA CSV folder (default $SYNTHPERT_TEST_DATA)")
+    ap.add_argument("--prefill", action="store_true", help="one shared prefill vs generate + a second scoring pass")
+    ap.add_argument("--run", default="runs/quickstart", help="--prefill: a run folder (base_model, train, eval)")
+    ap.add_argument("--repeats", type=int, default=2, help="--prefill: alternating timed repeats")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.prefill:
+        if "--new-tokens" not in sys.argv:
+            args.new_tokens = 16  # the quickstart's answer task
+        if "--batch" not in sys.argv:
+            args.batch = 150
+        return bench_prefill(args)
     if args.engines:
         return bench_engines(args)
     model = args.model

@@ -131,6 +131,12 @@ class Backend:
                                   c.temperature if temperature is None else temperature,
                                   c.top_p if top_p is None else top_p, c.seed if seed is None else seed, **extra)
 
+    def generate_and_score(self, queries: list[Query], n: int = 1) -> tuple[list[list[Generation]], list[list[float]]]:
+        """``generate`` and then ``answer_logprobs`` after each query's first sample. Backends that can share
+        the prompt's forward pass between the two override it (same results, one prefill instead of two)."""
+        gens = self.generate(queries, n=n)
+        return gens, self.answer_logprobs(queries, [g[0].text for g in gens])
+
     def answer_logprobs(self, queries: list[Query], texts: list[str]) -> list[list[float]]:
         """Sum of log-probabilities of each answer block (answer.format_answer) after prompt + generated reasoning."""
         conts = answer_continuations(self.tokenizer)
@@ -257,17 +263,8 @@ class TransformersBackend(Backend):
                 samples = []
                 for j in range(n):
                     r = i * n_gen + (j if n_gen > 1 else 0)
-                    row = new[r].tolist()
-                    finish = "length"
-                    for k, t in enumerate(row):
-                        if t in self.eos_ids:
-                            row, finish = row[:k], "stop"
-                            break
-                    lps = None
-                    if logits is not None:
-                        logp = torch.log_softmax(logits[r, :len(row)].float(), -1).cpu()
-                        lps = token_logprobs(tok, row, logp, logprobs)
-                    samples.append(Generation(tok.decode(row, skip_special_tokens=True), len(row), finish, lps))
+                    logp = torch.log_softmax(logits[r].float(), -1).cpu() if logits is not None else None
+                    samples.append(self._generation(new[r].tolist(), logp, logprobs))
                 out.append(samples)
         return out
 
@@ -331,11 +328,23 @@ class TransformersBackend(Backend):
         finish = "cancelled" if cancel.is_set() and state["finish"] != "stop" else state["finish"]
         return Generation(tok.decode(kept, skip_special_tokens=True), len(kept), finish)
 
-    def _score_shared(self, contexts, continuations):
-        """One forward pass over each context (left-padded, explicit positions, so logits equal an unpadded
-        run), its KV cache repeated once per continuation, then the continuations alone; log-softmax only
-        where a continuation token is predicted. The answer blocks are a few tokens after a prompt of
-        hundreds, so this costs about a third of scoring prompt + continuation three times."""
+    @staticmethod
+    def _left_pad(rows: list[list[int]], pad: int):
+        """Left-padded ids, mask and explicit positions (so logits equal an unpadded run)."""
+        import torch
+
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+        return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def _continuations(self, last_logits, cache, mask, pos, continuations) -> list[list[list[float]]]:
+        """Per-token log-probabilities of every continuation after each row of a prefilled batch: ``cache``
+        holds the whole context, ``last_logits`` its last position's logits (predicting each continuation's
+        first token). The cache is repeated once per continuation in place, so it is spent afterwards."""
         import torch
 
         k, pad = len(continuations), self.tokenizer.pad_token_id
@@ -345,36 +354,92 @@ class TransformersBackend(Backend):
         for j, c in enumerate(continuations):
             cont[j, :len(c)] = torch.tensor(c)
             cont_mask[j, :len(c)] = 1
+        b = last_logits.shape[0]
+        cache.batch_repeat_interleave(k)
+        rest = self.model(
+            input_ids=cont.repeat(b, 1).to(self.device),
+            attention_mask=torch.cat([mask.repeat_interleave(k, 0), cont_mask.repeat(b, 1)], 1).to(self.device),
+            position_ids=(pos[:, -1:].repeat_interleave(k, 0) + 1 + torch.arange(kmax)).to(self.device),
+            past_key_values=cache, use_cache=True)
+        lp0 = torch.log_softmax(last_logits.float(), -1).cpu()  # predicts each continuation's 1st token
+        lpr = torch.log_softmax(rest.logits.float(), -1).cpu()  # position t predicts token t + 1
+        return [[[float(lp0[i, c[0]])] + [float(lpr[i * k + j, t - 1, c[t]]) for t in range(1, len(c))]
+                 for j, c in enumerate(continuations)] for i in range(b)]
+
+    def _score_shared(self, contexts, continuations):
+        """One forward pass over each context (left-padded, explicit positions, so logits equal an unpadded
+        run), its KV cache repeated once per continuation, then the continuations alone; log-softmax only
+        where a continuation token is predicted. The answer blocks are a few tokens after a prompt of
+        hundreds, so this costs about a third of scoring prompt + continuation three times."""
+        import torch
+
         out: list[list[list[float]]] = []
         for start in range(0, len(contexts), max(1, self.cfg.batch_size)):
-            batch = contexts[start:start + self.cfg.batch_size]
-            width = max(len(c) for c in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, c in enumerate(batch):
-                ids[i, width - len(c):] = torch.tensor(c)
-                mask[i, width - len(c):] = 1
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            ids, mask, pos = self._left_pad(contexts[start:start + self.cfg.batch_size], self.tokenizer.pad_token_id)
             with torch.inference_mode():
                 first = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                    position_ids=pos.to(self.device), use_cache=True, logits_to_keep=1)
-                cache = first.past_key_values
-                cache.batch_repeat_interleave(k)
-                b = len(batch)
-                rest = self.model(
-                    input_ids=cont.repeat(b, 1).to(self.device),
-                    attention_mask=torch.cat([mask.repeat_interleave(k, 0), cont_mask.repeat(b, 1)], 1).to(self.device),
-                    position_ids=(pos[:, -1:].repeat_interleave(k, 0) + 1 + torch.arange(kmax)).to(self.device),
-                    past_key_values=cache, use_cache=True)
-            lp0 = torch.log_softmax(first.logits[:, -1].float(), -1).cpu()  # predicts each continuation's 1st token
-            lpr = torch.log_softmax(rest.logits.float(), -1).cpu()  # position t predicts token t + 1
-            for i in range(b):
-                row = []
-                for j, c in enumerate(continuations):
-                    r = i * k + j
-                    row.append([float(lp0[i, c[0]])] + [float(lpr[r, t - 1, c[t]]) for t in range(1, len(c))])
-                out.append(row)
+                out += self._continuations(first.logits[:, -1], first.past_key_values, mask, pos, continuations)
         return out
+
+    def generate_and_score(self, queries, n=1):
+        """Greedy, one sample: one prefill per batch serves both. The prompt minus its last token is run once;
+        ``generate`` continues from that cache (re-running only the last prompt token, as in transformers'
+        cache re-use recipe), the cache is cropped back to the prompt, and the answer blocks are scored from
+        it. On prompts of hundreds of tokens and answers of a few, the prefill is nearly all the work, so
+        this halves it. A query whose generation starts with reasoning (not at the answer) is scored again
+        after that reasoning, as ``answer_logprobs`` does."""
+        if n != 1 or self.cfg.temperature > 0 or any(len(q.prompt_ids) < 2 for q in queries):
+            return super().generate_and_score(queries, n)
+        import torch
+
+        conts = answer_continuations(self.tokenizer)
+        gens: list[list[Generation]] = []
+        scores: list[list[float] | None] = []
+        bs = max(1, self.cfg.batch_size)
+        with self._lock:
+            for start in range(0, len(queries), bs):
+                batch = queries[start:start + bs]
+                ids, mask, pos = self._left_pad([q.prompt_ids for q in batch], self.tokenizer.pad_token_id)
+                width = ids.shape[1]
+                with torch.inference_mode():
+                    cache = self.model(input_ids=ids[:, :-1].to(self.device), attention_mask=mask[:, :-1].to(self.device),
+                                       position_ids=pos[:, :-1].to(self.device), use_cache=True,
+                                       logits_to_keep=1).past_key_values
+                    gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                              past_key_values=cache,
+                                              **self._sampling_kwargs(self.cfg.max_new_tokens, 0.0, 1.0, 1))
+                new = [self._generation(row.tolist()) for row in gen[:, width:].cpu()]
+                gens += [[g] for g in new]
+                at_answer = [i for i, g in enumerate(new) if not reasoning_context(g.text)]
+                batch_scores: list[list[float] | None] = [None] * len(batch)
+                if at_answer:
+                    with torch.inference_mode():
+                        cache.crop(-(cache.get_seq_length() - (width - 1)))  # back to the prompt minus its last token
+                        if len(at_answer) < len(batch):
+                            cache.batch_select_indices(torch.tensor(at_answer, device=self.device))
+                        m, p = mask[at_answer], pos[at_answer]
+                        last = self.model(input_ids=ids[at_answer, -1:].to(self.device), attention_mask=m.to(self.device),
+                                          position_ids=p[:, -1:].to(self.device), past_key_values=cache, use_cache=True)
+                        per = self._continuations(last.logits[:, -1], last.past_key_values, m, p, conts)
+                    for i, row in zip(at_answer, per):
+                        batch_scores[i] = [sum(t) for t in row]
+                scores += batch_scores
+        again = [i for i, s in enumerate(scores) if s is None]
+        if again:
+            for i, s in zip(again, self.answer_logprobs([queries[i] for i in again], [gens[i][0].text for i in again])):
+                scores[i] = s
+        return gens, scores
+
+    def _generation(self, row: list[int], logp=None, k: int | None = None) -> Generation:
+        """One generated row cut at the first end-of-turn token."""
+        finish = "length"
+        for j, t in enumerate(row):
+            if t in self.eos_ids:
+                row, finish = row[:j], "stop"
+                break
+        lps = token_logprobs(self.tokenizer, row, logp[:len(row)], k) if logp is not None else None
+        return Generation(self.tokenizer.decode(row, skip_special_tokens=True), len(row), finish, lps)
 
     def _score(self, contexts, continuations):
         import torch

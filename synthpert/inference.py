@@ -112,10 +112,10 @@ class Predictor:
         t0 = time.perf_counter()
         queries = [self.backend.prepare(student_messages(t.cell_line, t.perturbation, t.gene, t.evidence, self.task))
                    for t in triples]
-        gens = self.backend.generate(queries, n=n)
-        logprobs = None
         if method == ANSWER_LOGPROB:  # local backends: every query has a generation
-            logprobs = self.backend.answer_logprobs(queries, [g[0].text for g in gens])
+            gens, logprobs = self.backend.generate_and_score(queries, n)
+        else:
+            gens, logprobs = self.backend.generate(queries, n=n), None
         seconds = (time.perf_counter() - t0) / len(triples)
         return [self._record(t, q, g, logprobs[i] if logprobs else None, method, seconds)
                 for i, (t, q, g) in enumerate(zip(triples, queries, gens)) if g is not None]

@@ -58,6 +58,36 @@ def test_shared_prompt_scoring_equals_scoring_each_sequence_whole(peft_backend):
             assert tokens == pytest.approx(flat[i * len(conts) + j], abs=1e-4)
 
 
+@pytest.mark.parametrize("at_answer", ["all", "some", "none"])
+def test_one_prefill_for_generation_and_scoring_equals_the_two_passes(peft_backend, monkeypatch, at_answer):
+    """generate_and_score shares the prompt's forward pass: same texts as generate, and the answer blocks'
+    log-probabilities of answer_logprobs, whether a row's generation starts at its answer (scored from the
+    shared cache, a subset of the batch selected out of it) or with reasoning (scored after it)."""
+    import synthpert.backends as backends
+
+    from synthpert.prompting import student_messages
+
+    six = [("k562", "MYC", "GAPDH"), ("k562", "TP53", "CDKN1A"), ("rpe1", "ATF4", "DDIT3"), ("k562", "GATA1", "HBG1"),
+           ("hepg2", "XBP1", "HSPA5"), ("jurkat", "STAT5A", "MYB")]
+    queries = [peft_backend.prepare(student_messages(*t)) for t in six]  # two batches of 3, unequal lengths
+    gens = peft_backend.generate(queries)
+    texts = [g[0].text for g in gens]
+    # Which generations count as "at the answer" decides the path; the tiny adapter's own texts are whatever
+    # it writes, so the test names them: the ones at the answer are scored with an empty reasoning context.
+    chosen = {"all": set(range(6)), "some": {0, 2, 4}, "none": set()}[at_answer]
+    real = backends.reasoning_context
+    at = {texts[i] for i in chosen}
+    assert all(real(texts[i]) for i in range(6) if i not in chosen)  # these start with reasoning
+    assert not at & {texts[i] for i in range(6) if i not in chosen}, "rows of the two kinds need distinct texts"
+    expected = peft_backend.answer_logprobs(queries, ["" if i in chosen else texts[i] for i in range(6)])
+    monkeypatch.setattr(backends, "reasoning_context", lambda t: "" if t in at else real(t))
+    shared_gens, scores = peft_backend.generate_and_score(queries)
+    assert [g[0].text for g in shared_gens] == texts
+    assert [g[0].finish_reason for g in shared_gens] == [g[0].finish_reason for g in gens]
+    for got, want in zip(scores, expected):
+        assert got == pytest.approx(want, abs=1e-4)
+
+
 def test_merged_model_matches_peft_adapter(peft_backend, tiny_model_dir, tiny_adapter_dir):
     from synthpert.backends import make_backend
     from synthpert.config.evaluate import InferenceConfig
