@@ -403,7 +403,8 @@ class TransformersBackend(Backend):
                 ids, mask, pos = self._left_pad([q.prompt_ids for q in batch], self.tokenizer.pad_token_id)
                 width = ids.shape[1]
                 with torch.inference_mode():
-                    cache = self.model(input_ids=ids[:, :-1].to(self.device), attention_mask=mask[:, :-1].to(self.device),
+                    cache = self.model(input_ids=ids[:, :-1].to(self.device),
+                                       attention_mask=mask[:, :-1].to(self.device),
                                        position_ids=pos[:, :-1].to(self.device), use_cache=True,
                                        logits_to_keep=1).past_key_values
                     gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
@@ -419,8 +420,9 @@ class TransformersBackend(Backend):
                         if len(at_answer) < len(batch):
                             cache.batch_select_indices(torch.tensor(at_answer, device=self.device))
                         m, p = mask[at_answer], pos[at_answer]
-                        last = self.model(input_ids=ids[at_answer, -1:].to(self.device), attention_mask=m.to(self.device),
-                                          position_ids=p[:, -1:].to(self.device), past_key_values=cache, use_cache=True)
+                        last = self.model(input_ids=ids[at_answer, -1:].to(self.device),
+                                          attention_mask=m.to(self.device), position_ids=p[:, -1:].to(self.device),
+                                          past_key_values=cache, use_cache=True)
                         per = self._continuations(last.logits[:, -1], last.past_key_values, m, p, conts)
                     for i, row in zip(at_answer, per):
                         batch_scores[i] = [sum(t) for t in row]

@@ -33,8 +33,8 @@ ALLOWED_BETWEEN_STAGES = {("evaluate", "report")}
 # evidence. None of them may import a stage, the pipeline or the CLI.
 SHARED = {
     "__init__", "errors", "resources", "answer", "schema", "config", "cells", "prompting", "runs", "tokenizer",
-    "chat", "cache", "accounting", "budget", "ratelimit", "progress", "client", "batch", "batch_files", "data", "fetch",
-    "evidence", "metrics",
+    "chat", "cache", "accounting", "budget", "ratelimit", "progress", "client", "request_pool", "batch",
+    "batch_files", "data", "fetch", "evidence", "metrics",
     "baselines", "decision", "offline", "inference", "backends", "vllm_backend", "openai_backend", "tracking",
     "checkpoints",
 }
