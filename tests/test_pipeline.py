@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _small_config(tmp_path: Path) -> Path:
     cfg = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
     cfg["name"] = "e2e"
-    cfg["data"]["train_subsample"] = {"n": 90, "balance": True}
+    cfg["data"]["train_subsample"] = {**cfg["data"]["train_subsample"], "n": 90}  # the recipe, smaller
     cfg["eval_sets"] = {"k562_test": {"test_cells": ["k562"], "n": 24},
                         "rpe1_unseen": {"test_cells": ["rpe1"], "n": 24}}
     cfg["train"]["save_steps"] = 4
@@ -112,7 +112,7 @@ def test_run_fits_the_tuned_decision_on_validation_rows_before_eval(tmp_path, pe
     """eval.decision: tuned → the run fits decision.json on its validation split, then every set applies it."""
     cfg = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
     cfg["name"] = "tuned"
-    cfg["data"]["train_subsample"] = {"n": 60, "balance": True}
+    cfg["data"]["train_subsample"] = {**cfg["data"]["train_subsample"], "n": 60}
     cfg["train"]["mode"] = "label_only"
     cfg["train"]["optim"]["epochs"] = 1
     cfg["eval_sets"] = {"k562_test": {"test_cells": ["k562"], "n": 20}}

@@ -260,7 +260,7 @@ def test_run_with_an_rl_section_evaluates_the_rl_adapter_beside_the_sft_one(tmp_
 
     cfg = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
     cfg["name"] = "withrl"
-    cfg["data"]["train_subsample"] = {"n": 60, "balance": True}
+    cfg["data"]["train_subsample"] = {**cfg["data"]["train_subsample"], "n": 60}
     cfg["train"]["mode"] = "label_only"
     cfg["train"]["optim"]["epochs"] = 1
     cfg["rl"] = {"num_generations": 4, "batch_size": 8, "max_completion_length": 12, "max_steps": 2,
