@@ -144,6 +144,11 @@ def predict_missing(predictor: Predictor | None, examples: pd.DataFrame, out: Pa
     bar, task = count_progress(len(examples), len(examples) - len(todo), "eval") if progress else (None, None)
     evidence = [evidence_text(evidence_stats, r.cell_line, r.perturbation, r.gene) if evidence_stats is not None
                 else None for r in todo.itertuples()]
+    # Shortest prompts first: a batch of similar lengths pads less (local backends pad every row to the longest;
+    # the evidence block's length varies most). Stable, so a resumed run takes the same order.
+    size = [len(e or "") + len(r.perturbation) + len(r.gene) for r, e in zip(todo.itertuples(), evidence)]
+    order = sorted(range(len(todo)), key=size.__getitem__)
+    todo, evidence = todo.iloc[order], [evidence[i] for i in order]
 
     written = 0
 
