@@ -4,6 +4,12 @@
     python scripts/bench_eval.py [--model DIR] [--prompts 32] [--new-tokens 64] [--batch 16] [--no-vllm]
     python scripts/bench_eval.py --engines [--n 48] [--new-tokens 32] [--batch 8] [--source PERTURBQA_DIR]
     python scripts/bench_eval.py --prefill --run runs/quickstart [--n 600] [--batch 150] [--repeats 2]
+    python scripts/bench_eval.py --layout --run runs/quickstart [--n 1800]
+
+--layout: `synthpert eval`'s transformers settings on the same K562 test pairs (a contiguous slice of the
+test split, chunks of eval.chunk_size = 64 as predictions are written): rows in file order or shortest
+prompt first, the adapter applied by PEFT or merged into the weights, and batch sizes, each against the
+settings of the quickstart before 2026-12-02 (batch 150 = one chunk of 64, unmerged, file order).
 
 --prefill: the transformers backend's two ways of producing a prediction with class probabilities, on the
 same K562 test pairs (evidence as the adapter was trained, the quickstart's answer task): generate, then
@@ -97,7 +103,10 @@ def bench_engines(args) -> None:
     rows = []
     for engine, workers in (("local", 1), ("ray", 1), ("ray", 2)):
         cfg = EvalConfig(dataset=str(data), n=args.n, n_bootstrap=0, figures=False, chunk_size=args.batch,
-                         engine=engine, ray={"num_workers": workers},
+                         engine=engine,
+                         # each actor gets its share of the cores (Ray sets its torch threads from num_cpus), as
+                         # the in-process run has all of them
+                         ray={"num_workers": workers, "cpus_per_worker": max(1, (os.cpu_count() or 1) // workers)},
                          inference={"model": model, "max_new_tokens": args.new_tokens, "batch_size": args.batch})
         t0 = time.perf_counter()
         summary = run_eval(cfg, out_dir=tmp / f"{engine}{workers}", progress=False)
@@ -137,32 +146,90 @@ def _labels(text: str) -> dict:
     return {r["id"]: (r["label_strict"], r["raw_text"]) for r in map(json.loads, text.splitlines())}
 
 
-def bench_prefill(args) -> None:
-    import numpy as np
-
-    from synthpert.backends import make_backend
-    from synthpert.config.evaluate import InferenceConfig
-    from synthpert.inference import Predictor
+def _k562_pairs(run: Path, n: int):
+    """The first n test pairs of the run's first evaluation set, with the evidence its adapter was trained on."""
+    from synthpert.data import load_built
+    from synthpert.evidence import dataset_training_stats, evidence_text
     from synthpert.runs import adapter_manifest
-    from synthpert.prompting import student_messages
 
-    run = Path(args.run)
     data = next((d for d in sorted((run / "eval").glob("*/data")) if (d / "dataset").is_dir()), None)
     if data is None:
         raise SystemExit(f"{run}: no eval/<set>/data dataset; run the quickstart first (bash scripts/quickstart.sh)")
-    from synthpert.data import load_built
-    from synthpert.evidence import dataset_training_stats, evidence_text
+    test = load_built(data, "test").to_pandas().head(n).reset_index(drop=True)
+    stats = dataset_training_stats(data) if adapter_manifest(str(run / "train")).get("evidence") else None
+    evidence = [evidence_text(stats, r.cell_line, r.perturbation, r.gene) if stats else None for r in test.itertuples()]
+    return test, evidence
 
-    ds = load_built(data, "test")
-    ds = ds.select(range(min(args.n, len(ds))))
-    manifest = adapter_manifest(str(run / "train"))
-    stats = dataset_training_stats(data) if manifest.get("evidence") else None
+
+def _backend(run: Path, new_tokens: int, batch: int, merge: bool = False):
+    from synthpert.backends import make_backend
+    from synthpert.config.evaluate import InferenceConfig
+    from synthpert.inference import Predictor
+
     b = make_backend(InferenceConfig(model=str(run / "base_model"), adapter=str(run / "train"),
-                                     max_new_tokens=args.new_tokens, batch_size=args.batch))
-    task = Predictor(b).task
-    queries = [b.prepare(student_messages(r["cell_line"], r["perturbation"], r["gene"],
-                                          evidence_text(stats, r["cell_line"], r["perturbation"], r["gene"])
-                                          if stats else None, task)) for r in ds]
+                                     max_new_tokens=new_tokens, batch_size=batch, merge_adapter=merge))
+    return b, Predictor(b).task
+
+
+def _queries(b, task, test, evidence):
+    from synthpert.prompting import student_messages
+
+    return [b.prepare(student_messages(r.cell_line, r.perturbation, r.gene, e, task))
+            for r, e in zip(test.itertuples(), evidence)]
+
+
+def bench_layout(args) -> None:
+    import numpy as np
+
+    from synthpert.evaluate import shortest_first
+
+    run = Path(args.run)
+    test, evidence = _k562_pairs(run, args.n)
+    order = shortest_first(test, evidence)
+    settings = [("file order, unmerged, batch 150 (before)", False, 150, False),
+                ("shortest first, unmerged, batch 150", True, 150, False),
+                ("shortest first, merged, batch 150", True, 150, True),
+                ("shortest first, merged, batch 64", True, 64, True),
+                ("shortest first, merged, batch 32 (quickstart)", True, 32, True),
+                ("shortest first, merged, batch 16", True, 16, True)]
+    backends = {merge: _backend(run, args.new_tokens, 150, merge) for merge in (False, True)}
+    first = None
+    rows = []
+    for name, srt, batch, merge in settings:
+        b, task = backends[merge]
+        b.cfg.batch_size = batch
+        queries = _queries(b, task, test, evidence)
+        if srt:
+            queries = [queries[i] for i in order]
+        b.generate_and_score(queries[:32])  # warm-up
+        t = time.perf_counter()
+        scores = []
+        for start in range(0, len(queries), 64):  # eval.chunk_size
+            scores += b.generate_and_score(queries[start:start + 64])[1]
+        dt = time.perf_counter() - t
+        if srt:  # back to file order, to compare with the first setting
+            back = [None] * len(scores)
+            for i, s in zip(order, scores):
+                back[i] = s
+            scores = back
+        first = first if first is not None else (dt, np.array(scores))
+        rows.append({"setting": name, "pairs_per_s": round(len(queries) / dt, 1), "seconds": round(dt, 1),
+                     "ratio": round(first[0] / dt, 2),
+                     "max_logprob_diff": float(np.abs(np.array(scores) - first[1]).max())})
+    print(f"\n{len(test)} K562 test pairs of {run}, answer task, cpu ({os.cpu_count()} cores), chunks of 64")
+    for r in rows:
+        print(f"{r['setting']:<48}{r['pairs_per_s']:>8.1f} pairs/s{r['ratio']:>7.2f}x   "
+              f"log-prob diff {r['max_logprob_diff']:.1e}")
+    print(json.dumps(rows))
+
+
+def bench_prefill(args) -> None:
+    import numpy as np
+
+    run = Path(args.run)
+    test, evidence = _k562_pairs(run, args.n)
+    b, task = _backend(run, args.new_tokens, args.batch)
+    queries = _queries(b, task, test, evidence)
     times: dict[str, list[float]] = {"two passes": [], "one prefill": []}
     for _ in range(args.repeats):
         t = time.perf_counter()
@@ -197,7 +264,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=48, help="--engines / --prefill: test pairs scored")
     ap.add_argument("--source", help="--engines: PerturbQA CSV folder (default $SYNTHPERT_TEST_DATA)")
     ap.add_argument("--prefill", action="store_true", help="one shared prefill vs generate + a second scoring pass")
-    ap.add_argument("--run", default="runs/quickstart", help="--prefill: a run folder (base_model, train, eval)")
+    ap.add_argument("--layout", action="store_true", help="row order, merged adapter and batch size of eval")
+    ap.add_argument("--run", default="runs/quickstart", help="--prefill / --layout: a run folder (base_model, train, "
+                    "eval)")
     ap.add_argument("--repeats", type=int, default=2, help="--prefill: alternating timed repeats")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -207,6 +276,12 @@ def main() -> None:
         if "--batch" not in sys.argv:
             args.batch = 150
         return bench_prefill(args)
+    if args.layout:
+        if "--new-tokens" not in sys.argv:
+            args.new_tokens = 16
+        if "--n" not in sys.argv:
+            args.n = 1800
+        return bench_layout(args)
     if args.engines:
         return bench_engines(args)
     model = args.model

@@ -2,21 +2,21 @@
 
     python scripts/bench_science.py                       # every variant, seed 0, then 3 seeds of --chosen
     python scripts/bench_science.py --variants multitask label_only --seeds 0 1 2
-    python scripts/bench_science.py --variants multitask --seeds 0 1 2 --whole-k562 --jobs 2
+    python scripts/bench_science.py --variants multitask --seeds 0 1 2 --jobs 2
     python scripts/bench_science.py --list
     python scripts/bench_science.py --variants multitask_grpo --seeds 0 --table-only   # table from finished runs
 
 Each variant is the quickstart recipe (configs/quickstart.yaml: trained on K562 + HepG2 + Jurkat, so the
 evidence block carries cross-line observations; multitask student) with a few overrides, run through
 `synthpert run` into its own run folder (so a rerun resumes and skips finished stages), evaluated on the SAME
-pairs as the quickstart: every K562 test pair of 600 random readout genes (held-out perturbations) and every
-RPE1 test pair of 300 (an unseen line); a seed draws its own genes. Every variant fits the tuned decision rule
+pairs as the quickstart: every K562 test pair (held-out perturbations; 665 genes with both classes, enough to
+tell a per-gene AUROC of 0.53 from chance) and every RPE1 test pair of 300 random readout genes (an unseen
+line; a seed draws its own genes). Every variant fits the tuned decision rule
 on validation rows; the table shows each model three ways from the same predictions — argmax of its class
 probabilities, prior shift, tuned — beside majority, gene prior, cross-cell and combined, with the expected
 calibration error (ECE) of the probabilities each rule reads. A run with an `rl:` stage (`multitask_grpo`)
 shows its SFT adapter (`<set>_sft`) and its SFT+GRPO adapter side by side, and the stage wall times. Writes a
-Markdown table (stdout and --out) with the date, the machine and the wall time. With --whole-k562 each run is
-also scored on every K562 test pair (`k562_all`), where per-gene AUROC's interval is about half as wide.
+Markdown table (stdout and --out) with the date, the machine and the wall time.
 """
 
 from __future__ import annotations
@@ -44,13 +44,14 @@ VARIANTS = {
     "multitask_all_explained": {"train.explain_fraction": 1.0, "data.train_subsample.n": 1500},
     "multitask_blind": {"teacher.mode": "evidence_blind", "teacher.samples": 4},
     "multitask_no_evidence": {"train.evidence": "false"},
-    "multitask_natural": {"data.train_subsample.balance": "false"},
+    "multitask_natural": {"data.train_subsample.balance": "false", "data.train_subsample.gene_matched": 0},
     # the recipe before contrast_first: class-balanced triples in a shuffled order
     "multitask_shuffled": {"data.train_subsample.gene_matched": 0, "train.curriculum": "none"},
     "multitask_gene_matched": {"data.train_subsample.gene_matched": "true", "train.curriculum": "none"},
     "multitask_half_matched": {"data.train_subsample.gene_matched": 0.5, "train.curriculum": "none"},
     "multitask_example_loss": {"train.loss_average": "example"},
-    "multitask_2400x2": {"data.train_subsample.n": 2400, "train.optim.epochs": 2},  # the recipe before 4,800 x 1
+    "multitask_2400x2": {"data.train_subsample.n": 2400, "train.optim.epochs": 2,  # the recipe before 4,800 x 1
+                         "data.train_subsample.gene_matched": 0, "train.curriculum": "none"},
     # SFT, then GRPO (issue #15) in the same run: eval scores the RL adapter as <set> and the SFT adapter as
     # <set>_sft on the same pairs. Sized for ~10 min on 2 CPU cores: 150 steps of 4 prompts x 4 completions,
     # completions of at most 16 tokens (the answer task's block needs ~8); prompts are the SFT's own
@@ -62,44 +63,6 @@ VARIANTS = {
 }
 BASELINES = ("majority", "gene_prior", "crosscell", "combined")
 SETS = ("k562_test", "rpe1_unseen")
-# --whole-k562: every K562 test pair (23,212; 665 genes with both classes), scored by each run's adapter
-WHOLE_SET, WHOLE_DIR = "k562_all", "bench_whole"
-
-
-def whole_k562(run: Path, data: Path, env: dict) -> None:
-    """Score the run's adapter (and its tuned decision) on the whole K562 test split; resumable."""
-    out = _set_dir(run, WHOLE_SET)
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / "data").exists():
-        (out / "data").symlink_to(data.resolve())
-    if (out / "result" / "metrics.json").exists():
-        return
-    cfg = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())["eval"]
-    inf = cfg["inference"]
-    cmd = [sys.executable, "-m", "synthpert.cli", "eval", "--dataset", str(data), "--out", str(out / "result"),
-           "--model", str(run / "base_model"), "--adapter", str(run / "train"), f"decision={cfg['decision']}",
-           f"decision_fit_n={cfg['decision_fit_n']}", f"n_bootstrap={cfg['n_bootstrap']}", "figures=false",
-           f"inference.max_new_tokens={inf['max_new_tokens']}", f"inference.batch_size={inf['batch_size']}"]
-    t0 = time.time()
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        raise SystemExit(f"whole-K562 eval of {run} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    print(f"  {run.name} on the whole K562 test split: {time.time() - t0:.0f} s", file=sys.stderr)
-
-
-def whole_k562_data(runs_dir: Path, env: dict) -> Path:
-    """The quickstart's data settings without the test subsample: built once per runs folder. The test
-    rows' evidence comes from every training row, whatever the seed, so one build serves every seed."""
-    data = runs_dir / "k562_all_data"
-    if not (data / "dataset").is_dir():
-        d = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())["data"]
-        cmd = [sys.executable, "-m", "synthpert.cli", "data", "build", "--out", str(data),
-               "--train-cells", ",".join(d["train_cells"]), "--test-cells", "k562", "--seed", "0",
-               f"val_fraction={d['val_fraction']}", f"disjoint_evidence={str(d['disjoint_evidence']).lower()}"]
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if r.returncode != 0:
-            raise SystemExit(f"building the whole K562 test split failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
-    return data
 
 
 def run_variant(name: str, seed: int, runs_dir: Path, env: dict) -> Path:
@@ -115,17 +78,12 @@ def run_variant(name: str, seed: int, runs_dir: Path, env: dict) -> Path:
     return runs_dir / f"{name}-s{seed}"
 
 
-def _set_dir(run: Path, eval_set: str) -> Path:
-    """Where a set's data/ and result/ sit: the run's own eval stage, or --whole-k562's folder beside it."""
-    return run / (WHOLE_DIR if eval_set == WHOLE_SET else "eval") / eval_set
-
-
 def _test_and_probs(run: Path, eval_set: str, result: str):
     from synthpert.data import load_built
     from synthpert.evaluate import read_predictions
 
-    test = load_built(_set_dir(run, eval_set) / "data", "test").to_pandas()
-    preds = read_predictions(_set_dir(run, result) / "result" / "predictions.jsonl")
+    test = load_built(run / "eval" / eval_set / "data", "test").to_pandas()
+    preds = read_predictions(run / "eval" / result / "result" / "predictions.jsonl")
     test = test[test["id"].isin(preds)].reset_index(drop=True)
     return test, np.array([preds[i].prob_vector() for i in test["id"]])
 
@@ -138,7 +96,7 @@ def _prior_row(run: Path, eval_set: str, result: str, adapter: str) -> dict:
     from synthpert.evidence import training_stats
 
     test, probs = _test_and_probs(run, eval_set, result)
-    d = decision_for("prior", str(run / adapter), training_stats(built_config(_set_dir(run, eval_set) / "data")))
+    d = decision_for("prior", str(run / adapter), training_stats(built_config(run / "eval" / eval_set / "data")))
     return score_predictions(test, d.labels_for(probs), d.adjusted(probs), n_bootstrap=200, seed=0)["overall"]
 
 
@@ -168,11 +126,11 @@ def _cell(m: dict, key: str) -> str:
 def rows_for(run: Path, label: str, eval_set: str) -> list[list[str]]:
     """The run's model three ways; a run with an rl stage: its SFT adapter first, then SFT+GRPO."""
     models = [(label, eval_set, "train")]
-    if eval_set != WHOLE_SET and (run / "eval" / f"{eval_set}_sft").is_dir():
+    if (run / "eval" / f"{eval_set}_sft").is_dir():
         models = [(f"{label} SFT", f"{eval_set}_sft", "train"), (f"{label} SFT+GRPO", eval_set, "rl")]
     out = []
     for name, result, adapter in models:
-        metrics = json.loads((_set_dir(run, result) / "result" / "metrics.json").read_text())
+        metrics = json.loads((run / "eval" / result / "result" / "metrics.json").read_text())
         model = metrics["model"]
         for rule, m in (("argmax", _with_ece(model["scored"]["overall"], run, eval_set, result, None)),
                         ("prior", _prior_row(run, eval_set, result, adapter)),
@@ -199,13 +157,11 @@ def table(results: dict[str, Path], base_run: Path) -> str:
     head = ("| set | predictor | accuracy | macro-F1 | F1 up | F1 down | F1 not DE | AUROC DE (per gene) | "
             "AUROC dir (per gene) | ECE |\n|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
-    sets = [*SETS, *([WHOLE_SET] if all((_set_dir(r, WHOLE_SET) / "result").is_dir() for r in results.values())
-                     else [])]
-    for eval_set in sets:
+    for eval_set in SETS:
         rows = []
         for label, run in results.items():
             rows += rows_for(run, label, eval_set)
-        base = json.loads((_set_dir(base_run, eval_set) / "result" / "metrics.json").read_text())["baselines"]
+        base = json.loads((base_run / "eval" / eval_set / "result" / "metrics.json").read_text())["baselines"]
         rows += [[name, base[name]["overall"]] for name in BASELINES if "overall" in base.get(name, {})]
         for label, m in rows:
             pc = m["per_class"]
@@ -227,9 +183,6 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="runs at once (2 on 2 cores: ~1.15x the throughput)")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--table-only", action="store_true", help="write the table from finished run folders")
-    ap.add_argument("--whole-k562", action="store_true", help="also score every run on the whole K562 test "
-                    "split (23,212 pairs, 665 genes with both classes; ~5 min a run on 2 cores): the quickstart's "
-                    "600 genes cannot tell a per-gene AUROC of 0.53 from chance")
     args = ap.parse_args()
     if args.list:
         print(yaml.safe_dump({"base": BASE, "variants": VARIANTS}, sort_keys=False))
@@ -251,10 +204,6 @@ def main() -> None:
         with ThreadPoolExecutor(args.jobs) as pool:
             runs = list(pool.map(lambda vs: run_variant(*vs, args.runs_dir, env), plan))
         results = {f"{v} s{s}": run for (v, s), run in zip(plan, runs)}
-        if args.whole_k562:
-            data = whole_k562_data(args.runs_dir, env)
-            with ThreadPoolExecutor(args.jobs) as pool:
-                list(pool.map(lambda run: whole_k562(run, data, env), results.values()))
     text = (f"bench_science — {time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores, "
             f"wall {time.time() - t0:.0f} s; `python scripts/bench_science.py {' '.join(sys.argv[1:])}`\n\n"
             + stage_times(results) + "\n\n" + table(results, next(iter(results.values()))))

@@ -130,6 +130,13 @@ def append_lines(path: Path, lines: list[str]) -> None:
         os.fsync(f.fileno())
 
 
+def shortest_first(examples: pd.DataFrame, evidence: list[str | None]) -> list[int]:
+    """Row order for prediction, shortest prompt first: a batch of similar lengths pads less (local backends
+    pad every row to the longest; the evidence block's length varies most). Stable, so a resumed run keeps it."""
+    size = [len(e or "") + len(r.perturbation) + len(r.gene) for r, e in zip(examples.itertuples(), evidence)]
+    return sorted(range(len(examples)), key=size.__getitem__)
+
+
 def predict_missing(predictor: Predictor | None, examples: pd.DataFrame, out: Path, evidence_stats, chunk_size: int,
                     progress: bool = True, ray_cfg: EvalConfig | None = None) -> dict:
     """Predict the examples without a record yet, appending each chunk as it finishes: here with
@@ -144,10 +151,7 @@ def predict_missing(predictor: Predictor | None, examples: pd.DataFrame, out: Pa
     bar, task = count_progress(len(examples), len(examples) - len(todo), "eval") if progress else (None, None)
     evidence = [evidence_text(evidence_stats, r.cell_line, r.perturbation, r.gene) if evidence_stats is not None
                 else None for r in todo.itertuples()]
-    # Shortest prompts first: a batch of similar lengths pads less (local backends pad every row to the longest;
-    # the evidence block's length varies most). Stable, so a resumed run takes the same order.
-    size = [len(e or "") + len(r.perturbation) + len(r.gene) for r, e in zip(todo.itertuples(), evidence)]
-    order = sorted(range(len(todo)), key=size.__getitem__)
+    order = shortest_first(todo, evidence)
     todo, evidence = todo.iloc[order], [evidence[i] for i in order]
 
     written = 0

@@ -207,3 +207,31 @@ def test_zero_shot_transformers_eval_with_evidence(tiny_built_dataset, tiny_mode
     assert "zero-shot" in report and "evidence context: True" in report
     m = json.loads((tmp_path / "zs" / "metrics.json").read_text())
     assert m["run"]["backend_info"]["chat_template_sha256"] and m["run"]["versions"]["transformers"]
+
+
+def test_the_verdict_summary_names_what_the_model_clears():
+    from synthpert.report import verdict_summary
+
+    def v(beats, over):
+        return {"beats": beats, "best_baseline": "combined", "beats_majority": over}
+
+    assert verdict_summary({"macro_f1": v(True, True), "auroc": v(True, True)}) == \
+        "The model beats the best baseline on every headline metric."
+    assert verdict_summary({"macro_f1": v(True, True), "auroc": v(False, True)}) == \
+        "The model beats the best baseline on macro_f1 but not on auroc."
+    # below every best baseline but above always-"not DE": say so, not "beats nothing"
+    assert verdict_summary({"macro_f1": v(False, True), "auroc": v(False, False)}).endswith(
+        'beats always-"not DE" (majority) on macro_f1.')
+    assert verdict_summary({"macro_f1": v(False, False)}).endswith('nor always-"not DE" (majority).')
+
+
+def test_predictions_run_shortest_prompt_first_in_a_stable_order():
+    import pandas as pd
+
+    from synthpert.evaluate import shortest_first
+
+    rows = pd.DataFrame({"perturbation": ["AARS", "B", "CC", "D"], "gene": ["G1", "G2", "G3", "G4"]})
+    evidence = ["x" * 30, "x" * 10, None, "x" * 12]
+    # sizes 36, 13, 4, 14: shortest first; equal sizes keep the file order (a resumed run takes the same order)
+    assert shortest_first(rows, evidence) == [2, 1, 3, 0]
+    assert shortest_first(rows.iloc[[1, 3]], ["x" * 11, "x" * 11]) == [0, 1]
