@@ -78,7 +78,11 @@ def test_quickstart_pipeline_interrupted_and_resumed(tmp_path, perturbqa_dir):
         assert metrics["n_predicted"] == 24
         report = (run_dir / "eval" / name / "result" / "report.md").read_text()
         assert "majority" in report and "gene_prior" in report
-    assert "Traceback" not in r2.stderr, r2.stderr
+        # the closing summary repeats metrics.json's verdict, set by set
+        v = metrics["verdict"]["macro_f1"]
+        assert (f"{name} (24 pairs) macro-F1: model {v['model']:.3f}" in r2.stdout
+                and f"best baseline {v['best_baseline']} {v['baseline']:.3f}" in r2.stdout), r2.stdout[-3000:]
+    assert "Traceback" not in r2.stderr and "At a glance" in r2.stdout, r2.stderr
 
     # 3. A third run does nothing; changing an eval setting reruns only the evaluation.
     r3 = _run(cfg, runs, env)

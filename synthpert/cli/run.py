@@ -65,6 +65,11 @@ def _print_outcome(console, pipe, summaries: dict) -> None:
         if report.exists():
             console.rule(f"eval: {name}")
             console.print(report.read_text(), markup=False, highlight=False)
+    glance = [line for name in pipe.cfg.eval_sets for line in _glance(name, pipe.stage_dir("eval") / name / "result")]
+    if glance:  # the reports above are long; this is what a reader came for
+        console.print("\nAt a glance (the judged answer, 95% intervals; details in each report.md):")
+        for line in glance:
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
     if "train" in summaries:
         console.print("\nServe the trained model locally:")
         evidence = f" --evidence-from {pipe.train_data}" if pipe.cfg.train.evidence else ""
@@ -72,6 +77,28 @@ def _print_outcome(console, pipe, summaries: dict) -> None:
                       markup=False, highlight=False, soft_wrap=True)
     console.print(f"manifest: {pipe.manifest.path}")
 
+
+
+def _glance(name: str, result: Path) -> list[str]:
+    """One line per headline metric of a finished evaluation: the model beside majority and the best baseline."""
+    import json
+
+    path = result / "metrics.json"
+    if not path.exists():
+        return []
+    m = json.loads(path.read_text())
+    judged = "decided" if "decided" in m["model"] else "strict"
+    ci = m["model"][judged]["overall"].get("ci", {})
+    lines = []
+    for key, label in (("macro_f1", "macro-F1"), ("auroc_de_per_gene", "per-gene AUROC DE")):
+        v = m.get("verdict", {}).get(key)
+        if v is None:
+            continue
+        lo_hi = f" [{ci[key][0]:.2f}, {ci[key][1]:.2f}]" if key in ci else ""
+        majority = f", majority {v['majority']:.3f}" if v.get("majority") is not None else ""
+        lines.append(f"  {name} ({m['n_predicted']:,} pairs) {label}: model {v['model']:.3f}{lo_hi}{majority}, "
+                     f"best baseline {v['best_baseline']} {v['baseline']:.3f}")
+    return lines
 
 
 def _usd(x) -> str:
