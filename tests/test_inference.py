@@ -63,7 +63,7 @@ def test_one_prefill_for_generation_and_scoring_equals_the_two_passes(peft_backe
     """generate_and_score shares the prompt's forward pass: same texts as generate, and the answer blocks'
     log-probabilities of answer_logprobs, whether a row's generation starts at its answer (scored from the
     shared cache, a subset of the batch selected out of it) or with reasoning (scored after it)."""
-    import synthpert.backends as backends
+    import synthpert.transformers_backend as backends
 
     from synthpert.prompting import student_messages
 

@@ -35,8 +35,8 @@ SHARED = {
     "__init__", "errors", "resources", "answer", "schema", "config", "cells", "prompting", "runs", "tokenizer",
     "chat", "cache", "accounting", "budget", "ratelimit", "progress", "client", "request_pool", "batch",
     "batch_files", "data", "fetch", "evidence", "metrics",
-    "baselines", "decision", "offline", "inference", "backends", "vllm_backend", "openai_backend", "tracking",
-    "checkpoints",
+    "baselines", "decision", "offline", "inference", "backends", "transformers_backend", "vllm_backend",
+    "openai_backend", "tracking", "checkpoints",
 }
 TOP = {"pipeline"}
 
