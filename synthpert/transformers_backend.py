@@ -244,41 +244,42 @@ class TransformersBackend(Backend):
         gens: list[list[Generation]] = []
         scores: list[list[float] | None] = []
         bs = max(1, self.cfg.batch_size)
-        with self._lock:
+        with self._lock, torch.inference_mode():
             for start in range(0, len(queries), bs):
-                batch = queries[start:start + bs]
-                ids, mask, pos = self._left_pad([q.prompt_ids for q in batch], self.tokenizer.pad_token_id)
-                width = ids.shape[1]
-                with torch.inference_mode():
-                    cache = self.model(input_ids=ids[:, :-1].to(self.device),
-                                       attention_mask=mask[:, :-1].to(self.device),
-                                       position_ids=pos[:, :-1].to(self.device), use_cache=True,
-                                       logits_to_keep=1).past_key_values
-                    gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                              past_key_values=cache,
-                                              **self._sampling_kwargs(self.cfg.max_new_tokens, 0.0, 1.0, 1))
-                new = [self._generation(row.tolist()) for row in gen[:, width:].cpu()]
-                gens += [[g] for g in new]
-                at_answer = [i for i, g in enumerate(new) if not reasoning_context(g.text)]
-                batch_scores: list[list[float] | None] = [None] * len(batch)
-                if at_answer:
-                    with torch.inference_mode():
-                        cache.crop(-(cache.get_seq_length() - (width - 1)))  # back to the prompt minus its last token
-                        if len(at_answer) < len(batch):
-                            cache.batch_select_indices(torch.tensor(at_answer, device=self.device))
-                        m, p = mask[at_answer], pos[at_answer]
-                        last = self.model(input_ids=ids[at_answer, -1:].to(self.device),
-                                          attention_mask=m.to(self.device), position_ids=p[:, -1:].to(self.device),
-                                          past_key_values=cache, use_cache=True)
-                        per = self._continuations(last.logits[:, -1], last.past_key_values, m, p, conts)
-                    for i, row in zip(at_answer, per):
-                        batch_scores[i] = [sum(t) for t in row]
-                scores += batch_scores
+                g, s = self._generate_and_score_batch(queries[start:start + bs], conts)
+                gens += [[x] for x in g]
+                scores += s
         again = [i for i, s in enumerate(scores) if s is None]
         if again:
             for i, s in zip(again, self.answer_logprobs([queries[i] for i in again], [gens[i][0].text for i in again])):
                 scores[i] = s
         return gens, scores
+
+    def _generate_and_score_batch(self, batch, conts) -> tuple[list[Generation], list[list[float] | None]]:
+        """One batch of generate_and_score: a score per row whose generation starts at its answer, None for
+        the rest (scored after their reasoning by the caller)."""
+        import torch
+
+        ids, mask, pos = self._left_pad([q.prompt_ids for q in batch], self.tokenizer.pad_token_id)
+        width = ids.shape[1]
+        cache = self.model(input_ids=ids[:, :-1].to(self.device), attention_mask=mask[:, :-1].to(self.device),
+                           position_ids=pos[:, :-1].to(self.device), use_cache=True, logits_to_keep=1).past_key_values
+        gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                  past_key_values=cache, **self._sampling_kwargs(self.cfg.max_new_tokens, 0.0, 1.0, 1))
+        new = [self._generation(row.tolist()) for row in gen[:, width:].cpu()]
+        scores: list[list[float] | None] = [None] * len(batch)
+        at_answer = [i for i, g in enumerate(new) if not reasoning_context(g.text)]
+        if not at_answer:
+            return new, scores
+        cache.crop(-(cache.get_seq_length() - (width - 1)))  # back to the prompt minus its last token
+        if len(at_answer) < len(batch):
+            cache.batch_select_indices(torch.tensor(at_answer, device=self.device))
+        m, p = mask[at_answer], pos[at_answer]
+        last = self.model(input_ids=ids[at_answer, -1:].to(self.device), attention_mask=m.to(self.device),
+                          position_ids=p[:, -1:].to(self.device), past_key_values=cache, use_cache=True)
+        for i, row in zip(at_answer, self._continuations(last.logits[:, -1], last.past_key_values, m, p, conts)):
+            scores[i] = [sum(t) for t in row]
+        return new, scores
 
     def _generation(self, row: list[int], logp=None, k: int | None = None) -> Generation:
         """One generated row cut at the first end-of-turn token."""

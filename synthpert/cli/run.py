@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 from pathlib import Path
 
 import typer
@@ -78,22 +79,18 @@ def _print_outcome(console, pipe, summaries: dict) -> None:
     console.print(f"manifest: {pipe.manifest.path}")
 
 
-
 def _glance(name: str, result: Path) -> list[str]:
     """One line per headline metric of a finished evaluation: the model beside majority and the best baseline."""
-    import json
-
     path = result / "metrics.json"
     if not path.exists():
         return []
     m = json.loads(path.read_text())
-    judged = "decided" if "decided" in m["model"] else "strict"
-    ci = m["model"][judged]["overall"].get("ci", {})
     lines = []
     for key, label in (("macro_f1", "macro-F1"), ("auroc_de_per_gene", "per-gene AUROC DE")):
         v = m.get("verdict", {}).get(key)
         if v is None:
             continue
+        ci = m["model"][v["row"]]["overall"].get("ci", {})  # the row the verdict judged (evaluate.verdict_row)
         lo_hi = f" [{ci[key][0]:.2f}, {ci[key][1]:.2f}]" if key in ci else ""
         majority = f", majority {v['majority']:.3f}" if v.get("majority") is not None else ""
         lines.append(f"  {name} ({m['n_predicted']:,} pairs) {label}: model {v['model']:.3f}{lo_hi}{majority}, "
