@@ -228,6 +228,48 @@ def _parse_lenient(text: str) -> ParsedAnswer:
     return _fail("no answer tag and no recognisable final answer", LENIENT, reasoning)
 
 
+# What a model's raw output can get wrong, as counted in teacher summaries. One parse-status problem at most
+# (no answer tag / a tag whose content no parser reads / the label readable only leniently), plus any of the
+# others. A strong teacher has none; a 135 M model shows all of them.
+OUTPUT_PROBLEMS = ("empty", "no_answer_tag", "unrecognised_answer", "label_in_other_words", "hit_length_cap",
+                   "repetition", "answer_disagrees_with_label")
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def repetitive(text: str, n: int = 8, times: int = 3) -> bool:
+    """Whether some run of ``n`` words occurs ``times`` or more: the loop a small model falls into."""
+    words = _WORD.findall(text.lower())
+    seen: dict[tuple, int] = {}
+    for i in range(len(words) - n + 1):
+        gram = tuple(words[i:i + n])
+        seen[gram] = seen.get(gram, 0) + 1
+        if seen[gram] >= times:
+            return True
+    return False
+
+
+def output_problems(text: str | None, finish_reason: str | None = None, label: str | None = None) -> list[str]:
+    """Everything wrong with one raw output, for counting (never for deciding: parse_answer decides)."""
+    capped = ["hit_length_cap"] if finish_reason == "length" else []
+    if text is None or not text.strip():
+        return ["empty", *capped]
+    strict, lenient = parse_answer(text, STRICT), parse_answer(text, LENIENT)
+    problems = []
+    if not strict.ok:
+        if lenient.ok:
+            problems.append("label_in_other_words")
+        elif not _ANSWER_OPEN_LENIENT.search(text):
+            problems.append("no_answer_tag")
+        else:
+            problems.append("unrecognised_answer")
+    problems += capped
+    if repetitive(text):
+        problems.append("repetition")
+    if label is not None and lenient.ok and lenient.label != label:
+        problems.append("answer_disagrees_with_label")
+    return problems
+
+
 def template_globals() -> dict:
     """What every prompt template sees: the tags, the labels and the answer format, so no prompt file
     spells them itself (a change of format here changes every prompt with it)."""

@@ -78,6 +78,14 @@ def check_dir(path: str | None, what: str) -> Path:
     return p
 
 
+def model_folder(name: str | None) -> Path:
+    """The folder of a local model: ``name`` as a folder, or a shipped model's short name (converted on first
+    use, see models.py)."""
+    from .models import resolve_model
+
+    return check_dir(resolve_model(name), "model")
+
+
 def answer_continuations(tok) -> list[list[int]]:
     return [tok.encode(format_answer(lab), add_special_tokens=False) for lab in LABELS]
 

@@ -156,14 +156,14 @@ def check_local_paths(cfg: EvalConfig) -> None:
 
 def ray_backend_info(inf: InferenceConfig) -> dict:
     """What ``Backend.describe()`` records, without loading the model here (the actors load it)."""
-    from .backends import adapter_version, check_dir
+    from .backends import adapter_version, check_dir, model_folder
     from .resources import sha256_text
     from .tokenizer import load_tokenizer, tokenizer_dir
 
     info = {"backend": inf.backend, "model": inf.model, "adapter": inf.adapter,
             "adapter_version": adapter_version(inf.adapter) if inf.adapter else None, "engine": "ray"}
     try:
-        model = check_dir(inf.model, "model")
+        model = model_folder(inf.model)
         tok = load_tokenizer(tokenizer_dir(model, Path(inf.adapter) if inf.adapter else None))
         template = getattr(tok, "chat_template", None)
         info["chat_template_sha256"] = sha256_text(template) if isinstance(template, str) else None

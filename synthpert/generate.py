@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .answer import LABELS, LENIENT, parse_answer
+from .answer import LABELS, LENIENT, OUTPUT_PROBLEMS, STRICT, format_answer, output_problems, parse_answer
 from .chat import ChatRequest, ChatResult, choice_logprobs, sequence_confidence
 from .client import engine_for
 from .config.generate import TeacherConfig
@@ -65,7 +65,8 @@ class EvidenceSource:
 
 
 def _messages(cfg: TeacherConfig, row, evidence: str | None) -> tuple[list[dict], str, str]:
-    from .prompting import load_template, triple_variables
+    from .prompting import load_fewshot, load_template, triple_variables
+    from .resources import sha256_text
 
     name = cfg.prompt or PROMPTS[cfg.mode]
     variables = triple_variables(row.cell_line, row.perturbation, row.gene, evidence)
@@ -76,11 +77,27 @@ def _messages(cfg: TeacherConfig, row, evidence: str | None) -> tuple[list[dict]
     if cfg.system_prompt:
         system = load_template(cfg.system_prompt)
         messages.append({"role": "system", "content": system.render(**variables)})
-        from .resources import sha256_text
-
         prompt_hash = sha256_text(system.sha256 + user.sha256)
+    if cfg.fewshot:
+        demos, demo_hash = load_fewshot(cfg.fewshot)
+        messages += _demo_turns(cfg, user, demos)
+        prompt_hash = sha256_text(prompt_hash + demo_hash)
     messages.append({"role": "user", "content": user.render(**variables)})
     return messages, name, prompt_hash
+
+
+def _demo_turns(cfg: TeacherConfig, user, demos) -> list[dict]:
+    """Each worked example as the same question (this run's template) and a well-formed answer to it."""
+    from .prompting import fewshot_field, fewshot_label, triple_variables
+
+    turns = []
+    for d in demos:
+        variables = triple_variables(*(fewshot_field(d, k, cfg.fewshot) for k in ("cell_line", "perturbation", "gene")))
+        label = fewshot_label(d, "label", cfg.fewshot)
+        variables["label"] = label if cfg.mode not in ("predict", "evidence_blind") else None
+        turns += [{"role": "user", "content": user.render(**variables)},
+                  {"role": "assistant", "content": format_answer(label, fewshot_field(d, "reasoning", cfg.fewshot))}]
+    return turns
 
 
 def build_requests(cfg: TeacherConfig, df: pd.DataFrame,
@@ -128,6 +145,7 @@ def to_records(cfg: TeacherConfig, req: ChatRequest, res: ChatResult, info: dict
     out = []
     for i, text in enumerate(res.texts):
         parsed = parse_answer(text, LENIENT)
+        finish = res.finish_reasons[i] if i < len(res.finish_reasons) else None
         rec = TraceRecord(
             id=f"{row.id}#{i}", example_id=row.id, cell_line=row.cell_line, perturbation=row.perturbation,
             gene=row.gene, label=row.label, mode=cfg.mode, sample_index=i, teacher=teacher,
@@ -135,12 +153,17 @@ def to_records(cfg: TeacherConfig, req: ChatRequest, res: ChatResult, info: dict
             sampling=req.sampling, raw_text=text or "", reasoning=parsed.reasoning, parsed_label=parsed.label,
             parse_error=parsed.error, usage=usages[i], cost_usd=res.cost_usd / max(len(res.texts), 1),
             cache_key=res.keys[min(i, len(res.keys) - 1)],
-            confidence=sequence_confidence(logprobs[i]) if i < len(logprobs) else None)
+            confidence=sequence_confidence(logprobs[i]) if i < len(logprobs) else None, finish_reason=finish,
+            strict_ok=parse_answer(text, STRICT).ok, problems=output_problems(text, finish, row.label))
         if cfg.mode in ("predict", "evidence_blind") and parsed.label != row.label:
             rec.kept = False  # rejection sampling: the raw sample is kept, marked unusable
             rec.reject_reason = f"rejection sampling: answer {parsed.label or 'unparseable'} != label {row.label}"
         out.append(rec)
     return out
+
+
+def _rate(n: int, total: int) -> float | None:
+    return round(n / total, 4) if total else None
 
 
 def _class_counts(records: list[TraceRecord], pred) -> dict:
@@ -188,6 +211,11 @@ def run_generate(cfg: TeacherConfig, dataset_path: str | Path, out_dir: str | Pa
         "evidence_context": needs_evidence, "sampling": requests[0].sampling if requests else {},
         "examples": len(df), "examples_done": run.stats.completed, "traces": len(records),
         "parse_failures": parse_failures, "answer_matches_label": matches,
+        # a real model's output, read both ways: strict is the exact format a student is trained on, lenient
+        # what the toolkit recovers (case, spacing, synonyms, an "Answer: X" line); every problem counted
+        "parse_rates": {"strict": _rate(sum(1 for r in records if r.strict_ok), len(records)),
+                        "lenient": _rate(len(records) - parse_failures, len(records))},
+        "output_problems": {p: sum(1 for r in records if p in r.problems) for p in OUTPUT_PROBLEMS},
         "by_class": {"examples": {lab: int((df["label"] == lab).sum()) for lab in LABELS},
                      "traces": _class_counts(records, lambda r: True),
                      "answer_matches_label": _class_counts(records, lambda r: r.parsed_label == r.label)},

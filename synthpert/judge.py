@@ -33,6 +33,7 @@ from .offline import RULES_JUDGE_MODEL, rules_backend
 from .runs import write_json_atomic, write_jsonl_atomic
 from .schema import JUDGE_RATINGS, JudgeVerdict, TraceRecord, read_jsonl
 
+JUDGE_REPLY = "judge_reply.j2"  # how a worked example's verdict is written (the rubric asks for this form)
 RANK = {r: i for i, r in enumerate(reversed(JUDGE_RATINGS))}  # terrible=0 ... excellent=4
 
 
@@ -83,7 +84,7 @@ def _json_object(text: str) -> dict | None:
 
 
 def _judge_messages(cfg: JudgeConfig, trace: TraceRecord) -> tuple[list[dict], str]:
-    from .prompting import load_template, triple_variables
+    from .prompting import fewshot_field, fewshot_label, load_fewshot, load_template, triple_variables
     from .resources import sha256_text
 
     variables = triple_variables(trace.cell_line, trace.perturbation, trace.gene)
@@ -94,6 +95,16 @@ def _judge_messages(cfg: JudgeConfig, trace: TraceRecord) -> tuple[list[dict], s
         system = load_template(cfg.system_prompt)
         messages.append({"role": "system", "content": system.render(**variables)})
         phash = sha256_text(system.sha256 + user.sha256)
+    if cfg.fewshot:
+        demos, demo_hash = load_fewshot(cfg.fewshot)
+        reply = load_template(JUDGE_REPLY)
+        for d in demos:
+            v = triple_variables(*(fewshot_field(d, k, cfg.fewshot) for k in ("cell_line", "perturbation", "gene")))
+            v.update({k: fewshot_field(d, k, cfg.fewshot) for k in ("reasoning", "rating", "justification")})
+            v["answer"] = fewshot_label(d, "answer", cfg.fewshot)
+            messages += [{"role": "user", "content": user.render(**v)},
+                         {"role": "assistant", "content": reply.render(**v)}]
+        phash = sha256_text(phash + demo_hash + reply.sha256)
     messages.append({"role": "user", "content": user.render(**variables)})
     return messages, phash
 
@@ -107,6 +118,24 @@ def _precheck(cfg: JudgeConfig, trace: TraceRecord) -> str | None:
     if trace.parsed_label != trace.label and not cfg.judge_mismatched:
         return f"answer {trace.parsed_label or 'unparseable'} != label {trace.label}"
     return None
+
+
+def reason_kind(reason: str | None) -> str:
+    """A rejection reason without its particulars, for counting (the full reason stays on the record)."""
+    r = reason or ""
+    if r.startswith("rejection sampling"):
+        return "answer != label (rejection sampling)"
+    if r.startswith("no reasoning"):
+        return "no reasoning to judge"
+    if r.startswith("judge output unparseable"):
+        return "judge gave no rating"
+    if r.startswith("rated "):
+        return "rated below threshold"
+    if r.startswith("answer unparseable"):
+        return "answer unparseable"
+    if r.startswith("answer "):
+        return "answer != label"
+    return r or "unknown"
 
 
 def _engine(cfg: JudgeConfig, out_dir: Path):
@@ -328,6 +357,7 @@ def run_judge(cfg: JudgeConfig, traces_path: str | Path, out_dir: str | Path, dr
                        for r in (*JUDGE_RATINGS, "unparseable")},
         "rejected_without_judging": sum(1 for v in pre.values() if v is not None),
         "judge_parse_failures": parse_failures,
+        "rejection_reasons": dict(Counter(reason_kind(r.reject_reason) for r in rejected).most_common()),
         "teacher_parse_failures": sum(1 for t in traces if t.parsed_label is None),
         "answer_mismatch": sum(1 for t in traces if t.parsed_label != t.label),
         "engine": run.stats.to_dict(),

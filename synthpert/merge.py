@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from .errors import SynthpertError
+from .models import resolve_model
 
 # Fixed probe triples: real PerturbQA genes, one per built-in cell line family.
 PROBES = (("k562", "AAMP", "ADGRE5"), ("rpe1", "RPL11", "CDKN1A"), ("k562", "GATA1", "HBG1"))
@@ -66,7 +67,7 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | None = None,
     if out.resolve() == adapter.resolve():
         raise SynthpertError("--out must differ from --adapter (the merged model would overwrite the adapter)")
     adapter_cfg = json.loads(cfg_path.read_text())
-    base = base or adapter_cfg.get("base_model_name_or_path")
+    base = resolve_model(base or adapter_cfg.get("base_model_name_or_path"))
     if not base:
         raise SynthpertError(f"{cfg_path} names no base model; pass --base")
     revision = adapter_cfg.get("revision")

@@ -56,6 +56,45 @@ def load_template(name: str) -> Template:
     return Template(name, path.read_text())
 
 
+@cache
+def load_fewshot(name: str) -> tuple[tuple[dict, ...], str]:
+    """Worked examples for a prompt: a YAML list of mappings in prompts/, sent as earlier user/assistant turns
+    (each stage renders them with its own templates), and the file's hash. Classes are written short (see
+    fewshot_label). Small local models follow a format
+    they have been shown far more often than one they have only been told."""
+    import yaml
+
+    path = resource_dir("prompts") / name
+    if not path.is_file():
+        raise SynthpertError(f"no worked-examples file named {name!r} in prompts/")
+    text = path.read_text()
+    try:
+        items = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SynthpertError(f"prompts/{name} is not valid YAML: {e}") from None
+    if not isinstance(items, list) or not items or not all(isinstance(i, dict) for i in items):
+        raise SynthpertError(f"prompts/{name} must be a non-empty list of mappings (one per worked example)")
+    return tuple(items), sha256_text(text)
+
+
+def fewshot_field(item: dict, key: str, name: str) -> str:
+    value = item.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise SynthpertError(f"prompts/{name}: a worked example lacks {key!r} (have: {', '.join(sorted(item))})")
+    return value.strip()
+
+
+def fewshot_label(item: dict, key: str, name: str) -> str:
+    """A worked example's class, written short (up, down, not_de) so no prompt file spells a label."""
+    from .answer import canonical_class
+
+    value = fewshot_field(item, key, name)
+    label = canonical_class(value)
+    if label is None:
+        raise SynthpertError(f"prompts/{name}: {key} {value!r} is not a class (up, down or not_de)")
+    return label
+
+
 def triple_variables(cell_line: str, perturbation: str, gene: str, evidence: str | None = None) -> dict:
     if not perturbation or not perturbation.strip():
         raise SynthpertError("perturbation gene symbol is empty")

@@ -27,6 +27,7 @@ from .decision import class_shares
 from .errors import SynthpertError
 from .evidence import dataset_training_stats, evidence_text
 from .prompting import student_messages, student_prompt_hash
+from .models import resolve_model
 from .resources import sha256_text
 from .rewards import class_weights, reward_functions, wrong_reward
 from .runs import (ADAPTER_MANIFEST, git_revision, hash_json, library_versions, read_manifest, storage_errors,
@@ -69,7 +70,7 @@ def sft_run(cfg: RLConfig) -> tuple[Path, dict, str]:
     trained_on = trained_on or adapter_base
     if not trained_on:
         raise SynthpertError(f"{adapter}: neither manifest.json nor adapter_config.json names the base model")
-    base = cfg.base_model or trained_on
+    base = resolve_model(cfg.base_model) or trained_on  # a shipped model's short name is its converted folder
     if not _same_model(base, trained_on):
         raise SynthpertError(f"the SFT adapter {adapter} was trained on base model {trained_on!r}, but base_model "
                              f"is {base!r}; RL must continue on the model the adapter belongs to")

@@ -117,6 +117,9 @@ class TraceRecord(BaseModel):
     cost_usd: float = 0.0
     cache_key: str | None = None
     confidence: float | None = None  # exp(mean token logprob) of the completion, where the server sent them
+    finish_reason: str | None = None  # as the server sent it: "length" means the token cap cut the output
+    strict_ok: bool | None = None  # the strict parser read an answer (parsed_label is the lenient one)
+    problems: list[str] = Field(default_factory=list)  # answer.output_problems of raw_text, for counting
     judge: JudgeVerdict | None = None
     kept: bool | None = None
     reject_reason: str | None = None

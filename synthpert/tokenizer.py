@@ -33,8 +33,11 @@ def load_tokenizer(source: str | Path, revision: str | None = None, chat_templat
     without a chat template is an error: every prompt goes through it."""
     from transformers import AutoTokenizer
 
+    from .models import resolve_model
+
+    source = resolve_model(str(source))
     try:
-        tok = AutoTokenizer.from_pretrained(str(source), revision=revision)
+        tok = AutoTokenizer.from_pretrained(source, revision=revision)
     except (OSError, ValueError) as e:
         raise SynthpertError(f"cannot load the tokenizer of {source!r}: {e}") from None
     if chat_template:

@@ -23,6 +23,7 @@ from .checkpoints import graceful_stop_callback, last_complete_checkpoint, resto
 from .config.train import TrainConfig
 from .errors import SynthpertError
 from .loss_mask import check_overlength, check_vocab, end_of_turn_ids, mask_mode, tokenize_rows
+from .models import resolve_model, shipped_model
 from .prompting import student_prompt_hash
 from .resources import sha256_file, sha256_text
 from . import tracking
@@ -103,12 +104,20 @@ def load_model(cfg: TrainConfig, precision: str):
     return model
 
 
-def lora_config(cfg: TrainConfig):
+def lora_config(cfg: TrainConfig, num_layers: int | None = None):
+    """PEFT's LoRA settings; ``num_layers`` (the base model's) turns ``lora.layers: N`` into the last N layers."""
     from peft import LoraConfig
 
+    layers = None
+    if cfg.lora.layers is not None:
+        if not num_layers:
+            raise SynthpertError("lora.layers needs the base model's number of layers (num_hidden_layers)")
+        if cfg.lora.layers > num_layers:
+            raise SynthpertError(f"lora.layers={cfg.lora.layers}, but the base model has {num_layers} layers")
+        layers = list(range(num_layers - cfg.lora.layers, num_layers))
     return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=cfg.lora.target_modules, use_rslora=cfg.lora.use_rslora, bias="none",
-                      task_type="CAUSAL_LM")
+                      layers_to_transform=layers, task_type="CAUSAL_LM")
 
 
 def _field(fields, *names: str) -> str | None:
@@ -261,6 +270,9 @@ def train_model(cfg: TrainConfig, source, out_dir: str | Path) -> TrainResult:
 
     started = time.time()
     out_dir = Path(out_dir).expanduser()
+    shipped_name = cfg.base_model if shipped_model(cfg.base_model) else None
+    # a shipped model's short name trains on its converted folder, which adapter_config.json then records
+    cfg = cfg.model_copy(update={"base_model": resolve_model(cfg.base_model)})
     if cfg.base_model and Path(cfg.base_model).expanduser().is_dir():
         # adapter_config.json records this path: make it absolute so the adapter loads from anywhere
         cfg = cfg.model_copy(update={"base_model": str(Path(cfg.base_model).expanduser().resolve())})
@@ -303,7 +315,8 @@ def train_model(cfg: TrainConfig, source, out_dir: str | Path) -> TrainResult:
     stop = graceful_stop_callback()
     trainer = SFTTrainer(model=model, args=sft_config(cfg, out_dir, precision, bool(eval_records)),
                          train_dataset=_dataset(train_records), eval_dataset=_dataset(eval_records),
-                         processing_class=tokenizer, peft_config=lora_config(cfg), callbacks=[stop])
+                         processing_class=tokenizer, callbacks=[stop],
+                         peft_config=lora_config(cfg, getattr(base_config.get_text_config(), "num_hidden_layers", None)))
     tracking.point_tensorboard_at(trainer, out_dir)
     if cfg.loss_average == "example":
         average_loss_per_example(trainer)
@@ -333,7 +346,8 @@ def train_model(cfg: TrainConfig, source, out_dir: str | Path) -> TrainResult:
 
     first_loss, last_loss = _losses(trainer.state.log_history)
     summary = {
-        "run_dir": str(out_dir), "base_model": cfg.base_model, "mode": cfg.mode, "loss_mask": mode,
+        "run_dir": str(out_dir), "base_model": cfg.base_model, "base_model_name": shipped_name, "mode": cfg.mode,
+        "loss_mask": mode,
         "loss_average": cfg.loss_average, "curriculum": cfg.curriculum, "n_contrast_first": examples["n_contrast"],
         "n_train": len(train_records), "n_eval": len(eval_records),
         # the prior the model learns: a decision rule corrects from it to the test-time prior
@@ -362,7 +376,7 @@ def _write_manifest(out_dir, cfg, summary, examples, tokenizer, dhash, base_conf
     file_hash = sha256_file(Path(src)) if Path(src).is_file() else None
     manifest = {
         "synthpert_stage": "train",
-        "base_model": cfg.base_model,
+        "base_model": cfg.base_model, "base_model_name": summary["base_model_name"],
         "base_model_revision": cfg.revision or getattr(base_config, "_commit_hash", None),
         "base_model_config_sha256": sha256_text(base_config.to_json_string()),
         "data_source": src, "data_file_sha256": file_hash, "data_sha256": dhash,

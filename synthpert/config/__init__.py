@@ -163,6 +163,11 @@ def check_model_folders(cfg: BaseModel, where) -> None:
             elif _path_kind(type(obj), key) == "model" and isinstance(value, str) and value != "tiny":
                 if getattr(obj, "backend", None) == "openai":
                     continue  # a model NAME at an API endpoint
+                from ..models import check_shipped, shipped_model
+
+                if shipped_model(value) is not None:
+                    check_shipped(value)  # its package must be installed (the error gives the pip command)
+                    continue
                 folder = Path(value).expanduser()
                 if folder.is_dir() or not looks_local(value, Path.cwd()):
                     continue

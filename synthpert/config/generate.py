@@ -30,6 +30,10 @@ class TeacherConfig(ClientConfig):
     evidence_context: bool = Field(False, description="show the teacher observed training evidence (leakage-safe)")
     system_prompt: str | None = Field("teacher_system.txt", description="system prompt file in prompts/ (null: none)")
     prompt: str | None = Field(None, description="user prompt template in prompts/ (default: per mode)")
+    fewshot: str | None = Field(
+        None, description="worked examples file in prompts/ (YAML: cell_line, perturbation, gene, label, reasoning), "
+        "sent before the question as earlier turns of the same prompt; small local teachers need them to follow the "
+        "answer format (e.g. teacher_fewshot.yaml)")
 
     @property
     def offline(self) -> bool:
@@ -67,6 +71,9 @@ class JudgeConfig(ClientConfig):
                                                                             max_completion_tokens=512))
     system_prompt: str | None = Field("judge_system.txt", description="system prompt file in prompts/ (null: none)")
     prompt: str = Field("judge.j2", description="rubric template in prompts/")
+    fewshot: str | None = Field(
+        None, description="worked verdicts file in prompts/ (YAML: cell_line, perturbation, gene, reasoning, answer, "
+        "rating, justification), sent before the trace as earlier turns; for small local judges (judge_fewshot.yaml)")
     judge_mismatched: bool = Field(False, description="also pay to judge traces whose answer != label (they "
                                    "cannot be kept; useful only to study the judge)")
     min_chars: int = Field(200, ge=0, description="rules judge: shortest acceptable reasoning")

