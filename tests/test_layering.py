@@ -26,6 +26,7 @@ STAGES = {
     "report": {"report"},
     "serve": {"serve", "serve_http", "serve_stream"},
     "predict": {"predict"},
+    "screen": {"screen", "screen_de", "screen_synth"},  # a user's .h5ad screen to PerturbQA-format CSVs
 }
 ALLOWED_BETWEEN_STAGES = {("evaluate", "report")}
 # What stages share: contracts (answer format, records, configs, runs, prompts, hashing) and the engines

@@ -10,7 +10,8 @@ import typer
 from ..config import load_section
 from ..config.data import DataConfig
 
-data_app = typer.Typer(help="Fetch PerturbQA and build three-class examples.", no_args_is_help=True)
+data_app = typer.Typer(help="Fetch PerturbQA, turn your own screen (.h5ad) into triples, build three-class examples.",
+                       no_args_is_help=True)
 
 SHORT_HEADERS = {"accuracy": "acc", "macro_f1": "macroF1", "balanced_accuracy": "balAcc",
                  "auroc_de_per_gene": "AUROC DE", "auroc_dir_per_gene": "AUROC dir", "f1_up": "F1 up",
@@ -156,5 +157,8 @@ def baseline_table(result: dict, n_bootstrap: int = 0) -> None:
 def register(app: typer.Typer) -> None:
     data_app.command("fetch")(data_fetch)
     data_app.command("build")(data_build)
+    from .screen import register as register_screen
+
+    register_screen(data_app)
     app.add_typer(data_app, name="data")
     app.command("baselines")(baselines_cmd)

@@ -1,0 +1,304 @@
+"""A user's Perturb-seq screen (.h5ad) to PerturbQA-format triples, with the screen's split-half noise ceiling.
+
+Reads the count matrix in row chunks straight from the HDF5 file (anndata's element readers, never the
+whole matrix), calls DE per (perturbation, readout gene) against the control cells (screen_de.py), and
+writes ``{line}-de.csv`` / ``{line}-dir.csv`` (columns pert, gene, label, split; dir label 1 = up) plus
+``{line}-screen.json``: a folder that works as a ``data.extra_cell_lines`` source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import SynthpertError
+from .screen_de import DEFAULT_FDR, TARGET_SUM, Calls, accumulate, check_control, welch_calls
+
+SPLIT_HALF_BLOCKS = 8  # cells dealt to 8 blocks: halves are 4 blocks each, and 1-4 blocks give the scaling curve
+
+
+@dataclass
+class ScreenOptions:
+    perturbation_key: str
+    control: str
+    cell_line: str
+    layer: str | None = None  # None: X holds the raw counts
+    gene_symbols: str | None = None  # a var column; None: var_names are the symbols
+    min_cells: int = 25
+    min_mean_counts: float = 0.1  # readout genes: mean raw UMI per control cell at least this
+    genes: list[str] | None = None  # explicit readout genes instead of the expression threshold
+    fdr: float = DEFAULT_FDR
+    min_lfc: float = 0.0
+    test_fraction: float = 0.2
+    split_half: bool = False
+    seed: int = 0
+    chunk_cells: int = 10_000
+
+
+def require_anndata() -> None:
+    try:
+        import anndata  # noqa: F401
+    except ImportError:
+        raise SynthpertError("reading .h5ad screens needs anndata: pip install 'synthpert[screen]'") from None
+
+
+def _line_key(name: str) -> str:
+    key = name.strip().lower()
+    if not key or not key.replace("_", "").replace("-", "").isalnum():
+        raise SynthpertError(f"invalid --cell-line {name!r}: use letters, digits, '-' or '_' (it names the CSVs)")
+    return key
+
+
+class _Screen:
+    """The open file: the perturbation label of each cell, the gene symbols, and a row-chunk reader."""
+
+    def __init__(self, path: Path, opts: ScreenOptions):
+        require_anndata()
+        import h5py
+        from anndata.io import read_elem, sparse_dataset
+
+        if not path.is_file():
+            raise SynthpertError(f"no such file: {path}")
+        try:
+            self.file = h5py.File(path, "r")
+        except OSError as e:
+            raise SynthpertError(f"{path} is not a readable .h5ad (HDF5) file: {e}") from None
+        f = self.file
+        for part in ("obs", "var"):
+            if part not in f:
+                raise SynthpertError(f"{path} has no '{part}' table: is it an AnnData .h5ad file?")
+        obs_cols = [c for c in f["obs"].keys() if c != "__categories"]
+        if opts.perturbation_key not in obs_cols:
+            raise SynthpertError(f"obs has no column {opts.perturbation_key!r} (--perturbation-key); obs columns: "
+                                 f"{', '.join(sorted(obs_cols)) or 'none'}")
+        labels = read_elem(f["obs"][opts.perturbation_key])
+        self.labels = np.asarray(labels.astype(object) if hasattr(labels, "astype") else labels, dtype=object)
+        if opts.gene_symbols is None:
+            self.symbols = np.asarray(read_elem(f["var"][f["var"].attrs["_index"]]), dtype=object).astype(str)
+        else:
+            var_cols = [c for c in f["var"].keys() if c != "__categories"]
+            if opts.gene_symbols not in var_cols:
+                raise SynthpertError(f"var has no column {opts.gene_symbols!r} (--gene-symbols); var columns: "
+                                     f"{', '.join(sorted(var_cols)) or 'none'}")
+            self.symbols = np.asarray(read_elem(f["var"][opts.gene_symbols]), dtype=object).astype(str)
+        if opts.layer is None:
+            elem, self.where = f.get("X"), "X"
+        else:
+            layers = f.get("layers")
+            if layers is None or opts.layer not in layers:
+                have = ", ".join(sorted(layers.keys())) if layers is not None else ""
+                raise SynthpertError(f"no layer {opts.layer!r} (--layer); layers: {have or 'none'}")
+            elem, self.where = layers[opts.layer], f"layer {opts.layer!r}"
+        if elem is None:
+            raise SynthpertError(f"{path} has no X matrix")
+        if isinstance(elem, h5py.Dataset):
+            self._read = lambda a, b: elem[a:b]
+            self.shape = elem.shape
+        else:
+            kind = elem.attrs.get("encoding-type", "")
+            if kind == "csc_matrix":
+                raise SynthpertError(f"{self.where} is stored column-major (CSC), which cannot be read by cell "
+                                     "chunks; rewrite it as CSR (adata.X = adata.X.tocsr(); adata.write_h5ad(...))")
+            if kind != "csr_matrix":
+                raise SynthpertError(f"{self.where} has an encoding ({kind or 'unknown'}) from-anndata cannot read")
+            ds = sparse_dataset(elem)
+            self._read = lambda a, b: ds[a:b]
+            self.shape = ds.shape
+        if self.shape[0] != len(self.labels) or self.shape[1] != len(self.symbols):
+            raise SynthpertError(f"{self.where} is {self.shape[0]} x {self.shape[1]} but obs has {len(self.labels)} "
+                                 f"cells and var {len(self.symbols)} genes")
+
+    def read(self, start: int, stop: int):
+        return self._read(start, stop)
+
+
+def test_perturbations(perts: list[str], fraction: float) -> set[str]:
+    """PerturbQA splits each line by perturbation. The test share here is chosen by a hash of the symbol
+    (salted, so it is independent of the evidence folds of schema.perturbation_fold), hence stable under
+    adding or removing other perturbations' cells."""
+    if fraction <= 0 or len(perts) < 2:
+        return set()
+    ranked = sorted(perts, key=lambda p: hashlib.sha1(f"synthpert-split:{p}".encode()).digest())
+    k = min(max(1, round(fraction * len(perts))), len(perts) - 1)
+    return set(ranked[:k])
+
+
+def _calls_for(n, s1, s2, pert_rows, control, gene_cols, exclude, opts) -> Calls:
+    return welch_calls(n, s1, s2, pert_rows, control, gene_cols, opts.fdr, opts.min_lfc, exclude)
+
+
+def _three_class(c: Calls) -> np.ndarray:
+    return np.where(~c.de, 0, np.where(c.lfc > 0, 1, 2))
+
+
+def _ceiling(mom, pert_rows, control, gene_cols, exclude, gene_names, opts) -> dict:
+    """Split-half ceiling at 1..4 blocks per half: how well one half's calls predict the other's."""
+    from sklearn.metrics import cohen_kappa_score
+
+    from .metrics import per_gene_auroc
+
+    half = SPLIT_HALF_BLOCKS // 2
+    tested = ~exclude
+    genes_of_pair = np.broadcast_to(np.asarray(gene_names, dtype=object)[None, :], exclude.shape)[tested]
+    curve = []
+    for m in range(1, half + 1):
+        a_blocks, b_blocks = list(range(m)), list(range(half, half + m))
+        na, nb = mom.pooled(a_blocks), mom.pooled(b_blocks)
+        ca = _calls_for(*na, pert_rows, control, gene_cols, exclude, opts)
+        cb = _calls_for(*nb, pert_rows, control, gene_cols, exclude, opts)
+        la, lb = _three_class(ca)[tested], _three_class(cb)[tested]
+        de_a, de_b = la > 0, lb > 0
+        auc_de, n_de = per_gene_auroc(genes_of_pair, de_b, np.abs(ca.t[tested]))
+        auc_dir, n_dir = per_gene_auroc(genes_of_pair[de_b], lb[de_b] == 1, ca.t[tested][de_b])
+        union = int((de_a | de_b).sum())
+        curve.append({
+            "blocks_per_half": m,
+            "cells_per_perturbation_per_half": float(np.mean(na[0][pert_rows] + nb[0][pert_rows]) / 2),
+            "control_cells_per_half": int((na[0][control] + nb[0][control]) // 2),
+            "agreement": float(np.mean(la == lb)),
+            "kappa": float(cohen_kappa_score(la, lb)) if len(set(la) | set(lb)) > 1 else float("nan"),
+            "de_jaccard": float((de_a & de_b).sum() / union) if union else float("nan"),
+            "de_replication": float((de_a & de_b).sum() / de_a.sum()) if de_a.any() else float("nan"),
+            "de_calls": [int(de_a.sum()), int(de_b.sum())],
+            "auroc_de_per_gene": auc_de, "auroc_de_genes": n_de,
+            "auroc_dir_per_gene": auc_dir, "auroc_dir_genes": n_dir,
+        })
+    return {
+        "method": "cells of every perturbation and of the controls dealt at random to 8 blocks; half A = blocks "
+                  "0-3, half B = 4-7, each called against its own controls with the same test; half A's |t| "
+                  "scores half B's DE labels (per-gene AUROC, PerturbQA's metric) and A's t scores B's direction "
+                  "among B's DE pairs. Each half has half the cells, so the full screen's own ceiling is at or "
+                  "above the last point; the curve shows how it grows with cells",
+        "ceiling": curve[-1],
+        "scaling": curve,
+    }
+
+
+def from_anndata(path: str | Path, out: str | Path, opts: ScreenOptions) -> dict:
+    """Call DE on the screen and write the line's CSVs and summary into ``out``; returns the summary."""
+    path, out = Path(path).expanduser(), Path(out).expanduser()
+    key = _line_key(opts.cell_line)
+    if not 0 <= opts.test_fraction < 1:
+        raise SynthpertError(f"--test-fraction must be in [0, 1), got {opts.test_fraction}")
+    scr = _Screen(path, opts)
+    missing = np.array([v is None or (isinstance(v, float) and np.isnan(v)) for v in scr.labels])
+    labels = np.where(missing, "", scr.labels).astype(str)
+    names, codes, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    code_of = {n: i for i, n in enumerate(names)}
+    if opts.control not in code_of:
+        seen = ", ".join(repr(n) for n in names[:8] if n)
+        raise SynthpertError(f"no control cells: obs[{opts.perturbation_key!r}] has no value {opts.control!r} "
+                             f"(--control); values include {seen}")
+    control = code_of[opts.control]
+    too_few = {n: int(c) for n, c in zip(names, counts) if n not in ("", opts.control) and c < opts.min_cells}
+    perts = [n for n, c in zip(names, counts) if n not in ("", opts.control) and c >= opts.min_cells]
+    if not perts:
+        raise SynthpertError(f"no perturbation has at least {opts.min_cells} cells (--min-cells); "
+                             f"{len(too_few)} have fewer")
+    check_control(counts, control, opts.control)
+    keep = np.isin(names, [*perts, opts.control])
+    cell_codes = np.where(keep[codes] & ~missing, codes, -1)
+    blocks = SPLIT_HALF_BLOCKS if opts.split_half else 1
+    mom = accumulate(scr.read, scr.shape[0], scr.shape[1], cell_codes, len(names), control, blocks=blocks,
+                     seed=opts.seed, chunk_cells=opts.chunk_cells, where=scr.where)
+    scr.file.close()
+
+    first = {}
+    for j, s in enumerate(scr.symbols):
+        first.setdefault(s, j)
+    duplicated = len(scr.symbols) - len(first)
+    n_ctrl = mom.n[control].sum()
+    mean_ctrl = mom.control_counts / n_ctrl
+    if opts.genes:
+        unknown = [g for g in opts.genes if g not in first]
+        if len(unknown) == len(opts.genes):
+            raise SynthpertError(f"none of the {len(opts.genes)} readout genes is in the screen (e.g. {unknown[0]!r})")
+        gene_cols = np.array([first[g] for g in dict.fromkeys(opts.genes) if g in first])
+        readout_rule = f"the {len(gene_cols)} genes given"
+    else:
+        unknown = []
+        gene_cols = np.array([j for j in first.values() if mean_ctrl[j] >= opts.min_mean_counts], dtype=np.int64)
+        readout_rule = f"genes with mean >= {opts.min_mean_counts} raw UMI per control cell"
+        if not len(gene_cols):
+            raise SynthpertError(f"no gene reaches {opts.min_mean_counts} mean UMI per control cell "
+                                 "(--min-mean-counts)")
+    gene_names = scr.symbols[gene_cols]
+    pert_rows = np.array([code_of[p] for p in perts])
+    # The knocked-down gene itself is the guide's own target, not a downstream effect (PerturbQA has no
+    # such pair): left out of the triples and of the BH family, and reported as knockdown efficiency.
+    exclude = np.asarray(perts, dtype=object)[:, None] == gene_names[None, :].astype(object)
+    calls = _calls_for(*mom.pooled(), pert_rows, control, gene_cols, exclude, opts)
+    knockdown = _knockdown(perts, gene_names, opts, mom, pert_rows, control, gene_cols)
+
+    test = test_perturbations(perts, opts.test_fraction)
+    out.mkdir(parents=True, exist_ok=True)
+    de_counts = _write_csvs(out, key, perts, gene_names, calls, exclude, test)
+    summary = {
+        "input": str(path), "cell_line": key, "options": asdict(opts),
+        "cells": {"total": int(scr.shape[0]), "control": int(n_ctrl),
+                  "per_perturbation": {p: int(mom.n[code_of[p]].sum()) for p in perts}},
+        "test": {"name": "Welch's t-test (scipy.stats.ttest_ind_from_stats) per perturbation and readout gene "
+                         "against the control cells, on log1p(counts / cell total x 1e4)",
+                 "normalisation_target_sum": TARGET_SUM,
+                 "multiple_testing": "Benjamini-Hochberg (scipy.stats.false_discovery_control) over every "
+                                     "tested pair of the screen",
+                 "fdr": opts.fdr, "min_abs_lfc": opts.min_lfc,
+                 "direction": "sign of the difference in mean log1p-normalised expression"},
+        "readout_genes": {"rule": readout_rule, "n": len(gene_cols)},
+        "perturbations": {"n": len(perts), "test": sorted(test), "n_test": len(test)},
+        "de": de_counts,
+        "knockdown": knockdown,
+        "dropped": {
+            "perturbations_below_min_cells": too_few,
+            "cells_without_label": int(missing.sum()),
+            "cells_of_dropped_perturbations": int(sum(too_few.values())),
+            "genes_below_expression_threshold": 0 if opts.genes else int(len(first) - len(gene_cols)),
+            "genes_duplicated_symbol": duplicated,
+            "readout_genes_not_in_screen": unknown,
+            "target_gene_pairs": int(exclude.sum()),
+        },
+    }
+    if opts.split_half:
+        summary["split_half"] = _ceiling(mom, pert_rows, control, gene_cols, exclude, gene_names, opts)
+    (out / f"{key}-screen.json").write_text(json.dumps(summary, indent=2, default=float))
+    return summary
+
+
+def _knockdown(perts, gene_names, opts, mom, pert_rows, control, gene_cols) -> dict:
+    """How many perturbations' own target (when measured) is called down: the screen's on-target check."""
+    col = {g: i for i, g in enumerate(gene_names)}
+    measured = [i for i, p in enumerate(perts) if p in col]
+    if not measured:
+        return {"measured": 0, "note": "no perturbation label is a readout gene symbol"}
+    rows = pert_rows[measured]
+    c = welch_calls(*mom.pooled(), rows, control, gene_cols, opts.fdr)
+    own = np.array([col[perts[i]] for i in measured])
+    down = c.de[np.arange(len(measured)), own] & (c.lfc[np.arange(len(measured)), own] < 0)
+    return {"measured": len(measured), "called_down": int(down.sum()),
+            "median_lfc": float(np.median(c.lfc[np.arange(len(measured)), own]))}
+
+
+def _write_csvs(out: Path, key: str, perts, gene_names, calls: Calls, exclude, test: set[str]) -> dict:
+    import pandas as pd
+
+    from .data import csv_name
+
+    tested = ~exclude
+    pi, gi = np.nonzero(tested)
+    pert_arr = np.asarray(perts, dtype=object)
+    split = np.where(np.isin(pert_arr, list(test)), "test", "train")
+    de = calls.de[pi, gi]
+    up = calls.lfc[pi, gi] > 0
+    frame = pd.DataFrame({"pert": pert_arr[pi], "gene": np.asarray(gene_names, dtype=object)[gi],
+                          "label": de.astype(int), "split": split[pi]})
+    frame.to_csv(out / csv_name(key, "de"), index=False)
+    d = frame[de].assign(label=up[de].astype(int))
+    d.to_csv(out / csv_name(key, "dir"), index=False)
+    return {"pairs": len(frame), "de": int(de.sum()), "up": int((de & up).sum()), "down": int((de & ~up).sum()),
+            "de_rate": float(de.mean()) if len(de) else 0.0,
+            "by_split": {s: {"pairs": int((frame.split == s).sum()), "de": int(de[frame.split.to_numpy() == s].sum())}
+                         for s in ("train", "test")}}
