@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SynthpertError
-from .screen_de import DEFAULT_FDR, TARGET_SUM, Calls, accumulate, check_control, welch_calls
+from .screen_de import DEFAULT_FDR, TARGET_SUM, Calls, accumulate, check_control, welch_calls, welch_pairs
 
 SPLIT_HALF_BLOCKS = 8  # cells dealt to 8 blocks: halves are 4 blocks each, and 1-4 blocks give the scaling curve
 
@@ -75,8 +75,11 @@ class _Screen:
         if opts.perturbation_key not in obs_cols:
             raise SynthpertError(f"obs has no column {opts.perturbation_key!r} (--perturbation-key); obs columns: "
                                  f"{', '.join(sorted(obs_cols)) or 'none'}")
-        labels = read_elem(f["obs"][opts.perturbation_key])
-        self.labels = np.asarray(labels.astype(object) if hasattr(labels, "astype") else labels, dtype=object)
+        import pandas as pd
+
+        # factorize keeps a categorical column as its codes: no per-cell strings for a 2M-cell screen
+        codes, uniques = pd.factorize(pd.Series(read_elem(f["obs"][opts.perturbation_key])))
+        self.codes, self.names = np.asarray(codes, np.int64), np.asarray(uniques, dtype=object).astype(str)
         if opts.gene_symbols is None:
             self.symbols = np.asarray(read_elem(f["var"][f["var"].attrs["_index"]]), dtype=object).astype(str)
         else:
@@ -108,8 +111,8 @@ class _Screen:
             ds = sparse_dataset(elem)
             self._read = lambda a, b: ds[a:b]
             self.shape = ds.shape
-        if self.shape[0] != len(self.labels) or self.shape[1] != len(self.symbols):
-            raise SynthpertError(f"{self.where} is {self.shape[0]} x {self.shape[1]} but obs has {len(self.labels)} "
+        if self.shape[0] != len(self.codes) or self.shape[1] != len(self.symbols):
+            raise SynthpertError(f"{self.where} is {self.shape[0]} x {self.shape[1]} but obs has {len(self.codes)} "
                                  f"cells and var {len(self.symbols)} genes")
 
     def read(self, start: int, stop: int):
@@ -135,7 +138,7 @@ def _three_class(c: Calls) -> np.ndarray:
     return np.where(~c.de, 0, np.where(c.lfc > 0, 1, 2))
 
 
-def _ceiling(mom, pert_rows, control, gene_cols, exclude, gene_names, opts) -> dict:
+def _ceiling(mom, pert_rows, control, gene_cols, exclude, opts) -> dict:
     """Split-half ceiling at 1..4 blocks per half: how well one half's calls predict the other's."""
     from sklearn.metrics import cohen_kappa_score
 
@@ -143,7 +146,7 @@ def _ceiling(mom, pert_rows, control, gene_cols, exclude, gene_names, opts) -> d
 
     half = SPLIT_HALF_BLOCKS // 2
     tested = ~exclude
-    genes_of_pair = np.broadcast_to(np.asarray(gene_names, dtype=object)[None, :], exclude.shape)[tested]
+    genes_of_pair = np.broadcast_to(np.arange(exclude.shape[1])[None, :], exclude.shape)[tested]
     curve = []
     for m in range(1, half + 1):
         a_blocks, b_blocks = list(range(m)), list(range(half, half + m))
@@ -185,23 +188,23 @@ def from_anndata(path: str | Path, out: str | Path, opts: ScreenOptions) -> dict
     if not 0 <= opts.test_fraction < 1:
         raise SynthpertError(f"--test-fraction must be in [0, 1), got {opts.test_fraction}")
     scr = _Screen(path, opts)
-    missing = np.array([v is None or (isinstance(v, float) and np.isnan(v)) for v in scr.labels])
-    labels = np.where(missing, "", scr.labels).astype(str)
-    names, codes, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    names, codes = scr.names, scr.codes
+    missing = codes < 0
+    counts = np.bincount(codes[~missing], minlength=len(names))
     code_of = {n: i for i, n in enumerate(names)}
     if opts.control not in code_of:
-        seen = ", ".join(repr(n) for n in names[:8] if n)
+        seen = ", ".join(repr(n) for n in names[:8])
         raise SynthpertError(f"no control cells: obs[{opts.perturbation_key!r}] has no value {opts.control!r} "
                              f"(--control); values include {seen}")
     control = code_of[opts.control]
-    too_few = {n: int(c) for n, c in zip(names, counts) if n not in ("", opts.control) and c < opts.min_cells}
-    perts = [n for n, c in zip(names, counts) if n not in ("", opts.control) and c >= opts.min_cells]
+    too_few = {n: int(c) for n, c in zip(names, counts) if n != opts.control and c < opts.min_cells}
+    perts = [n for n, c in zip(names, counts) if n != opts.control and c >= opts.min_cells]
     if not perts:
         raise SynthpertError(f"no perturbation has at least {opts.min_cells} cells (--min-cells); "
                              f"{len(too_few)} have fewer")
     check_control(counts, control, opts.control)
     keep = np.isin(names, [*perts, opts.control])
-    cell_codes = np.where(keep[codes] & ~missing, codes, -1)
+    cell_codes = np.where(~missing & keep[np.maximum(codes, 0)], codes, -1)
     blocks = SPLIT_HALF_BLOCKS if opts.split_half else 1
     mom = accumulate(scr.read, scr.shape[0], scr.shape[1], cell_codes, len(names), control, blocks=blocks,
                      seed=opts.seed, chunk_cells=opts.chunk_cells, where=scr.where)
@@ -263,42 +266,51 @@ def from_anndata(path: str | Path, out: str | Path, opts: ScreenOptions) -> dict
         },
     }
     if opts.split_half:
-        summary["split_half"] = _ceiling(mom, pert_rows, control, gene_cols, exclude, gene_names, opts)
+        summary["split_half"] = _ceiling(mom, pert_rows, control, gene_cols, exclude, opts)
     (out / f"{key}-screen.json").write_text(json.dumps(summary, indent=2, default=float))
     return summary
 
 
 def _knockdown(perts, gene_names, opts, mom, pert_rows, control, gene_cols) -> dict:
-    """How many perturbations' own target (when measured) is called down: the screen's on-target check."""
+    """How many perturbations' own target (when measured) is called down (BH over these pairs): the screen's
+    on-target check."""
+    from scipy.stats import false_discovery_control
+
     col = {g: i for i, g in enumerate(gene_names)}
     measured = [i for i, p in enumerate(perts) if p in col]
     if not measured:
         return {"measured": 0, "note": "no perturbation label is a readout gene symbol"}
-    rows = pert_rows[measured]
-    c = welch_calls(*mom.pooled(), rows, control, gene_cols, opts.fdr)
-    own = np.array([col[perts[i]] for i in measured])
-    down = c.de[np.arange(len(measured)), own] & (c.lfc[np.arange(len(measured)), own] < 0)
-    return {"measured": len(measured), "called_down": int(down.sum()),
-            "median_lfc": float(np.median(c.lfc[np.arange(len(measured)), own]))}
+    own = gene_cols[[col[perts[i]] for i in measured]]
+    _, p, lfc = welch_pairs(*mom.pooled(), pert_rows[measured], own, control)
+    down = (false_discovery_control(p, method="bh") < opts.fdr) & (lfc < 0)
+    return {"measured": len(measured), "called_down": int(down.sum()), "median_lfc": float(np.median(lfc))}
 
 
-def _write_csvs(out: Path, key: str, perts, gene_names, calls: Calls, exclude, test: set[str]) -> dict:
+def _write_csvs(out: Path, key: str, perts, gene_names, calls: Calls, exclude, test: set[str],
+                block: int = 256) -> dict:
+    """Both CSVs, written a block of perturbations at a time (a genome-wide screen has ~80M pairs)."""
     import pandas as pd
 
     from .data import csv_name
 
-    tested = ~exclude
-    pi, gi = np.nonzero(tested)
-    pert_arr = np.asarray(perts, dtype=object)
-    split = np.where(np.isin(pert_arr, list(test)), "test", "train")
-    de = calls.de[pi, gi]
-    up = calls.lfc[pi, gi] > 0
-    frame = pd.DataFrame({"pert": pert_arr[pi], "gene": np.asarray(gene_names, dtype=object)[gi],
-                          "label": de.astype(int), "split": split[pi]})
-    frame.to_csv(out / csv_name(key, "de"), index=False)
-    d = frame[de].assign(label=up[de].astype(int))
-    d.to_csv(out / csv_name(key, "dir"), index=False)
-    return {"pairs": len(frame), "de": int(de.sum()), "up": int((de & up).sum()), "down": int((de & ~up).sum()),
-            "de_rate": float(de.mean()) if len(de) else 0.0,
-            "by_split": {s: {"pairs": int((frame.split == s).sum()), "de": int(de[frame.split.to_numpy() == s].sum())}
-                         for s in ("train", "test")}}
+    genes = np.asarray(gene_names, dtype=object)
+    totals = {"pairs": 0, "de": 0, "up": 0, "down": 0}
+    by_split = {s: {"pairs": 0, "de": 0} for s in ("train", "test")}
+    paths = out / csv_name(key, "de"), out / csv_name(key, "dir")
+    for i in range(0, len(perts), block):
+        pi, gi = np.nonzero(~exclude[i:i + block])
+        pert = np.asarray(perts[i:i + block], dtype=object)[pi]
+        split = np.where(np.isin(pert, list(test)), "test", "train")
+        de = calls.de[i:i + block][pi, gi]
+        up = calls.lfc[i:i + block][pi, gi] > 0
+        frame = pd.DataFrame({"pert": pert, "gene": genes[gi], "label": de.astype(int), "split": split})
+        first = i == 0
+        frame.to_csv(paths[0], index=False, header=first, mode="w" if first else "a")
+        frame[de].assign(label=up[de].astype(int)).to_csv(paths[1], index=False, header=first,
+                                                          mode="w" if first else "a")
+        for k, v in (("pairs", len(frame)), ("de", de.sum()), ("up", (de & up).sum()), ("down", (de & ~up).sum())):
+            totals[k] += int(v)
+        for sp in by_split:
+            by_split[sp]["pairs"] += int((split == sp).sum())
+            by_split[sp]["de"] += int(de[split == sp].sum())
+    return {**totals, "de_rate": totals["de"] / totals["pairs"] if totals["pairs"] else 0.0, "by_split": by_split}

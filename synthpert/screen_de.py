@@ -113,39 +113,50 @@ def accumulate(read_rows, n_cells: int, n_genes: int, label_codes: np.ndarray, n
 class Calls:
     """Welch's test of every (perturbation, readout gene) against the controls."""
 
-    t: np.ndarray  # (perturbations, genes); 0 where both groups are constant
-    lfc: np.ndarray  # difference of mean log1p-normalised expression (natural log): the direction
-    p: np.ndarray
-    q: np.ndarray  # Benjamini-Hochberg over every tested pair of the screen
-    de: np.ndarray  # bool
+    t: np.ndarray  # (perturbations, genes), float32; 0 where both groups are constant
+    lfc: np.ndarray  # difference of mean log1p-normalised expression (natural log), float32: the direction
+    de: np.ndarray  # bool: BH-adjusted p below the FDR (over every tested pair of the screen) and |lfc| enough
+
+
+def welch_pairs(n: np.ndarray, s1: np.ndarray, s2: np.ndarray, rows, cols, control: int):
+    """Welch's t, p and mean difference for (row, col) index arrays that broadcast together, against the
+    control row, from pooled moments."""
+    from scipy.stats import ttest_ind_from_stats
+
+    def mean_sd(r, c):
+        k = n[r].astype(float)
+        m = s1[r, c] / k
+        var = (s2[r, c] - k * m * m) / np.maximum(k - 1, 1)
+        return m, np.sqrt(np.clip(var, 0, None)), k
+
+    mp, sdp, kp = mean_sd(rows, cols)
+    mc, sdc, kc = mean_sd(control, cols)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t, p = ttest_ind_from_stats(mp, sdp, kp, mc, sdc, kc, equal_var=False)
+    # Both groups constant (a gene never detected in either): no evidence of a difference.
+    return np.nan_to_num(t, nan=0.0), np.nan_to_num(p, nan=1.0), mp - mc
 
 
 def welch_calls(n: np.ndarray, s1: np.ndarray, s2: np.ndarray, perts: np.ndarray, control: int,
                 genes: np.ndarray, fdr: float = DEFAULT_FDR, min_lfc: float = 0.0,
-                exclude: np.ndarray | None = None) -> Calls:
+                exclude: np.ndarray | None = None, block: int = 256) -> Calls:
     """Call DE for the rows ``perts`` of pooled moments against row ``control``, on the columns ``genes``.
-    ``exclude`` (perturbations x genes, bool) marks pairs left out of the test and of the BH family."""
-    from scipy.stats import false_discovery_control, ttest_ind_from_stats
+    ``exclude`` (perturbations x genes, bool) marks pairs left out of the test and of the BH family. Tests
+    run in blocks of perturbations so that only the outputs (~18 bytes a pair) scale with the screen."""
+    from scipy.stats import false_discovery_control
 
-    def mean_sd(rows):
-        k = n[rows].astype(float)[..., None]
-        m = s1[rows][..., genes] / k
-        var = (s2[rows][..., genes] - k * m * m) / np.maximum(k - 1, 1)
-        return m, np.sqrt(np.clip(var, 0, None)), k
-
-    mp, sdp, kp = mean_sd(perts)
-    mc, sdc, kc = mean_sd(np.array([control]))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t, p = ttest_ind_from_stats(mp, sdp, kp, mc, sdc, kc, equal_var=False)
-    # Both groups constant (a gene never detected in either): no evidence of a difference.
-    t, p = np.nan_to_num(t, nan=0.0), np.nan_to_num(p, nan=1.0)
-    tested = np.ones(p.shape, bool) if exclude is None else ~exclude
-    q = np.ones_like(p)
+    shape = (len(perts), len(genes))
+    t, lfc, p = np.empty(shape, np.float32), np.empty(shape, np.float32), np.empty(shape)
+    for i in range(0, len(perts), block):
+        rows = np.asarray(perts[i:i + block])[:, None]
+        t[i:i + block], p[i:i + block], lfc[i:i + block] = welch_pairs(n, s1, s2, rows, genes[None, :], control)
+    tested = np.ones(shape, bool) if exclude is None else ~exclude
+    de = np.zeros(shape, bool)
     if tested.any():
-        q[tested] = false_discovery_control(p[tested], method="bh")
-    lfc = mp - mc
-    de = tested & (q < fdr) & (np.abs(lfc) >= min_lfc)
-    return Calls(t=t, lfc=lfc, p=p, q=q, de=de)
+        de[tested] = false_discovery_control(p[tested], method="bh") < fdr
+    del p
+    de &= np.abs(lfc) >= min_lfc
+    return Calls(t=t, lfc=lfc, de=de)
 
 
 def check_control(n: np.ndarray, control: int, label: str) -> None:

@@ -195,3 +195,22 @@ def test_the_output_is_a_cell_line_that_builds_and_scores_baselines_with_no_pert
     # is pinned here is that every same-line baseline runs on it.
     for name in ("majority", "gene_prior"):
         assert 0 < result["baselines"][name]["macro_f1"] <= 1
+
+
+def test_cells_without_a_label_and_small_perturbations_are_dropped_and_reported(screen, tmp_path):
+    import anndata as ad
+
+    path, truth = screen
+    a = ad.read_h5ad(path)
+    labels = a.obs["perturbation"].astype(object).to_numpy()
+    first = np.flatnonzero(labels == truth.perturbations[0])
+    labels[first[:20]] = "TINY"
+    labels[first[20:30]] = None
+    a.obs["perturbation"] = pd.Categorical(labels)
+    edited = tmp_path / "edited.h5ad"
+    a.write_h5ad(edited)
+    s = from_anndata(edited, tmp_path / "o", ScreenOptions(**OPTS))
+    assert s["dropped"]["perturbations_below_min_cells"] == {"TINY": 20}
+    assert s["dropped"]["cells_without_label"] == 10
+    assert s["cells"]["per_perturbation"][truth.perturbations[0]] == 120
+    assert "TINY" not in set(pd.read_csv(tmp_path / "o" / "myscreen-de.csv").pert)
