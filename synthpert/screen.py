@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .ceiling import screen_json_name
 from .errors import SynthpertError
 from .screen_de import DEFAULT_FDR, TARGET_SUM, Calls, accumulate, check_control, welch_calls, welch_pairs
 
@@ -267,7 +268,7 @@ def from_anndata(path: str | Path, out: str | Path, opts: ScreenOptions) -> dict
     }
     if opts.split_half:
         summary["split_half"] = _ceiling(mom, pert_rows, control, gene_cols, exclude, opts)
-    (out / f"{key}-screen.json").write_text(json.dumps(summary, indent=2, default=float))
+    (out / screen_json_name(key)).write_text(json.dumps(summary, indent=2, default=float))
     return summary
 
 

@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from synthpert.answer import UP, format_answer
+from synthpert.backends import Backend, Generation
 from synthpert.errors import SynthpertError
 from synthpert.screen import ScreenOptions, from_anndata
 from synthpert.screen_synth import ScreenSpec, write_synthetic_screen
@@ -195,6 +197,39 @@ def test_the_output_is_a_cell_line_that_builds_and_scores_baselines_with_no_pert
     # is pinned here is that every same-line baseline runs on it.
     for name in ("majority", "gene_prior"):
         assert 0 < result["baselines"][name]["macro_f1"] <= 1
+    assert result["noise_ceiling"]["myscreen"] == summary["split_half"]["ceiling"]
+
+
+class _Constant(Backend):
+    """Answers "up" to everything: a predictor whose per-gene AUROC is 0.5, i.e. 0% of any ceiling."""
+
+    name = "constant"
+
+    def _generate(self, queries, n, *args, **kwargs):
+        return [[Generation(format_answer(UP, "r"), 3, "stop")] * n for _ in queries]
+
+
+def test_the_eval_report_on_a_screen_with_a_ceiling_shows_it_and_each_predictor_as_a_share(called, tmp_path):
+    from synthpert.config.data import DataConfig
+    from synthpert.config.evaluate import EvalConfig, InferenceConfig
+    from synthpert.data import build
+    from synthpert.evaluate import run_eval
+
+    out, summary, _ = called
+    cfg = DataConfig(source=str(out), train_cells=["myscreen"], test_cells=["myscreen"],
+                     extra_cell_lines={"myscreen": {"description": "A synthetic screen."}})
+    build(cfg, tmp_path / "built")
+    backend = _Constant(InferenceConfig(backend="transformers", model="constant"))
+    run_eval(EvalConfig(dataset=str(tmp_path / "built"), split="test", n_bootstrap=0, figures=False,
+                        inference=backend.cfg), out_dir=tmp_path / "eval", backend=backend, progress=False)
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    ceiling = summary["split_half"]["ceiling"]
+    assert metrics["noise_ceiling"] == {"myscreen": ceiling}
+    report = (tmp_path / "eval" / "report.md").read_text()
+    section = report[report.index("## Noise ceiling"):]
+    assert f"per-gene AUROC DE {ceiling['auroc_de_per_gene']:.3f}" in section
+    assert "| constant (zero-shot) (generated answer, strict parse) | 0.500 | 0% |" in section
+    assert "| majority | 0.500 | 0% |" in section
 
 
 def test_cells_without_a_label_and_small_perturbations_are_dropped_and_reported(screen, tmp_path):

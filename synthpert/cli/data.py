@@ -152,6 +152,10 @@ def baseline_table(result: dict, n_bootstrap: int = 0) -> None:
     for n in dict.fromkeys(notes):
         console.print(f"[dim]{n}[/]")
     console.print("[dim]Per-gene AUROC of the gene priors is 0.5 by construction (one score per gene).[/]")
+    if result.get("noise_ceiling"):
+        from ..ceiling import ceiling_lines
+
+        console.print("\n".join(ceiling_lines(result["noise_ceiling"], result["baselines"])), markup=False)
 
 
 def register(app: typer.Typer) -> None:
