@@ -60,7 +60,6 @@ class _Screen:
     def __init__(self, path: Path, opts: ScreenOptions):
         require_anndata()
         import h5py
-        from anndata.io import read_elem, sparse_dataset
 
         if not path.is_file():
             raise SynthpertError(f"no such file: {path}")
@@ -68,6 +67,16 @@ class _Screen:
             self.file = h5py.File(path, "r")
         except OSError as e:
             raise SynthpertError(f"{path} is not a readable .h5ad (HDF5) file: {e}") from None
+        try:
+            self._load(path, opts)
+        except BaseException:
+            self.file.close()
+            raise
+
+    def _load(self, path: Path, opts: ScreenOptions) -> None:
+        import h5py
+        from anndata.io import read_elem, sparse_dataset
+
         f = self.file
         for part in ("obs", "var"):
             if part not in f:
@@ -182,13 +191,19 @@ def _ceiling(mom, pert_rows, control, gene_cols, exclude, opts) -> dict:
     }
 
 
-def from_anndata(path: str | Path, out: str | Path, opts: ScreenOptions) -> dict:
-    """Call DE on the screen and write the line's CSVs and summary into ``out``; returns the summary."""
-    path, out = Path(path).expanduser(), Path(out).expanduser()
-    key = _line_key(opts.cell_line)
-    if not 0 <= opts.test_fraction < 1:
-        raise SynthpertError(f"--test-fraction must be in [0, 1), got {opts.test_fraction}")
-    scr = _Screen(path, opts)
+@dataclass
+class _Groups:
+    """Which cells count: the label of each cell, the control, the perturbations kept and those dropped."""
+
+    names: np.ndarray
+    cell_codes: np.ndarray  # label index per cell; -1: no label or a dropped perturbation
+    control: int
+    perts: list[str]
+    too_few: dict[str, int]
+    unlabelled: int
+
+
+def _groups(scr: _Screen, opts: ScreenOptions) -> _Groups:
     names, codes = scr.names, scr.codes
     missing = codes < 0
     counts = np.bincount(codes[~missing], minlength=len(names))
@@ -198,76 +213,87 @@ def from_anndata(path: str | Path, out: str | Path, opts: ScreenOptions) -> dict
         raise SynthpertError(f"no control cells: obs[{opts.perturbation_key!r}] has no value {opts.control!r} "
                              f"(--control); values include {seen}")
     control = code_of[opts.control]
+    check_control(counts, control, opts.control)
     too_few = {n: int(c) for n, c in zip(names, counts) if n != opts.control and c < opts.min_cells}
     perts = [n for n, c in zip(names, counts) if n != opts.control and c >= opts.min_cells]
     if not perts:
         raise SynthpertError(f"no perturbation has at least {opts.min_cells} cells (--min-cells); "
                              f"{len(too_few)} have fewer")
-    check_control(counts, control, opts.control)
     keep = np.isin(names, [*perts, opts.control])
     cell_codes = np.where(~missing & keep[np.maximum(codes, 0)], codes, -1)
-    blocks = SPLIT_HALF_BLOCKS if opts.split_half else 1
-    mom = accumulate(scr.read, scr.shape[0], scr.shape[1], cell_codes, len(names), control, blocks=blocks,
-                     seed=opts.seed, chunk_cells=opts.chunk_cells, where=scr.where)
-    scr.file.close()
+    return _Groups(names, cell_codes, control, perts, too_few, int(missing.sum()))
 
-    first = {}
-    for j, s in enumerate(scr.symbols):
+
+def _readout_genes(symbols: np.ndarray, mean_control: np.ndarray, opts: ScreenOptions) -> tuple[np.ndarray, dict]:
+    """Column indices of the readout genes (first occurrence of a duplicated symbol) and what was dropped."""
+    first: dict[str, int] = {}
+    for j, s in enumerate(symbols):
         first.setdefault(s, j)
-    duplicated = len(scr.symbols) - len(first)
-    n_ctrl = mom.n[control].sum()
-    mean_ctrl = mom.control_counts / n_ctrl
+    report = {"genes_duplicated_symbol": len(symbols) - len(first), "readout_genes_not_in_screen": [],
+              "genes_below_expression_threshold": 0}
     if opts.genes:
-        unknown = [g for g in opts.genes if g not in first]
-        if len(unknown) == len(opts.genes):
-            raise SynthpertError(f"none of the {len(opts.genes)} readout genes is in the screen (e.g. {unknown[0]!r})")
-        gene_cols = np.array([first[g] for g in dict.fromkeys(opts.genes) if g in first])
-        readout_rule = f"the {len(gene_cols)} genes given"
-    else:
-        unknown = []
-        gene_cols = np.array([j for j in first.values() if mean_ctrl[j] >= opts.min_mean_counts], dtype=np.int64)
-        readout_rule = f"genes with mean >= {opts.min_mean_counts} raw UMI per control cell"
-        if not len(gene_cols):
-            raise SynthpertError(f"no gene reaches {opts.min_mean_counts} mean UMI per control cell "
-                                 "(--min-mean-counts)")
+        report["readout_genes_not_in_screen"] = [g for g in opts.genes if g not in first]
+        cols = np.array([first[g] for g in dict.fromkeys(opts.genes) if g in first], dtype=np.int64)
+        if not len(cols):
+            raise SynthpertError(f"none of the {len(opts.genes)} readout genes is in the screen "
+                                 f"(e.g. {opts.genes[0]!r})")
+        return cols, {**report, "rule": f"the {len(cols)} genes given"}
+    cols = np.array([j for j in first.values() if mean_control[j] >= opts.min_mean_counts], dtype=np.int64)
+    if not len(cols):
+        raise SynthpertError(f"no gene reaches {opts.min_mean_counts} mean UMI per control cell (--min-mean-counts)")
+    report["genes_below_expression_threshold"] = len(first) - len(cols)
+    return cols, {**report, "rule": f"genes with mean >= {opts.min_mean_counts} raw UMI per control cell"}
+
+
+TEST_DESCRIPTION = {
+    "name": "Welch's t-test (scipy.stats.ttest_ind_from_stats) per perturbation and readout gene against the "
+            "control cells, on log1p(counts / cell total x 1e4)",
+    "normalisation_target_sum": TARGET_SUM,
+    "multiple_testing": "Benjamini-Hochberg (scipy.stats.false_discovery_control) over every tested pair of "
+                        "the screen",
+    "direction": "sign of the difference in mean log1p-normalised expression",
+}
+
+
+def from_anndata(path: str | Path, out: str | Path, opts: ScreenOptions) -> dict:
+    """Call DE on the screen and write the line's CSVs and summary into ``out``; returns the summary."""
+    path, out = Path(path).expanduser(), Path(out).expanduser()
+    key = _line_key(opts.cell_line)
+    if not 0 <= opts.test_fraction < 1:
+        raise SynthpertError(f"--test-fraction must be in [0, 1), got {opts.test_fraction}")
+    scr = _Screen(path, opts)
+    try:
+        g = _groups(scr, opts)
+        mom = accumulate(scr.read, scr.shape[0], scr.shape[1], g.cell_codes, len(g.names), g.control,
+                         blocks=SPLIT_HALF_BLOCKS if opts.split_half else 1, seed=opts.seed,
+                         chunk_cells=opts.chunk_cells, where=scr.where)
+    finally:
+        scr.file.close()
+    n_control = int(mom.n[g.control].sum())
+    gene_cols, genes_report = _readout_genes(scr.symbols, mom.control_counts / n_control, opts)
     gene_names = scr.symbols[gene_cols]
-    pert_rows = np.array([code_of[p] for p in perts])
+    pert_rows = np.flatnonzero(np.isin(g.names, g.perts))  # g.perts is in names order
     # The knocked-down gene itself is the guide's own target, not a downstream effect (PerturbQA has no
     # such pair): left out of the triples and of the BH family, and reported as knockdown efficiency.
-    exclude = np.asarray(perts, dtype=object)[:, None] == gene_names[None, :].astype(object)
-    calls = _calls_for(*mom.pooled(), pert_rows, control, gene_cols, exclude, opts)
-    knockdown = _knockdown(perts, gene_names, opts, mom, pert_rows, control, gene_cols)
-
-    test = test_perturbations(perts, opts.test_fraction)
+    exclude = np.asarray(g.perts, dtype=object)[:, None] == gene_names[None, :].astype(object)
+    calls = _calls_for(*mom.pooled(), pert_rows, g.control, gene_cols, exclude, opts)
+    test = test_perturbations(g.perts, opts.test_fraction)
     out.mkdir(parents=True, exist_ok=True)
-    de_counts = _write_csvs(out, key, perts, gene_names, calls, exclude, test)
     summary = {
         "input": str(path), "cell_line": key, "options": asdict(opts),
-        "cells": {"total": int(scr.shape[0]), "control": int(n_ctrl),
-                  "per_perturbation": {p: int(mom.n[code_of[p]].sum()) for p in perts}},
-        "test": {"name": "Welch's t-test (scipy.stats.ttest_ind_from_stats) per perturbation and readout gene "
-                         "against the control cells, on log1p(counts / cell total x 1e4)",
-                 "normalisation_target_sum": TARGET_SUM,
-                 "multiple_testing": "Benjamini-Hochberg (scipy.stats.false_discovery_control) over every "
-                                     "tested pair of the screen",
-                 "fdr": opts.fdr, "min_abs_lfc": opts.min_lfc,
-                 "direction": "sign of the difference in mean log1p-normalised expression"},
-        "readout_genes": {"rule": readout_rule, "n": len(gene_cols)},
-        "perturbations": {"n": len(perts), "test": sorted(test), "n_test": len(test)},
-        "de": de_counts,
-        "knockdown": knockdown,
-        "dropped": {
-            "perturbations_below_min_cells": too_few,
-            "cells_without_label": int(missing.sum()),
-            "cells_of_dropped_perturbations": int(sum(too_few.values())),
-            "genes_below_expression_threshold": 0 if opts.genes else int(len(first) - len(gene_cols)),
-            "genes_duplicated_symbol": duplicated,
-            "readout_genes_not_in_screen": unknown,
-            "target_gene_pairs": int(exclude.sum()),
-        },
+        "cells": {"total": int(scr.shape[0]), "control": n_control,
+                  "per_perturbation": {p: int(mom.n[r].sum()) for p, r in zip(g.perts, pert_rows)}},
+        "test": {**TEST_DESCRIPTION, "fdr": opts.fdr, "min_abs_lfc": opts.min_lfc},
+        "readout_genes": {"rule": genes_report.pop("rule"), "n": len(gene_cols)},
+        "perturbations": {"n": len(g.perts), "test": sorted(test), "n_test": len(test)},
+        "de": _write_csvs(out, key, g.perts, gene_names, calls, exclude, test),
+        "knockdown": _knockdown(g.perts, gene_names, opts, mom, pert_rows, g.control, gene_cols),
+        "dropped": {"perturbations_below_min_cells": g.too_few, "cells_without_label": g.unlabelled,
+                    "cells_of_dropped_perturbations": int(sum(g.too_few.values())), **genes_report,
+                    "target_gene_pairs": int(exclude.sum())},
     }
     if opts.split_half:
-        summary["split_half"] = _ceiling(mom, pert_rows, control, gene_cols, exclude, opts)
+        summary["split_half"] = _ceiling(mom, pert_rows, g.control, gene_cols, exclude, opts)
     (out / screen_json_name(key)).write_text(json.dumps(summary, indent=2, default=float))
     return summary
 
