@@ -251,3 +251,33 @@ def test_cells_without_a_label_and_small_perturbations_are_dropped_and_reported(
     assert s["dropped"]["cells_without_label"] == 10
     assert s["cells"]["per_perturbation"][truth.perturbations[0]] == 120
     assert "TINY" not in set(pd.read_csv(tmp_path / "o" / "myscreen-de.csv").pert)
+
+
+@pytest.mark.slow
+def test_synthpert_run_trains_and_evaluates_on_the_screen_alone(called, tmp_path):
+    """The issue's bar: the from-anndata folder trains and predicts on its own line with no PerturbQA folder
+    anywhere (SYNTHPERT_DATA points nowhere), through the same `synthpert run` as the quickstart."""
+    import os
+
+    import yaml
+
+    out, summary, _ = called
+    cfg = {"name": "screen", "seed": 0,
+           "data": {"source": str(out), "train_cells": ["myscreen"], "test_cells": ["myscreen"],
+                    "extra_cell_lines": {"myscreen": {"name": "MyCells", "description": "A synthetic screen."}},
+                    "train_subsample": {"n": 60, "balance": True}},
+           "eval_sets": {"own": {"test_cells": ["myscreen"], "n": 20}},
+           "teacher": {"mode": "evidence"}, "judge": {"kind": "rules"},
+           "train": {"base_model": "tiny", "mode": "label_only", "optim": {"epochs": 1, "batch_size": 8}},
+           "eval": {"n_bootstrap": 0, "figures": False, "inference": {"max_new_tokens": 12}}}
+    path = tmp_path / "screen.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "SYNTHPERT_DATA": str(tmp_path / "no-perturbqa-here"), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "synthpert.cli", "run", str(path), "--runs-dir", str(tmp_path / "runs")],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    result = tmp_path / "runs" / "screen" / "eval" / "own" / "result"
+    metrics = json.loads((result / "metrics.json").read_text())
+    assert metrics["n_predicted"] == 20 and metrics["noise_ceiling"]["myscreen"] == summary["split_half"]["ceiling"]
+    assert (tmp_path / "runs" / "screen" / "train" / "adapter_config.json").exists()
+    assert "## Noise ceiling" in (result / "report.md").read_text()
