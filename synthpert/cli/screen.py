@@ -70,7 +70,8 @@ def from_anndata_cmd(
                    f"direction {c['auroc_dir_per_gene']:.3f}")
     typer.echo(f"written: {out / (key + '-de.csv')}, {out / (key + '-dir.csv')} (details: "
                f"{out / (key + '-screen.json')})")
-    typer.echo(f"use it: data.extra_cell_lines.{key}: {{description: '...', source: {out}}}")
+    typer.echo(f"use it: data.extra_cell_lines.{key}: {{description: '...', source: {out}}} (alone: also "
+               f"data.source: {out}); docs/screens.md has a run config")
 
 
 def synth_screen_cmd(
