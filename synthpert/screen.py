@@ -129,7 +129,7 @@ class _Screen:
         return self._read(start, stop)
 
 
-def test_perturbations(perts: list[str], fraction: float) -> set[str]:
+def held_out_perturbations(perts: list[str], fraction: float) -> set[str]:
     """PerturbQA splits each line by perturbation. The test share here is chosen by a hash of the symbol
     (salted, so it is independent of the evidence folds of schema.perturbation_fold), hence stable under
     adding or removing other perturbations' cells."""
@@ -173,7 +173,7 @@ def _ceiling(mom, pert_rows, control, gene_cols, exclude, opts) -> dict:
             "cells_per_perturbation_per_half": float(np.mean(na[0][pert_rows] + nb[0][pert_rows]) / 2),
             "control_cells_per_half": int((na[0][control] + nb[0][control]) // 2),
             "agreement": float(np.mean(la == lb)),
-            "kappa": float(cohen_kappa_score(la, lb)) if len(set(la) | set(lb)) > 1 else float("nan"),
+            "kappa": float(cohen_kappa_score(la, lb)) if len(np.union1d(la, lb)) > 1 else float("nan"),
             "de_jaccard": float((de_a & de_b).sum() / union) if union else float("nan"),
             "de_replication": float((de_a & de_b).sum() / de_a.sum()) if de_a.any() else float("nan"),
             "de_calls": [int(de_a.sum()), int(de_b.sum())],
@@ -277,7 +277,7 @@ def from_anndata(path: str | Path, out: str | Path, opts: ScreenOptions) -> dict
     # such pair): left out of the triples and of the BH family, and reported as knockdown efficiency.
     exclude = np.asarray(g.perts, dtype=object)[:, None] == gene_names[None, :].astype(object)
     calls = _calls_for(*mom.pooled(), pert_rows, g.control, gene_cols, exclude, opts)
-    test = test_perturbations(g.perts, opts.test_fraction)
+    test = held_out_perturbations(g.perts, opts.test_fraction)
     out.mkdir(parents=True, exist_ok=True)
     summary = {
         "input": str(path), "cell_line": key, "options": asdict(opts),
