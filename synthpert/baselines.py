@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from .answer import LABELS
+from .ceiling import noise_ceilings
 from .config.data import DataConfig
 from .data import build_frames, load_lines, setting_name
 from .evidence import TrainingStats, training_stats
@@ -209,4 +210,5 @@ def run_baselines(cfg: DataConfig, n_bootstrap: int = 0) -> dict:
     seen = int((test["pert_seen_in_train_lines"].map(len) > 0).sum())
     return {"setting": setting_name(cfg), "train_cells": list(cfg.train_cells), "test_cells": list(cfg.test_cells),
             "protocol": cfg.protocol, "n": len(test), "n_pert_seen_in_train_lines": seen,
-            "class_counts": test["label"].value_counts().to_dict(), "baselines": flat}
+            "class_counts": test["label"].value_counts().to_dict(), "baselines": flat,
+            **({"noise_ceiling": c} if (c := noise_ceilings(cfg)) else {})}

@@ -26,6 +26,7 @@ import pandas as pd
 from .answer import LABELS, LENIENT, SHORT, STRICT
 from .backends import Backend, adapter_version, make_backend
 from .baselines import baseline_report, score_predictions
+from .ceiling import noise_ceilings
 from .config.data import SubsampleConfig
 from .config.evaluate import EvalConfig, InferenceConfig
 from .data import built_config, load_examples
@@ -338,6 +339,9 @@ def run_eval(cfg: EvalConfig, dataset_path: str | Path | None = None, out_dir: s
     metrics = compute_all_metrics(examples, preds, stats, list(data_cfg.train_cells), cfg.n_bootstrap, cfg.seed,
                                   decision)
     metrics["run"] = jsonable(run)
+    ceilings = noise_ceilings(data_cfg)
+    if ceilings:
+        metrics["noise_ceiling"] = ceilings
     if engine_stats:
         metrics["client"] = engine_stats
     write_json_atomic(out / METRICS, metrics)  # a full disk leaves the old file or none, never half of one

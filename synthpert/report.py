@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .answer import LABELS, LENIENT, SHORT, STRICT
+from .ceiling import ceiling_lines
 from .metrics import ECE_BINS
 from .runs import write_text_atomic
 from .schema import HARD_LABEL, Prediction
@@ -76,6 +77,12 @@ def metrics_table(metrics: dict, model_name: str, stratum: str) -> str | None:
     return "\n".join(lines) if len(lines) > 1 else None
 
 
+def _overall_rows(metrics: dict, model_name: str) -> dict[str, dict]:
+    rows = {f"{model_name} ({_row_name(mode, metrics)})": metrics["model"][mode]["overall"]
+            for mode in MODEL_ROWS if metrics["model"].get(mode, {}).get("overall")}
+    return rows | {n: b["overall"] for n, b in metrics["baselines"].items() if "overall" in b}
+
+
 def verdict_summary(verdict: dict) -> str:
     """One sentence under the verdict: the best baseline per metric, and always-"not DE" where that is all the
     model clears (a student that learned something should not read as one that learned nothing)."""
@@ -123,6 +130,8 @@ def write_report(out: Path, metrics: dict, run: dict, figures: list[str]) -> Pat
             lines.append(f"- {k}: model {x['model']:.3f} vs best baseline {x['best_baseline']} {x['baseline']:.3f} "
                          f"→ {'**beats it**' if x['beats'] else '**does not beat it**'}{vs_majority}")
         lines += ["", verdict_summary(v)]
+    if metrics.get("noise_ceiling"):
+        lines += ["", "## Noise ceiling", "", *ceiling_lines(metrics["noise_ceiling"], _overall_rows(metrics, name))]
     present = [s for s in ("seen", "unseen") if any(s in m for m in metrics["model"].values())]
     # Strata tables only when they differ from the overall one (some, not all, perturbations seen).
     strata = ["overall"] + (present if len(present) == 2 else [])

@@ -26,6 +26,7 @@ STAGES = {
     "report": {"report"},
     "serve": {"serve", "serve_http", "serve_stream"},
     "predict": {"predict"},
+    "screen": {"screen", "screen_de", "screen_synth"},  # a user's .h5ad screen to PerturbQA-format CSVs
 }
 ALLOWED_BETWEEN_STAGES = {("evaluate", "report")}
 # What stages share: contracts (answer format, records, configs, runs, prompts, hashing) and the engines
@@ -36,7 +37,7 @@ SHARED = {
     "chat", "cache", "accounting", "budget", "ratelimit", "progress", "client", "request_pool", "batch",
     "batch_files", "data", "fetch", "evidence", "metrics",
     "baselines", "decision", "offline", "inference", "backends", "transformers_backend", "vllm_backend",
-    "openai_backend", "tracking", "checkpoints", "models",
+    "openai_backend", "tracking", "checkpoints", "models", "ceiling",
 }
 TOP = {"pipeline"}
 

@@ -10,7 +10,8 @@ import typer
 from ..config import load_section
 from ..config.data import DataConfig
 
-data_app = typer.Typer(help="Fetch PerturbQA and build three-class examples.", no_args_is_help=True)
+data_app = typer.Typer(help="Fetch PerturbQA, turn your own screen (.h5ad) into triples, build three-class examples.",
+                       no_args_is_help=True)
 
 SHORT_HEADERS = {"accuracy": "acc", "macro_f1": "macroF1", "balanced_accuracy": "balAcc",
                  "auroc_de_per_gene": "AUROC DE", "auroc_dir_per_gene": "AUROC dir", "f1_up": "F1 up",
@@ -151,10 +152,17 @@ def baseline_table(result: dict, n_bootstrap: int = 0) -> None:
     for n in dict.fromkeys(notes):
         console.print(f"[dim]{n}[/]")
     console.print("[dim]Per-gene AUROC of the gene priors is 0.5 by construction (one score per gene).[/]")
+    if result.get("noise_ceiling"):
+        from ..ceiling import ceiling_lines
+
+        console.print("\n".join(ceiling_lines(result["noise_ceiling"], result["baselines"])), markup=False)
 
 
 def register(app: typer.Typer) -> None:
     data_app.command("fetch")(data_fetch)
     data_app.command("build")(data_build)
+    from .screen import register as register_screen
+
+    register_screen(data_app)
     app.add_typer(data_app, name="data")
     app.command("baselines")(baselines_cmd)
