@@ -12,15 +12,11 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 extras="train,serve,report"
 with_vllm=0
-<<<<<<< HEAD
 with_real=0
 case "${1:-}" in
   --test) extras="train,serve,report,real,dev,tensorboard,ray,screen"; with_vllm=1; with_real=1 ;;
   --real) extras="train,serve,report,real"; with_real=1 ;;
 esac
-=======
-if [[ "${1:-}" == "--test" ]]; then extras="train,serve,report,dev,tensorboard,ray,screen"; with_vllm=1; fi
->>>>>>> issue29
 
 if [[ ! -x .venv/bin/python ]]; then
   "$PY" -m venv .venv
