@@ -120,6 +120,18 @@ def _precheck(cfg: JudgeConfig, trace: TraceRecord) -> str | None:
     return None
 
 
+def _rating_warnings(counts: Counter, at_least: int = 10) -> list[str]:
+    """A judge that gives every trace the same rating is not discriminating: a small judge picking the first
+    option of the rubric, or a rubric it cannot follow. The keep rule then keeps all or nothing."""
+    rated = {r: n for r, n in counts.items() if r != "unparseable" and n}
+    total = sum(rated.values())
+    if total >= at_least and len(rated) == 1:
+        (only,) = rated
+        return [f"the judge rated all {total} judged traces '{only}': it does not tell good reasoning from bad "
+                "(try a larger or different judge model; the keep rule now rests on the answer check alone)"]
+    return []
+
+
 def reason_kind(reason: str | None) -> str:
     """A rejection reason without its particulars, for counting (the full reason stays on the record)."""
     r = reason or ""
@@ -358,6 +370,7 @@ def run_judge(cfg: JudgeConfig, traces_path: str | Path, out_dir: str | Path, dr
         "rejected_without_judging": sum(1 for v in pre.values() if v is not None),
         "judge_parse_failures": parse_failures,
         "rejection_reasons": dict(Counter(reason_kind(r.reject_reason) for r in rejected).most_common()),
+        "warnings": _rating_warnings(rating_counts),
         "teacher_parse_failures": sum(1 for t in traces if t.parsed_label is None),
         "answer_mismatch": sum(1 for t in traces if t.parsed_label != t.label),
         "engine": run.stats.to_dict(),

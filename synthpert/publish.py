@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .answer import LABELS, SHORT
 from .errors import SynthpertError
+from .models import shipped_model
 from .runs import ADAPTER_MANIFEST
 
 WHAT = ("adapter", "traces", "report")
@@ -121,7 +122,9 @@ def model_card_text(run: Path, repo_id: str, dataset_repo: str | None, base_mode
     gen, judge = _json(run / "generate" / "summary.json"), _json(run / "judge" / "summary.json")
     sets = eval_sets(run)
     trained_on = man.get("base_model") or "?"
-    hub_base = base_model or (trained_on if _REPO_ID.match(trained_on) and not Path(trained_on).exists() else None)
+    shipped = shipped_model(man.get("base_model_name"))  # a GGUF import: its card names the original weights
+    hub_base = base_model or (shipped.upstream if shipped else None) or (
+        trained_on if _REPO_ID.match(trained_on) and not Path(trained_on).exists() else None)
     data = ModelCardData(base_model=hub_base, library_name="peft", pipeline_tag="text-generation",
                          license=license, datasets=[dataset_repo] if dataset_repo else None, tags=TAGS)
     cfg = man.get("config") or {}

@@ -104,20 +104,32 @@ def load_model(cfg: TrainConfig, precision: str):
     return model
 
 
-def lora_config(cfg: TrainConfig, num_layers: int | None = None):
-    """PEFT's LoRA settings; ``num_layers`` (the base model's) turns ``lora.layers: N`` into the last N layers."""
+def lora_config(cfg: TrainConfig, model=None):
+    """PEFT's LoRA settings. ``lora.layers: N`` becomes the last N layers of ``model``; PEFT then wants the module
+    names as a list, so "all-linear" is spelled out from the model (every linear layer but the output head)."""
     from peft import LoraConfig
 
-    layers = None
+    layers, targets = None, cfg.lora.target_modules
     if cfg.lora.layers is not None:
-        if not num_layers:
+        n = getattr(getattr(model, "config", None), "num_hidden_layers", None) if model is not None else None
+        if not n:
             raise SynthpertError("lora.layers needs the base model's number of layers (num_hidden_layers)")
-        if cfg.lora.layers > num_layers:
-            raise SynthpertError(f"lora.layers={cfg.lora.layers}, but the base model has {num_layers} layers")
-        layers = list(range(num_layers - cfg.lora.layers, num_layers))
+        if cfg.lora.layers > n:
+            raise SynthpertError(f"lora.layers={cfg.lora.layers}, but the base model has {n} layers")
+        layers = list(range(n - cfg.lora.layers, n))
+        if targets == "all-linear":
+            targets = _linear_names(model)
     return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=cfg.lora.target_modules, use_rslora=cfg.lora.use_rslora, bias="none",
+                      target_modules=targets, use_rslora=cfg.lora.use_rslora, bias="none",
                       layers_to_transform=layers, task_type="CAUSAL_LM")
+
+
+def _linear_names(model) -> list[str]:
+    import torch
+
+    head = model.get_output_embeddings()
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and m is not head})
 
 
 def _field(fields, *names: str) -> str | None:
@@ -315,8 +327,7 @@ def train_model(cfg: TrainConfig, source, out_dir: str | Path) -> TrainResult:
     stop = graceful_stop_callback()
     trainer = SFTTrainer(model=model, args=sft_config(cfg, out_dir, precision, bool(eval_records)),
                          train_dataset=_dataset(train_records), eval_dataset=_dataset(eval_records),
-                         processing_class=tokenizer, callbacks=[stop],
-                         peft_config=lora_config(cfg, getattr(base_config.get_text_config(), "num_hidden_layers", None)))
+                         processing_class=tokenizer, peft_config=lora_config(cfg, model), callbacks=[stop])
     tracking.point_tensorboard_at(trainer, out_dir)
     if cfg.loss_average == "example":
         average_loss_per_example(trainer)

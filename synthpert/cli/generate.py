@@ -56,6 +56,30 @@ def _short(label: str) -> str:
     return {"not differentially expressed": "not DE"}.get(label, label)
 
 
+def _pct(x) -> str:
+    return "—" if x is None else f"{x:.0%}"
+
+
+def teacher_detail_lines(summary: dict) -> list[str]:
+    """What a real model's outputs got wrong (nothing to say for a teacher with no problems)."""
+    rates, problems = summary.get("parse_rates"), summary.get("output_problems") or {}
+    if not rates or (not any(problems.values()) and summary.get("offline_heuristic")):
+        return []
+    found = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in problems.items() if v) or "none"
+    return [f"parsed: strict {_pct(rates['strict'])}, lenient {_pct(rates['lenient'])} of {summary['traces']:,} "
+            f"traces; problems: {found}"]
+
+
+def judge_detail_lines(summary: dict) -> list[str]:
+    """The judge's rating distribution and why traces were rejected."""
+    if summary.get("kind") != "llm":
+        return []
+    ratings = ", ".join(f"{r if r != 'unparseable' else 'no rating'} {v['n']:,}"
+                        for r, v in (summary.get("per_rating") or {}).items())
+    reasons = ", ".join(f"{k} {v:,}" for k, v in (summary.get("rejection_reasons") or {}).items()) or "none"
+    return [f"ratings: {ratings}", f"rejected: {reasons}", *(f"warning: {w}" for w in summary.get("warnings") or [])]
+
+
 def summary_lines(summary: dict, out: Path) -> list[str]:
     """A few lines a person reads: what was kept of what, requests, cost, where the files are."""
     if summary.get("dry_run"):
@@ -86,13 +110,13 @@ def summary_lines(summary: dict, out: Path) -> list[str]:
         rate = summary.get("keep_rate")
         return [f"judge ({kind}): kept {summary['kept']:,} of {summary['traces']:,} traces"
                 + (f" ({rate:.0%})" if rate is not None else "") + f"; by class {by_class}",
-                requests, *batch_line,
+                *judge_detail_lines(summary), requests, *batch_line,
                 f"written: {summary['kept_path']} and {summary['rejected_path']} (details: {out / 'summary.json'})"]
     kind = summary["teacher"] + (", an offline heuristic" if summary.get("offline_heuristic") else "")
     return [f"teacher ({kind}, mode {summary['mode']}): {summary['traces']:,} traces for "
             f"{summary['examples_done']:,} of {summary['examples']:,} training triples; "
             f"{summary['answer_matches_label']:,} answers match the label, {summary['parse_failures']:,} unparseable",
-            requests, *batch_line,
+            *teacher_detail_lines(summary), requests, *batch_line,
             f"written: {summary['traces_path']} (details: {out / 'summary.json'})"]
 
 

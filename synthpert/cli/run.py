@@ -59,6 +59,10 @@ def run_cmd(
 def _print_outcome(console, pipe, summaries: dict) -> None:
     """Counts, each evaluation's report, how to serve the model, where the manifest is."""
     counts = pipe.manifest.data.get("counts", {})
+    from .generate import judge_detail_lines, teacher_detail_lines
+
+    for line in [*teacher_detail_lines(summaries.get("generate") or {}), *judge_detail_lines(summaries.get("judge") or {})]:
+        console.print(f"{'teacher' if line.startswith('parsed') else 'judge'} {line}", markup=False, highlight=False)
     console.print(f"traces generated: {counts.get('traces_generated')}, kept: {counts.get('traces_kept')}, "
                   f"trained on: {counts.get('examples_trained')}")
     for name in pipe.cfg.eval_sets:

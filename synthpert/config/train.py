@@ -132,6 +132,10 @@ class TrainConfig(StrictModel):
             raise ValueError("curriculum orders the examples; packing reorders them into rows (use one or the other)")
         if self.loss_average == "example" and (self.packing or self.padding_free):
             raise ValueError("loss_average=example needs one example per row; packing and padding_free merge them")
+        if self.lora.layers is not None and isinstance(self.lora.target_modules, str) \
+                and self.lora.target_modules != "all-linear":
+            raise ValueError("lora.layers needs lora.target_modules as 'all-linear' or a list of module names (PEFT "
+                             "cannot combine a pattern string with a layer selection)")
         if self.gradient_checkpointing == "selective" and self.quantization == "4bit":
             raise ValueError("selective checkpointing is not supported with QLoRA's reentrant checkpointing")
         return self
