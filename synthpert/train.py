@@ -26,6 +26,7 @@ from .loss_mask import check_overlength, check_vocab, end_of_turn_ids, mask_mode
 from .prompting import student_prompt_hash
 from .resources import sha256_file, sha256_text
 from . import tracking
+from .run_folder import own_cell_lines
 from .runs import ADAPTER_MANIFEST, git_revision, library_versions, storage_errors, write_adapter_manifest
 from .tokenizer import load_tokenizer
 from .train_data import data_hash, training_examples
@@ -369,6 +370,7 @@ def _write_manifest(out_dir, cfg, summary, examples, tokenizer, dhash, base_conf
         "seed": cfg.seed, "git_revision": git_revision(), "libraries": library_versions(),
         "chat_template_sha256": sha256_text(tokenizer.chat_template),
         "student_prompt_hash": student_prompt_hash(), "evidence": cfg.evidence, "mode": cfg.mode,
+        "extra_cell_lines": own_cell_lines(cfg.dataset_dir or (src if Path(src).is_dir() else None)),
         "precision": precision, "device": _device_kind(), "num_processes": _num_processes(),
         **{k: summary[k] for k in ("loss_mask", "n_train", "n_eval", "skipped", "n_overlength", "global_step",
                                    "train_loss", "first_logged_loss", "last_logged_loss", "eval_loss",
