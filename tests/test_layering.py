@@ -23,7 +23,7 @@ STAGES = {
     "merge": {"merge"},
     "evaluate": {"evaluate", "evaluate_ray"},
     "publish": {"publish"},
-    "report": {"report"},
+    "report": {"report", "verdict"},
     "serve": {"serve", "serve_http", "serve_stream"},
     "predict": {"predict"},
 }

@@ -81,7 +81,8 @@ def test_warnings_know_the_cell_line():
     stats = _stats()
     assert triple_warnings(stats, "k562", "MYC", "GAPDH") == []
     [w] = triple_warnings(stats, "k562", "MYC", "CDKN1A")
-    assert w == "gene CDKN1A was not measured in K562's training data; measured only in other lines: HepG2 (2 knockdowns)"
+    assert w == ("gene CDKN1A was not measured in K562's training data; measured only in other lines: "
+                 "HepG2 (2 knockdowns)")
     [w] = triple_warnings(stats, "k562", "ATF4", "GAPDH")
     assert w.startswith("perturbation ATF4 was not in K562's training data; measured only in other lines: HepG2")
     never = triple_warnings(stats, "k562", "NOTAGENE1", "RP11-34P13.7")
