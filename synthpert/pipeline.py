@@ -103,10 +103,13 @@ class Pipeline:
         return summary
 
     def _base_model(self, folder: Path, resume: bool) -> dict:
-        from .data import resolve_source
+        from .data import source_for_lines
         from .tiny import build_tiny_model
 
-        build_tiny_model(folder, source=resolve_source(self.cfg.data.source), seed=self.cfg.seed,
+        # the tiny model's vocabulary reads PerturbQA's gene names when they are at hand, else a built-in list
+        d = self.cfg.data
+        source = source_for_lines(d, [*d.train_cells, *d.test_cells])
+        build_tiny_model(folder, source=source or "", seed=self.cfg.seed,
                          **self.cfg.tiny_model.model_dump())
         return {"base_model": "tiny", "path": str(folder)}
 
@@ -361,9 +364,9 @@ class Pipeline:
 
     def _csv_fingerprint(self, names: set[str]) -> dict:
         """Size and mtime of the CSVs a stage reads (cheap; a changed file reruns the stage)."""
-        from .data import line_csvs, resolve_source
+        from .data import line_csvs, source_for_lines
 
-        src = resolve_source(self.cfg.data.source)
+        src = source_for_lines(self.cfg.data, names)
         out = {}
         for c in sorted(names):
             for f in line_csvs(self.cfg.data, c, src):
