@@ -19,7 +19,7 @@ from typing import Any
 
 from .config import dump_config
 from .decision import class_shares
-from .checkpoints import graceful_stop_callback, last_complete_checkpoint, restore_signal
+from .checkpoints import graceful_stop_callback, last_complete_checkpoint, quiet_progress, restore_signal
 from .config.train import TrainConfig
 from .errors import SynthpertError
 from .loss_mask import check_overlength, check_vocab, end_of_turn_ids, mask_mode, tokenize_rows
@@ -306,6 +306,7 @@ def train_model(cfg: TrainConfig, source, out_dir: str | Path) -> TrainResult:
                          train_dataset=_dataset(train_records), eval_dataset=_dataset(eval_records),
                          processing_class=tokenizer, peft_config=lora_config(cfg), callbacks=[stop])
     tracking.point_tensorboard_at(trainer, out_dir)
+    quiet_progress(trainer, out_dir / "train_log.jsonl")
     if cfg.loss_average == "example":
         average_loss_per_example(trainer)
     bad = [n for n, p in trainer.model.named_parameters()

@@ -26,8 +26,9 @@ def run_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="Build the data, print what each stage would do "
                                  "(requests, cost, training steps, eval pairs) and stop before any request "
                                  "is sent or model loaded."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print each evaluation's full report too (by "
-                                 "default only its path and the at-a-glance lines)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print each evaluation's full report and the "
+                                 "trainer's logged losses too (by default: report paths, the at-a-glance lines, "
+                                 "a progress bar; the losses are in train/train_log.jsonl)."),
 ) -> None:
     """Run data -> generate -> judge -> train -> eval in runs/NAME/, skipping stages already complete."""
     from rich.console import Console
@@ -53,6 +54,12 @@ def run_cmd(
         console.print(f"[bold]synthpert run {cfg.name} --dry-run[/] → {run_dir}")
         print_plan(console, Pipeline(cfg, run_dir, log=log).dry_run(until))
         return
+    if verbose:
+        import os
+
+        from ..checkpoints import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"  # the trainer's own log lines on the console again
     console.print(f"[bold]synthpert run[/] {cfg.name} → {run_dir}")
     heuristics = _offline_heuristics(cfg)
     if heuristics:  # said first: "traces generated: 4800, kept: 4800" reads like a language model's work
