@@ -49,6 +49,20 @@ def serve_block() -> tuple[str, str]:
     return serve, curl
 
 
+def readme_trace() -> str:
+    """The sample trace under README's "What you get" (step 2's traces.jsonl, its AATF -> CD63 record)."""
+    text = (ROOT / "README.md").read_text()
+    return re.search(r"\*\*A trace\*\*.*?```text\n(.*?)```", text, flags=re.S).group(1)
+
+
+def trace_template(text: str, symbols: tuple[str, ...]) -> str:
+    """A trace with its numbers and the record's own symbols blanked: what the evidence teacher's wording
+    looks like, whichever triple it wrote about."""
+    for sym in symbols:
+        text = re.sub(rf"\b{re.escape(sym)}\b", "<SYM>", text)
+    return re.sub(r"\d+", "<N>", text).strip()
+
+
 def run_readme_curl(curl: str, port: int) -> dict:
     """README's curl line verbatim but for the port (8000 may be taken on a shared machine)."""
     assert "localhost:8000" in curl
@@ -104,6 +118,10 @@ def test_readme_walkthrough_runs_as_written(tmp_path, perturbqa_dir):
     for stage in ("generate", "judge"):
         written = next(line for line in outputs[stage].splitlines() if line.startswith("written: "))
         assert written in section, written
+    # README's sample trace has the wording step 2 writes today (numbers and symbols aside)
+    records = [json.loads(x) for x in (run / "generate" / "traces.jsonl").read_text().splitlines()]
+    templates = {trace_template(r["raw_text"], ("K562", r["perturbation"], r["gene"])) for r in records}
+    assert trace_template(readme_trace(), ("K562", "AATF", "CD63")) in templates
     assert "## Verdict" in (run / "eval" / "report.md").read_text()
     answer = json.loads(outputs["predict"])
     assert answer["label"] in LABELS

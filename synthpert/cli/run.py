@@ -205,7 +205,9 @@ def plan_lines(plan: dict) -> list[str]:
                      f"at most {e['max_generated_tokens']:,} generated tokens")
     for p in plan.get("problems", []):
         lines.append(f"would stop: {p}")
-    lines.append("dry run: nothing was sent and no model was loaded")
+    n = len(plan.get("problems", []))
+    lines.append("dry run: nothing was sent and no model was loaded" + (
+        f"; a real run would refuse to start ({n} problem{'s' if n > 1 else ''} above)" if n else ""))
     return lines
 
 
