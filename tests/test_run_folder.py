@@ -131,6 +131,53 @@ def test_predict_with_run_answers_like_the_readme_says(tmp_path, tiny_model_dir,
     assert answer["cell_line"] == "k562" and answer["label"] and set(answer["probabilities"]) == {"up", "down",
                                                                                                   "not_de"}
 
+    # decide and eval take the same folder: the rule lands beside the run's adapter, eval scores with it
+    r = _run_cli(tmp_path, "decide", "--run", "runs/quick", "--n", "8", "inference.max_new_tokens=8")
+    assert r.returncode == 0, r.stderr
+    assert (run / "train" / "decision.json").exists()
+    r = _run_cli(tmp_path, "eval", "--run", "runs/quick", "--dataset", "runs/quick/data/train", "--n", "4",
+                 "--out", "ev", "inference.max_new_tokens=8")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["run"]["backend_info"]["adapter"].endswith(
+        "train")
+
+    # serve --run answers the README's request
+    served = _serve_run(tmp_path)
+    assert served["label"] and served["adapter"].endswith("train")
+
+
+def _run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "synthpert.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def _serve_run(cwd: Path) -> dict:
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "synthpert.cli", "serve", "--run", "runs/quick", "--port", str(port),
+                             "--max-new-tokens", "8"], cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                r = httpx.post(f"http://127.0.0.1:{port}/v1/predict", timeout=60,
+                               content=b'{"cell_line":"K562","perturbation":"MYC","gene":"GAPDH"}')
+                return r.raise_for_status().json()
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stderr.read()[-3000:]
+                assert time.monotonic() < deadline, "serve --run did not come up"
+                time.sleep(0.5)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
 
 def test_an_adapters_own_cell_lines_are_known_to_predict_and_others_are_a_clear_error(tmp_path):
     from synthpert.cells import get_cell_line
