@@ -58,3 +58,15 @@ def test_run_with_a_base_model_that_is_nowhere_fails_before_the_data_stage(tmp_p
     assert r.returncode == 2 and "not in the local hub cache" in r.stderr, r.stderr
     assert "lr=0.003 is a learning rate for the tiny random model" in r.stdout + r.stderr
     assert not (tmp_path / "runs" / "quickstart" / "data" / "stage.json").exists()
+
+
+def test_train_checks_its_base_model_before_loading_anything(tmp_path):
+    (tmp_path / "notamodel").mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for name, message in (("notamodel", "notamodel is a folder but not a model"),
+                          ("no-such-org-27/m", "is not in the local hub cache")):
+        r = subprocess.run([sys.executable, "-m", "synthpert.cli", "train", "--data", "kept.jsonl", "--out", "o",
+                            f"base_model={name}"], capture_output=True, text=True, env=env, cwd=tmp_path,
+                           timeout=120)
+        assert r.returncode == 2 and "train.base_model: " in r.stderr and message in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
