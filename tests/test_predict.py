@@ -109,3 +109,9 @@ def test_baseline_predictions_for_own_triples_need_no_model(name, tiny_built_dat
         assert r["label"] in LABELS and r["decision"]["rule"] == f"baseline {name}"
         assert abs(sum(r["probabilities"].values()) - 1) < 1e-6 and r["probability_method"] == "baseline"
     assert "gene RP11-34P13.7 was not measured in the training data" in records[1]["warnings"]
+
+
+def test_a_single_triples_error_names_the_options_not_a_row(tmp_path):
+    r = _cli("--model", tmp_path, "--cell", "hela", "--perturbation", "MYC", "--gene", "GAPDH", timeout=120)
+    assert r.returncode == 2 and "--cell/--perturbation/--gene: unknown cell line 'hela'" in r.stderr, r.stderr
+    assert "row 2" not in r.stderr
