@@ -256,8 +256,6 @@ def check_evidence_setting(adapter: str | None, evidence_dataset: str | None) ->
 
     if adapter and not Path(adapter).exists():
         raise SynthpertError(f"adapter {adapter}: folder does not exist")
-    if evidence_dataset and not Path(evidence_dataset).exists():
-        raise SynthpertError(f"--evidence-from {evidence_dataset}: folder does not exist")
     manifest = adapter_manifest(adapter) if adapter else {}
     trained_with = bool(manifest.get("evidence"))
     recorded = (manifest.get("config") or {}).get("dataset_dir")

@@ -97,6 +97,8 @@ def resolve_model_paths(run: str | Path | None, model: str | None, adapter: str 
     if not model:
         raise SynthpertError("give --model MODEL_DIR (with --adapter ADAPTER_DIR), or --run RUN_DIR (a folder "
                              "`synthpert run` wrote, e.g. runs/quickstart)")
+    if evidence_from and not Path(evidence_from).exists():
+        raise SynthpertError(f"--evidence-from {evidence_from}: folder does not exist")
     register_cell_lines_for(adapter, evidence_from)
     return model, adapter, evidence_from, folder
 

@@ -196,3 +196,10 @@ def test_an_adapters_own_cell_lines_are_known_to_predict_and_others_are_a_clear_
     register_cell_lines_for(str(adapter), None)
     assert check_triples(rows, "command line")["cell_line"].tolist() == ["myscreen"]
     assert get_cell_line("myscreen").description == "my own screen"
+
+
+def test_a_mistyped_evidence_folder_says_folder_does_not_exist(tmp_path):
+    from synthpert.run_folder import resolve_model_paths
+
+    with pytest.raises(SynthpertError, match="--evidence-from .*dat: folder does not exist"):
+        resolve_model_paths(None, "m", None, str(tmp_path / "dat"))
