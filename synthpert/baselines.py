@@ -140,24 +140,31 @@ def combined_probabilities(stats: TrainingStats, test: pd.DataFrame, seed: int =
 
 
 def baseline_predictions(stats: TrainingStats, test: pd.DataFrame, train_cells: list[str],
-                         seed: int = 0) -> dict[str, dict]:
-    """{name: {"probs": (n,3) array, "pred": list[label]}} or {name: {"unavailable": reason}}."""
+                         seed: int = 0, only: str | None = None) -> dict[str, dict]:
+    """{name: {"probs": (n,3) array, "pred": list[label]}} or {name: {"unavailable": reason}}; ``only``: just
+    that baseline (`synthpert predict --baseline`: the combined fit is the slow one)."""
+    want = lambda name: only is None or only == name  # noqa: E731
     prior = stats.global_rate
     out: dict[str, dict] = {}
-    maj = majority_probabilities(stats, len(test))
-    out["majority"] = {"probs": maj, "pred": [LABELS[int(np.argmax(prior))]] * len(test)}
-    gp = gene_prior_probabilities(stats, test)
-    out["gene_prior"] = {"probs": gp, "pred": [LABELS[i] for i in gp.argmax(axis=1)]}
-    out["gene_prior_balanced"] = {"probs": gp, "pred": [LABELS[i] for i in _balanced_argmax(gp, prior)]}
-    if not any(set(train_cells) - {line} for line in set(test.cell_line)):
+    if want("majority"):
+        maj = majority_probabilities(stats, len(test))
+        out["majority"] = {"probs": maj, "pred": [LABELS[int(np.argmax(prior))]] * len(test)}
+    if want("gene_prior") or want("gene_prior_balanced"):
+        gp = gene_prior_probabilities(stats, test)
+        out["gene_prior"] = {"probs": gp, "pred": [LABELS[i] for i in gp.argmax(axis=1)]}
+        out["gene_prior_balanced"] = {"probs": gp, "pred": [LABELS[i] for i in _balanced_argmax(gp, prior)]}
+    if not want("crosscell"):
+        pass
+    elif not any(set(train_cells) - {line} for line in set(test.cell_line)):
         reason = ("no cross-cell information: the only training line is the test line "
                   "(train on other lines too to get this baseline)")
         out["crosscell"] = {"unavailable": reason}
     else:
         cc, _ = crosscell_probabilities(stats, test)
         out["crosscell"] = {"probs": cc, "pred": [LABELS[i] for i in cc.argmax(axis=1)]}
-    comb = combined_probabilities(stats, test, seed=seed)
-    out["combined"] = {"probs": comb, "pred": [LABELS[i] for i in comb.argmax(axis=1)]}
+    if want("combined"):
+        comb = combined_probabilities(stats, test, seed=seed)
+        out["combined"] = {"probs": comb, "pred": [LABELS[i] for i in comb.argmax(axis=1)]}
     return out
 
 

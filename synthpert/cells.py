@@ -48,8 +48,9 @@ def get_cell_line(key: str) -> CellLine:
     lines = all_cell_lines()
     k = key.strip().lower()
     if k not in lines:
-        raise SynthpertError(f"unknown cell line {key!r}; available: {', '.join(sorted(lines))} "
-                             "(add your own with data.extra_cell_lines in the config)")
+        raise SynthpertError(f"unknown cell line {key!r}; available: {', '.join(sorted(lines))} (your own "
+                             "screen: add it under data.extra_cell_lines in the config and train on it; predict "
+                             "and serve then know it from --run RUN_DIR, or from the adapter trained on it)")
     return lines[k]
 
 

@@ -1,4 +1,5 @@
-"""Checkpoints of the trainer-based stages (train, rl): the newest complete one, and Ctrl-C that saves one."""
+"""Checkpoints of the trainer-based stages (train, rl): the newest complete one, Ctrl-C that saves one, and
+the quiet console they train under (a progress bar; the logged losses go to a file)."""
 
 from __future__ import annotations
 
@@ -60,3 +61,31 @@ def restore_signal(cb) -> None:
 
     if getattr(cb, "previous", None) is not None:
         signal.signal(signal.SIGINT, cb.previous)
+
+
+VERBOSE_ENV = "SYNTHPERT_VERBOSE"  # set (by `synthpert run -v`) to keep the trainer's own log lines on the console
+
+
+def quiet_progress(trainer, log_path: Path) -> None:
+    """Keep the trainer's progress bar, with the latest loss on it, but write each logged dict as a JSON line
+    to ``log_path`` instead of the console: the quickstart printed 64 raw `{'loss': ...}` dicts."""
+    import json
+    import os
+
+    from transformers.trainer_callback import ProgressCallback
+
+    if os.environ.get(VERBOSE_ENV) or not any(isinstance(c, ProgressCallback)
+                                              for c in trainer.callback_handler.callbacks):
+        return  # verbose, or no bar to keep (disable_tqdm): the trainer's own printing stays
+
+    class QuietProgress(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+            if self.training_bar is not None and "loss" in logs:
+                self.training_bar.set_postfix(loss=f"{logs['loss']:.3g}", refresh=False)
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(QuietProgress())

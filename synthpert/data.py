@@ -33,8 +33,21 @@ def csv_name(key: str, kind: str) -> str:
 def line_csvs(cfg: DataConfig, key: str, default: Path | None = None) -> list[Path]:
     """The -de and -dir CSVs of one line, in the folder that holds them (a user line's own ``source``, else
     ``default`` or the config's source)."""
-    folder = _source_for(cfg, key, default if default is not None else resolve_source(cfg.source))
+    folder = _source_for(cfg, key, default)
     return [folder / csv_name(key, kind) for kind in CSV_KINDS]
+
+
+def source_for_lines(cfg: DataConfig, keys) -> Path | None:
+    """The config's CSV folder, resolved only when one of ``keys`` reads from it: a run on the user's own
+    lines alone, each with its own ``source``, needs no PerturbQA folder anywhere."""
+    if all(_own_source(cfg, k) for k in keys):
+        return Path(cfg.source).expanduser() if cfg.source and Path(cfg.source).expanduser().is_dir() else None
+    return resolve_source(cfg.source)
+
+
+def _own_source(cfg: DataConfig, key: str) -> str | None:
+    extra = cfg.extra_cell_lines.get(key) or cfg.extra_cell_lines.get(key.strip().lower())
+    return extra.source if extra else None
 
 
 def resolve_source(source: str | Path | None) -> Path:
@@ -128,9 +141,16 @@ def register_extra_lines(cfg: DataConfig) -> None:
         register_cell_line(key, extra.name, extra.description)
 
 
-def _source_for(cfg: DataConfig, key: str, default: Path) -> Path:
-    extra = cfg.extra_cell_lines.get(key)
-    return resolve_source(extra.source) if extra and extra.source else default
+def _source_for(cfg: DataConfig, key: str, default: Path | None) -> Path:
+    own = _own_source(cfg, key)
+    if own:
+        path = Path(own).expanduser()
+        if not path.is_dir():  # the user's own screen: `data fetch` (PerturbQA) would not help
+            raise SynthpertError(f"data.extra_cell_lines.{key}.source: folder {path} does not exist; it should "
+                                 f"hold your screen as {csv_name(key, 'de')} and {csv_name(key, 'dir')} "
+                                 "(PerturbQA's CSV format, see docs/configuration.md)")
+        return path
+    return default if default is not None else resolve_source(cfg.source)
 
 
 def setting_name(cfg: DataConfig) -> str:
@@ -147,10 +167,9 @@ def setting_name(cfg: DataConfig) -> str:
 
 def load_lines(cfg: DataConfig) -> dict[str, CellData]:
     register_extra_lines(cfg)
-    source = resolve_source(cfg.source)
-    keys = list(dict.fromkeys([*cfg.train_cells, *cfg.test_cells]))
-    return {k: load_cell_line(_source_for(cfg, get_cell_line(k).key, source), k)
-            for k in (get_cell_line(k).key for k in keys)}
+    keys = [get_cell_line(k).key for k in dict.fromkeys([*cfg.train_cells, *cfg.test_cells])]
+    source = source_for_lines(cfg, keys)
+    return {k: load_cell_line(_source_for(cfg, k, source), k) for k in keys}
 
 
 def _to_examples(cell: str, rows: pd.DataFrame) -> pd.DataFrame:
@@ -382,7 +401,8 @@ def build(cfg: DataConfig, out_dir: Path | None = None, lines: dict[str, CellDat
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         # Record where the CSVs were actually read from, so later stages (evidence, baselines) find them
         # without the environment variable or default that located them here.
-        resolved = cfg.model_copy(update={"source": str(resolve_source(cfg.source).resolve())})
+        source = source_for_lines(cfg, [*cfg.train_cells, *cfg.test_cells])
+        resolved = cfg.model_copy(update={"source": str(source.resolve()) if source else None})
         (out_dir / "data_config.json").write_text(resolved.model_dump_json(indent=2))
     return dd, summary
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ from .progress import count_progress
 from .prompting import student_prompt_hash
 from .report import write_figures, write_report
 from .tracking import log_eval_metrics
+from .verdict import DECIDED, accuracy_vs_majority, verdict, verdict_row  # noqa: F401 (verdict_row: API)
 from .runs import adapter_manifest, check_writable, library_versions, write_json_atomic
 from .schema import HARD_LABEL, Prediction, jsonable, read_jsonl
 
@@ -46,8 +46,6 @@ log = logging.getLogger("synthpert.evaluate")
 PREDICTIONS = "predictions.jsonl"
 RUN_FILE = "eval_run.json"
 METRICS = "metrics.json"
-HEADLINE_METRICS = ("macro_f1", "balanced_accuracy", "auroc_de_per_gene", "auroc_dir_per_gene")
-MIN_AUROC_GENES = 10  # per-gene AUROC enters the verdict only when averaged over at least this many genes
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -187,7 +185,7 @@ def predict_missing(predictor: Predictor | None, examples: pd.DataFrame, out: Pa
 # Metrics
 
 
-SCORED, DECIDED = "scored", "decided"  # rows from class probabilities: their argmax, and the decision rule
+SCORED = "scored"  # rows from class probabilities: their argmax (DECIDED: the decision rule's)
 
 
 def model_metrics(examples: pd.DataFrame, preds: dict[str, Prediction], n_bootstrap: int, seed: int,
@@ -238,38 +236,8 @@ def compute_all_metrics(examples: pd.DataFrame, preds: dict[str, Prediction], st
                    "finished_by_length": int(sum(any(s.finish_reason == "length" for s in r.samples) for r in recs))},
     }
     out["verdict"] = verdict(out)
+    out["accuracy_vs_majority"] = accuracy_vs_majority(out)
     return jsonable(out)
-
-
-def verdict_row(m: dict) -> str:
-    """The model's answer the verdict judges: the decision rule's when one applies, else the strict parse."""
-    return DECIDED if DECIDED in (m.get("model") or {}) else STRICT
-
-
-def verdict(m: dict) -> dict:
-    """Does the model (its decided label, else its strict parse) beat the best baseline, metric by metric?"""
-    res = {}
-    model = (m.get("model") or {}).get(verdict_row(m), {}).get("overall")
-    if not model:
-        return res
-    for metric in HEADLINE_METRICS:
-        best_name, best = None, None
-        for name, b in m["baselines"].items():
-            v = b.get("overall", {}).get(metric) if "overall" in b else None
-            if v is None or (isinstance(v, float) and math.isnan(v)):
-                continue
-            if best is None or v > best:
-                best_name, best = name, v
-        mv = model.get(metric)
-        if mv is None or best is None or (isinstance(mv, float) and math.isnan(mv)):
-            continue
-        if metric.endswith("_per_gene") and model.get(metric.replace("_per_gene", "_genes"), 0) < MIN_AUROC_GENES:
-            continue  # an average over a handful of genes says nothing; the table still shows it with its count
-        majority = m["baselines"].get("majority", {}).get("overall", {}).get(metric)
-        res[metric] = {"model": mv, "row": verdict_row(m), "best_baseline": best_name, "baseline": best,
-                       "beats": bool(mv > best),
-                       "majority": majority, "beats_majority": None if majority is None else bool(mv > majority)}
-    return res
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import pandas as pd
 
 from .answer import LABELS
 from .config.data import DataConfig
-from .data import built_config, line_csvs, resolve_source, training_rows
+from .data import built_config, line_csvs, source_for_lines, training_rows
 from .schema import EXAMPLE_FOLDS, perturbation_fold
 
 _IDX = {lab: i for i, lab in enumerate(LABELS)}
@@ -216,7 +216,7 @@ def dataset_training_stats(dataset: Path | str) -> TrainingStats:
 
 def _stats_key(cfg: DataConfig) -> str:
     """What the training rows depend on: the lines, the protocol and the CSVs' identity on disk."""
-    source = resolve_source(cfg.source)
+    source = source_for_lines(cfg, cfg.train_cells)
     files = {}
     for key in cfg.train_cells:
         for f in line_csvs(cfg, key, source):

@@ -168,13 +168,42 @@ def _vote(labels: list[str | None]) -> tuple[str | None, str | None]:
 
 def unseen_warnings(p: Prediction, stats) -> list[str]:
     """Well-formed symbols the training data never measured are answered, with a warning saying so."""
+    return triple_warnings(stats, p.cell_line, p.perturbation, p.gene)
+
+
+def triple_warnings(stats, cell: str, perturbation: str, gene: str) -> list[str]:
+    """What the training data lacks for one triple, line by line: a gene or knockdown not measured in this
+    line, measured only in other lines, or never measured (the evidence and the priors then say little)."""
     if stats is None:
         return []
+    from .cells import get_cell_line
+
+    def name(line: str) -> str:
+        try:
+            return get_cell_line(line).name
+        except SynthpertError:
+            return line
+
+    def where(lines: dict[str, int], unit: str) -> str:
+        return ", ".join(f"{name(c)} ({n:,} {unit})" for c, n in sorted(lines.items()))
+
     out = []
-    if p.gene not in stats.gene_counts_pooled:
-        out.append(f"gene {p.gene} was not measured in the training data")
-    if p.perturbation not in stats.pert_lines:
-        out.append(f"perturbation {p.perturbation} was not in the training data")
+    here = name(cell)
+    if stats.lines and cell not in stats.lines:
+        out.append(f"cell line {here} is not a training line (those are {', '.join(map(name, stats.lines))}): "
+                   "its answers draw on the other lines only")
+    gene_lines = {c: int(stats.gene_counts[(c, gene)].sum()) for c in stats.lines if (c, gene) in stats.gene_counts}
+    if not gene_lines:
+        out.append(f"gene {gene} was not measured in the training data")
+    elif cell in stats.lines and cell not in gene_lines:
+        out.append(f"gene {gene} was not measured in {here}'s training data; measured only in other lines: "
+                   f"{where(gene_lines, 'knockdowns')}")
+    pert_lines = {c: int(stats.pert_counts[(c, perturbation)].sum()) for c in stats.pert_lines.get(perturbation, ())}
+    if not pert_lines:
+        out.append(f"perturbation {perturbation} was not in the training data")
+    elif cell in stats.lines and cell not in pert_lines:
+        out.append(f"perturbation {perturbation} was not in {here}'s training data; measured only in other "
+                   f"lines: {where(pert_lines, 'readout genes')}")
     return out
 
 
@@ -219,14 +248,23 @@ def load_predictor(cfg) -> Predictor:
 
 
 def check_evidence_setting(adapter: str | None, evidence_dataset: str | None) -> None:
-    """Serve the question the way the adapter was trained: with the evidence block iff it was trained with it."""
+    """Serve the question the way the adapter was trained: with the evidence block iff it was trained with it.
+    The errors name the folder the adapter was trained with, which its manifest records."""
+    from pathlib import Path
+
     from .runs import adapter_manifest
 
-    trained_with = bool(adapter_manifest(adapter).get("evidence")) if adapter else False
+    if adapter and not Path(adapter).exists():
+        raise SynthpertError(f"adapter {adapter}: folder does not exist")
+    manifest = adapter_manifest(adapter) if adapter else {}
+    trained_with = bool(manifest.get("evidence"))
+    recorded = (manifest.get("config") or {}).get("dataset_dir")
     if trained_with and not evidence_dataset:
+        where = (f"--evidence-from {recorded} (the folder it was trained with)" if recorded else
+                 "--evidence-from DATASET_DIR (the `synthpert data build` folder it was trained on)")
         raise SynthpertError(f"the adapter {adapter} was trained with the evidence context in its prompt: pass "
-                             "--evidence-from DATASET_DIR (the `synthpert data build` folder it was trained on) so "
-                             "the model is asked the question the way it learned it")
+                             f"{where}, or --run RUN_DIR for a folder `synthpert run` wrote, so the model is asked "
+                             "the question the way it learned it")
     if evidence_dataset and adapter and not trained_with:
         raise SynthpertError(f"--evidence-from was given but the adapter {adapter} was trained without the evidence "
                              "context: drop --evidence-from")

@@ -103,10 +103,13 @@ class Pipeline:
         return summary
 
     def _base_model(self, folder: Path, resume: bool) -> dict:
-        from .data import resolve_source
+        from .data import source_for_lines
         from .tiny import build_tiny_model
 
-        build_tiny_model(folder, source=resolve_source(self.cfg.data.source), seed=self.cfg.seed,
+        # the tiny model's vocabulary reads PerturbQA's gene names when they are at hand, else a built-in list
+        d = self.cfg.data
+        source = source_for_lines(d, [*d.train_cells, *d.test_cells])
+        build_tiny_model(folder, source=source or "", seed=self.cfg.seed,
                          **self.cfg.tiny_model.model_dump())
         return {"base_model": "tiny", "path": str(folder)}
 
@@ -239,6 +242,13 @@ class Pipeline:
         if cfg.rl is not None and cfg.rl.use_vllm and self._will_run("rl", stages, forced) and not _cuda():
             problems.append(("rl", "rl.use_vllm=true needs a CUDA GPU (and vllm); set rl.use_vllm=false to generate "
                              "rollouts with transformers, or run the rl stage on a GPU machine (--until train here)"))
+        if cfg.train.base_model != TINY and (self._will_run("train", stages, forced)
+                                             or self._will_run("eval", stages, forced)):
+            from .model_check import base_model_problem
+
+            problem = base_model_problem(cfg.train.base_model, cfg.train.revision)
+            if problem:
+                problems.append(("train", f"train.base_model: {problem}"))
         if cfg.train.quantization == "4bit" and self._will_run("train", stages, forced) and not _cuda():
             problems.append(("train", "train.quantization=4bit (QLoRA) needs a CUDA GPU and bitsandbytes, and "
                              "this machine has no CUDA device; set train.quantization=none to train in full "
@@ -319,6 +329,11 @@ class Pipeline:
         if cfg.train.evidence and not cfg.data.disjoint_evidence:
             self.log("warning: train.evidence is on but data.disjoint_evidence is off: examples of one gene from "
                      "different perturbation folds see counts that differ by their own labels (docs/configuration.md)")
+        from .model_check import learning_rate_note
+
+        note = learning_rate_note(cfg.train.base_model, cfg.train.base_model == TINY, cfg.train.optim.lr)
+        if note and "train" in self.stage_names(until):
+            self.log(f"warning: {note}")
         forced = set(force or [])
         if from_stage:
             forced |= set(STAGES[STAGES.index(from_stage):])
@@ -361,9 +376,9 @@ class Pipeline:
 
     def _csv_fingerprint(self, names: set[str]) -> dict:
         """Size and mtime of the CSVs a stage reads (cheap; a changed file reruns the stage)."""
-        from .data import line_csvs, resolve_source
+        from .data import line_csvs, source_for_lines
 
-        src = resolve_source(self.cfg.data.source)
+        src = source_for_lines(self.cfg.data, names)
         out = {}
         for c in sorted(names):
             for f in line_csvs(self.cfg.data, c, src):

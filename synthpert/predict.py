@@ -13,16 +13,18 @@ from .config.serve import ServeConfig
 from .decision import decision_for
 from .errors import SynthpertError
 from .evidence import dataset_training_stats, evidence_text
-from .inference import Triple, answer_record, check_evidence_setting, load_predictor
+from .inference import Triple, answer_record, check_evidence_setting, load_predictor, triple_warnings
 from .schema import SYMBOL_PATTERN, Example
 
 COLUMNS = ("cell_line", "perturbation", "gene")
 _SYMBOL = re.compile(SYMBOL_PATTERN)
 
 
-def check_triples(df: pd.DataFrame, origin: str) -> pd.DataFrame:
+def check_triples(df: pd.DataFrame, origin: str, rows: bool = True) -> pd.DataFrame:
     """Columns cell_line, perturbation, gene; every symbol well formed, every cell line known. Errors name the
-    row (as a spreadsheet counts it: the header is row 1) and the value."""
+    row (as a spreadsheet counts it: the header is row 1; ``rows=False`` for a triple given as options, which
+    has no rows) and the value."""
+    where = (lambda i: f"{origin} row {i + 2}") if rows else (lambda i: origin)  # noqa: E731
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise SynthpertError(f"{origin} lacks column(s) {missing}; expected {list(COLUMNS)}, found {list(df.columns)}")
@@ -30,7 +32,7 @@ def check_triples(df: pd.DataFrame, origin: str) -> pd.DataFrame:
     for col in COLUMNS:
         for i, value in enumerate(df[col].tolist()):
             if len(value) > 64 or not _SYMBOL.match(value):
-                raise SynthpertError(f"{origin} row {i + 2}: {col} {value!r} is not a symbol (letters, digits and "
+                raise SynthpertError(f"{where(i)}: {col} {value!r} is not a symbol (letters, digits and "
                                      "._- only, at most 64 characters)")
     keys = {}
     for i, value in enumerate(df["cell_line"].tolist()):
@@ -38,7 +40,7 @@ def check_triples(df: pd.DataFrame, origin: str) -> pd.DataFrame:
             try:
                 keys[value] = get_cell_line(value).key
             except SynthpertError as e:
-                raise SynthpertError(f"{origin} row {i + 2}: {e}") from None
+                raise SynthpertError(f"{where(i)}: {e}") from None
     df["cell_line"] = df["cell_line"].map(keys)
     if df.empty:
         raise SynthpertError(f"{origin} holds no triples")
@@ -76,6 +78,36 @@ def predict_triples(cfg: ServeConfig, triples: pd.DataFrame, return_reasoning: b
     finally:
         predictor.backend.close()
     return out
+
+
+BASELINES = ("majority", "gene_prior", "gene_prior_balanced", "crosscell", "combined")
+
+
+def predict_baseline(dataset: str | Path, triples: pd.DataFrame, name: str, seed: int = 0) -> list[dict]:
+    """Model-free answers for one's own triples from a built dataset's training rows (the report's baselines,
+    applied to new triples): records shaped like the model's, so the same CSV and JSON come out."""
+    from .baselines import baseline_predictions
+    from .data import built_config
+
+    if name not in BASELINES:
+        raise SynthpertError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")
+    if not Path(dataset).exists():
+        raise SynthpertError(f"--evidence-from {dataset}: folder does not exist")
+    train_cells = list(built_config(Path(dataset)).train_cells)
+    stats = dataset_training_stats(dataset)
+    test = triples.reset_index(drop=True)
+    if name == "crosscell" and not any(set(train_cells) - {line} for line in set(test.cell_line)):
+        raise SynthpertError(f"the crosscell baseline reads other training lines, and this data's only training "
+                             f"line is {train_cells[0]}: use combined or gene_prior")
+    res = baseline_predictions(stats, test, train_cells, seed=seed, only=name)[name]
+    return [{"cell_line": r.cell_line, "perturbation": r.perturbation, "gene": r.gene,
+             "warnings": triple_warnings(stats, r.cell_line, r.perturbation, r.gene), "label": label,
+             "label_generated": None, "label_strict": None,
+             "decision": {"rule": f"baseline {name}", "description": f"the {name} baseline (no language model) "
+                          f"from the training rows of {dataset}"},
+             "unparseable_reason": None, "probabilities": dict(zip(("up", "down", "not_de"), map(float, probs))),
+             "probability_method": "baseline", "reasoning": None, "completion_tokens": 0}
+            for r, label, probs in zip(test.itertuples(), res["pred"], res["probs"])]
 
 
 def to_frame(records: list[dict]) -> pd.DataFrame:

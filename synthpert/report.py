@@ -83,6 +83,20 @@ def _overall_rows(metrics: dict, model_name: str) -> dict[str, dict]:
     return rows | {n: b["overall"] for n, b in metrics["baselines"].items() if "overall" in b}
 
 
+def _ci(ci) -> str:
+    return f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+
+
+def outcome_words(outcome: str | None, bold: bool = False) -> str:
+    """'beats' only when the 95% intervals separate; an overlap says so instead of a bare "does not beat"."""
+    b = (lambda t: f"**{t}**") if bold else (lambda t: t)  # noqa: E731
+    if outcome == "beats":
+        return b("beats it")
+    if outcome == "within":
+        return b("does not beat it") + " (within the 95% interval: no difference shown)"
+    return b("does not beat it")
+
+
 def verdict_summary(verdict: dict) -> str:
     """One sentence under the verdict: the best baseline per metric, and always-"not DE" where that is all the
     model clears (a student that learned something should not read as one that learned nothing)."""
@@ -93,7 +107,10 @@ def verdict_summary(verdict: dict) -> str:
     if beats:
         return f"The model beats the best baseline on {', '.join(beats)} but not on {', '.join(loses)}."
     over = [k for k, x in verdict.items() if x.get("beats_majority")]
-    return ("The model does **not** beat the best baseline on any headline metric"
+    close = [k for k, x in verdict.items() if x.get("outcome") == "within"]
+    within = (f" (on {', '.join(close)} it is within the 95% interval of the best baseline: more pairs would "
+              "tell them apart)") if close else ""
+    return ("The model does **not** beat the best baseline on any headline metric" + within
             + (f'; it beats always-"not DE" (majority) on {", ".join(over)}.' if over
                else ', nor always-"not DE" (majority).'))
 
@@ -125,10 +142,18 @@ def write_report(out: Path, metrics: dict, run: dict, figures: list[str]) -> Pat
         for k, x in v.items():
             vs_majority = ""
             if x.get("majority") is not None and x["best_baseline"] != "majority":
-                vs_majority = (f"; vs majority {x['majority']:.3f} → "
-                               f"{'beats it' if x['beats_majority'] else 'does not beat it'}")
+                vs_majority = f"; vs majority {x['majority']:.3f} → {outcome_words(x.get('majority_outcome'))}"
+            interval = f" (model's 95% interval{_ci(x['ci'])})" if x.get("ci") else ""
             lines.append(f"- {k}: model {x['model']:.3f} vs best baseline {x['best_baseline']} {x['baseline']:.3f} "
-                         f"→ {'**beats it**' if x['beats'] else '**does not beat it**'}{vs_majority}")
+                         f"→ {outcome_words(x.get('outcome'), bold=True)}{vs_majority}{interval}")
+        acc = metrics.get("accuracy_vs_majority")
+        if acc:
+            lines.append(f'- accuracy: model {acc["model"]:.3f}{_ci(acc.get("ci"))} vs always-"not DE" (majority) '
+                         f'{acc["majority"]:.3f} → ' + {
+                             "beats": "right more often than always answering \"not DE\"",
+                             "trails": "right **less** often than always answering \"not DE\" (the metrics above "
+                                       "reward the rarer classes, which always-\"not DE\" never answers)",
+                         }.get(acc["outcome"], "no difference within the 95% interval"))
         lines += ["", verdict_summary(v)]
     if metrics.get("noise_ceiling"):
         lines += ["", "## Noise ceiling", "", *ceiling_lines(metrics["noise_ceiling"], _overall_rows(metrics, name))]

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import tracking
-from .checkpoints import graceful_stop_callback, last_complete_checkpoint, restore_signal
+from .checkpoints import graceful_stop_callback, last_complete_checkpoint, quiet_progress, restore_signal
 from .config import dump_config
 from .config.rl import RLConfig
 from .data import load_built
@@ -298,6 +298,7 @@ def run_rl(cfg: RLConfig, out_dir: str | Path) -> dict:
                           args=args, train_dataset=Dataset.from_list(records), processing_class=tokenizer,
                           callbacks=[stop])
     tracking.point_tensorboard_at(trainer, out_dir)
+    quiet_progress(trainer, Path(out_dir) / "rl_log.jsonl")
     resume_from = None
     if cfg.resume:
         resume_from = last_complete_checkpoint(out_dir / CHECKPOINTS)

@@ -28,7 +28,8 @@ param, code, request_id}}`` and never carry a traceback or the key.
 
 Middleware, outermost first: ``Envelope`` (request id, headers, bound, timeout, last-resort 500), Starlette's
 ``CORSMiddleware`` (only when configured; outside the key check, since browsers send preflights without
-it), ``Gate`` (declared length, API key), ``BodyLimit`` (streamed length), then FastAPI's routes.
+it), ``Gate`` (declared length, API key), ``BodyLimit`` (streamed length), ``JsonBody`` (a POST body is read
+as JSON whatever its Content-Type, so `curl -d '{...}'` works), then FastAPI's routes.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from .errors import SynthpertError, scrub
 from .evidence import dataset_training_stats, evidence_text
 from .inference import Triple, answer_record, check_evidence_setting, load_predictor
 from .schema import SYMBOL_PATTERN, Example
-from .serve_http import BodyLimit, BodyTooLarge, Envelope, Gate, error_response, too_large
+from .serve_http import BodyLimit, BodyTooLarge, Envelope, Gate, JsonBody, error_response, too_large
 from .serve_stream import _sse, _token_stream, _whole_stream
 
 log = logging.getLogger("synthpert.serve")
@@ -262,6 +263,7 @@ def create_app(predictor, settings: ServeSettings | None = None, evidence_stats=
 
     # add_middleware puts each one outside those added before it. BodyLimit must sit directly around the
     # routes: a BaseHTTPMiddleware between them would turn its exception into a 400.
+    app.add_middleware(JsonBody)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(Gate, max_bytes=settings.max_body_bytes, api_key=api_key)
     if settings.cors_origins:
@@ -290,6 +292,10 @@ def create_app(predictor, settings: ServeSettings | None = None, evidence_stats=
     async def on_validation(request: Request, exc: RequestValidationError):
         errs = exc.errors()
         first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":
+            return error_response(request.scope, 422, "the request body is not valid JSON: send a JSON object "
+                                  "(e.g. -H 'Content-Type: application/json' -d '{\"cell_line\": ...}')",
+                                  code="json_invalid")
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         param = ".".join(loc) or None
         msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")

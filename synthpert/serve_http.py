@@ -1,6 +1,7 @@
 """The HTTP layer of `synthpert serve`: the error body every failure answers with, the request id, and the
 ASGI middleware that guards the app (Envelope: id, headers, in-flight bound, timeout, last-resort 500; Gate:
-declared length and API key; BodyLimit: streamed length)."""
+declared length and API key; BodyLimit: streamed length; JsonBody: a POST body is JSON whatever its declared
+content type)."""
 
 from __future__ import annotations
 
@@ -76,6 +77,23 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited, send)
+
+
+class JsonBody:
+    """ASGI middleware: read every POST body as JSON, whatever Content-Type the client declared. Every route
+    of this API takes JSON, and `curl -d '{...}'` (README's example) declares a form: without this FastAPI
+    hands the route raw bytes and answers 422 "Input should be a valid dictionary"."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST":
+            declared = Headers(scope=scope).get("content-type", "").split(";")[0].strip().lower()
+            if not (declared == "application/json" or declared.endswith("+json")):
+                kept = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
+                scope = {**scope, "headers": [*kept, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
 
 
 def too_large(scope, max_bytes: int):

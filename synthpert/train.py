@@ -19,7 +19,7 @@ from typing import Any
 
 from .config import dump_config
 from .decision import class_shares
-from .checkpoints import graceful_stop_callback, last_complete_checkpoint, restore_signal
+from .checkpoints import graceful_stop_callback, last_complete_checkpoint, quiet_progress, restore_signal
 from .config.train import TrainConfig
 from .errors import SynthpertError
 from .loss_mask import check_overlength, check_vocab, end_of_turn_ids, mask_mode, tokenize_rows
@@ -27,6 +27,7 @@ from .models import resolve_model, shipped_model
 from .prompting import student_prompt_hash
 from .resources import sha256_file, sha256_text
 from . import tracking
+from .run_folder import own_cell_lines
 from .runs import ADAPTER_MANIFEST, git_revision, library_versions, storage_errors, write_adapter_manifest
 from .tokenizer import load_tokenizer
 from .train_data import data_hash, training_examples
@@ -329,6 +330,7 @@ def train_model(cfg: TrainConfig, source, out_dir: str | Path) -> TrainResult:
                          train_dataset=_dataset(train_records), eval_dataset=_dataset(eval_records),
                          processing_class=tokenizer, peft_config=lora_config(cfg, model), callbacks=[stop])
     tracking.point_tensorboard_at(trainer, out_dir)
+    quiet_progress(trainer, out_dir / "train_log.jsonl")
     if cfg.loss_average == "example":
         average_loss_per_example(trainer)
     bad = [n for n, p in trainer.model.named_parameters()
@@ -394,6 +396,7 @@ def _write_manifest(out_dir, cfg, summary, examples, tokenizer, dhash, base_conf
         "seed": cfg.seed, "git_revision": git_revision(), "libraries": library_versions(),
         "chat_template_sha256": sha256_text(tokenizer.chat_template),
         "student_prompt_hash": student_prompt_hash(), "evidence": cfg.evidence, "mode": cfg.mode,
+        "extra_cell_lines": own_cell_lines(cfg.dataset_dir or (src if Path(src).is_dir() else None)),
         "precision": precision, "device": _device_kind(), "num_processes": _num_processes(),
         **{k: summary[k] for k in ("loss_mask", "n_train", "n_eval", "skipped", "n_overlength", "global_step",
                                    "train_loss", "first_logged_loss", "last_logged_loss", "eval_loss",

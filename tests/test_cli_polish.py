@@ -170,3 +170,41 @@ def test_data_build_ends_with_a_short_summary_and_keeps_the_json_for_json(tmp_pa
     assert any(line.startswith("train: 30 triples") and "up 10" in line for line in lines), r.stdout
     j = _cli(*args, "--out", tmp_path / "b", "--json")
     assert j.returncode == 0 and json.loads(j.stdout)["splits"]["train"]["n"] == 30
+
+
+def _pipe_with_verdicts(tmp_path, *verdicts):
+    from types import SimpleNamespace
+
+    sets = {}
+    for i, v in enumerate(verdicts):
+        result = tmp_path / "eval" / f"set{i}" / "result"
+        result.mkdir(parents=True)
+        (result / "metrics.json").write_text(json.dumps({"verdict": {"macro_f1": v}}))
+        sets[f"set{i}"] = None
+    return SimpleNamespace(cfg=SimpleNamespace(eval_sets=sets), dir=Path("runs/quickstart"),
+                           stage_dir=lambda stage: tmp_path / stage)
+
+
+def test_the_run_summary_says_which_predictor_to_use_and_how(tmp_path):
+    from synthpert.cli.run import _which_predictor
+
+    trails = {"beats": False, "outcome": "trails", "best_baseline": "combined"}
+    beats = {"beats": True, "outcome": "beats", "best_baseline": "combined"}
+    lines = _which_predictor(_pipe_with_verdicts(tmp_path / "a", beats, trails))
+    assert "with the combined baseline while the student trails it" in lines[0]
+    assert lines[1].strip() == ("synthpert predict --run runs/quickstart --baseline combined --input pairs.csv "
+                                "--out predictions.csv")
+    lines = _which_predictor(_pipe_with_verdicts(tmp_path / "b", beats, beats))
+    assert "--baseline" not in "\n".join(lines) and "synthpert predict --run runs/quickstart" in lines[1]
+
+
+def test_the_run_says_up_front_when_teacher_and_judge_are_heuristics():
+    from synthpert.cli.run import _offline_heuristics
+    from synthpert.config.run import RunConfig
+
+    base = {"name": "x", "train": {"base_model": "tiny"}, "teacher": {"mode": "evidence"}}
+    cfg = RunConfig.model_validate({**base, "judge": {"kind": "rules"}})
+    assert _offline_heuristics(cfg) == ("the teacher (mode evidence) and the judge (rules, form only) are offline "
+                                        "heuristics")
+    cfg = RunConfig.model_validate({**base, "judge": {"kind": "llm"}})
+    assert _offline_heuristics(cfg) == "the teacher (mode evidence) is an offline heuristic"

@@ -235,3 +235,38 @@ def test_predictions_run_shortest_prompt_first_in_a_stable_order():
     # sizes 36, 13, 4, 14: shortest first; equal sizes keep the file order (a resumed run takes the same order)
     assert shortest_first(rows, evidence) == [2, 1, 3, 0]
     assert shortest_first(rows.iloc[[1, 3]], ["x" * 11, "x" * 11]) == [0, 1]
+
+
+def _metrics(model: float, ci, baseline: float, baseline_ci=None, majority: float = 0.2) -> dict:
+    """metrics.json's shape, as far as the verdict reads it."""
+    return {"model": {"strict": {"overall": {"macro_f1": model, "accuracy": 0.81, "ci": {"macro_f1": ci,
+                                                                                          "accuracy": [0.80, 0.82]}}}},
+            "baselines": {"majority": {"overall": {"macro_f1": majority, "accuracy": 0.866,
+                                                   "ci": {"accuracy": [0.86, 0.87]}}},
+                          "gene_prior": {"overall": {"macro_f1": baseline,
+                                                     "ci": {"macro_f1": baseline_ci} if baseline_ci else {}}}}}
+
+
+def test_a_verdict_does_not_say_beats_when_the_intervals_overlap():
+    """The 24-pair case of issue 27: 0.302 [0.18, 0.50] against 0.267 is no difference."""
+    from synthpert.report import outcome_words
+    from synthpert.verdict import verdict
+
+    v = verdict(_metrics(0.302, [0.18, 0.50], 0.267))["macro_f1"]
+    assert v["outcome"] == "within" and v["beats"] is False
+    words = outcome_words(v["outcome"], bold=True)
+    assert "beats" not in words and "within the 95% interval" in words
+    assert verdict(_metrics(0.302, [0.28, 0.33], 0.267))["macro_f1"]["beats"] is True
+    # the baseline's own interval counts too
+    assert verdict(_metrics(0.302, [0.28, 0.33], 0.267, [0.25, 0.29]))["macro_f1"]["outcome"] == "within"
+    assert verdict(_metrics(0.20, [0.18, 0.22], 0.267))["macro_f1"]["outcome"] == "trails"
+    # beating always-"not DE" follows the same rule
+    assert verdict(_metrics(0.302, [0.18, 0.50], 0.4, majority=0.25))["macro_f1"]["beats_majority"] is False
+
+
+def test_the_report_states_accuracy_against_always_not_de():
+    """Above majority on macro-F1, below it on accuracy (K562 0.812 vs 0.866): the report says both."""
+    from synthpert.verdict import accuracy_vs_majority
+
+    acc = accuracy_vs_majority(_metrics(0.47, [0.46, 0.49], 0.7))
+    assert acc["outcome"] == "trails" and acc["model"] == 0.81 and acc["majority"] == 0.866

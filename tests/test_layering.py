@@ -23,7 +23,7 @@ STAGES = {
     "merge": {"merge"},
     "evaluate": {"evaluate", "evaluate_ray"},
     "publish": {"publish"},
-    "report": {"report"},
+    "report": {"report", "verdict"},
     "serve": {"serve", "serve_http", "serve_stream"},
     "predict": {"predict"},
     "screen": {"screen", "screen_de", "screen_synth"},  # a user's .h5ad screen to PerturbQA-format CSVs
@@ -37,7 +37,7 @@ SHARED = {
     "chat", "cache", "accounting", "budget", "ratelimit", "progress", "client", "request_pool", "batch",
     "batch_files", "data", "fetch", "evidence", "metrics",
     "baselines", "decision", "offline", "inference", "backends", "transformers_backend", "vllm_backend",
-    "openai_backend", "tracking", "checkpoints", "models", "ceiling",
+    "openai_backend", "tracking", "checkpoints", "models", "ceiling", "run_folder", "model_check",
 }
 TOP = {"pipeline"}
 

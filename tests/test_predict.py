@@ -63,3 +63,55 @@ def test_predict_arguments_are_checked(tmp_path):
     assert r.returncode == 2 and "one triple with --cell, --perturbation, --gene" in r.stderr
     r = _cli("--model", tmp_path, "--input", tmp_path / "x.csv", timeout=60)
     assert r.returncode == 2 and "--input needs --out" in r.stderr
+
+
+def _stats():
+    from synthpert.evidence import TrainingStats
+
+    rows = [("k562", "MYC", "GAPDH", "upregulated"), ("k562", "TP53", "GAPDH", "not differentially expressed"),
+            ("hepg2", "MYC", "CDKN1A", "downregulated"), ("hepg2", "ATF4", "CDKN1A", "upregulated"),
+            ("hepg2", "ATF4", "GAPDH", "not differentially expressed")]
+    return TrainingStats(pd.DataFrame(rows, columns=["cell_line", "perturbation", "gene", "label"]))
+
+
+def test_warnings_know_the_cell_line():
+    """CDKN1A was measured in HepG2 only: asked about K562, the answer says so (it used to say nothing)."""
+    from synthpert.inference import triple_warnings
+
+    stats = _stats()
+    assert triple_warnings(stats, "k562", "MYC", "GAPDH") == []
+    [w] = triple_warnings(stats, "k562", "MYC", "CDKN1A")
+    assert w == ("gene CDKN1A was not measured in K562's training data; measured only in other lines: "
+                 "HepG2 (2 knockdowns)")
+    [w] = triple_warnings(stats, "k562", "ATF4", "GAPDH")
+    assert w.startswith("perturbation ATF4 was not in K562's training data; measured only in other lines: HepG2")
+    never = triple_warnings(stats, "k562", "NOTAGENE1", "RP11-34P13.7")
+    assert never == ["gene RP11-34P13.7 was not measured in the training data",
+                     "perturbation NOTAGENE1 was not in the training data"]
+    assert triple_warnings(stats, "rpe1", "MYC", "GAPDH")[0].startswith("cell line RPE1 is not a training line")
+
+
+@pytest.mark.parametrize("name", ["majority", "gene_prior", "crosscell", "combined"])
+def test_baseline_predictions_for_own_triples_need_no_model(name, tiny_built_dataset):
+    from synthpert.predict import predict_baseline
+
+    triples = pd.DataFrame([{"cell_line": "k562", "perturbation": "MYC", "gene": "GAPDH"},
+                            {"cell_line": "k562", "perturbation": "NOTAGENE1", "gene": "RP11-34P13.7"}])
+    if name == "crosscell":  # the fixture's only training line is K562: nothing to go by, and it says so
+        from synthpert.errors import SynthpertError
+
+        with pytest.raises(SynthpertError, match="crosscell.*other training lines"):
+            predict_baseline(str(tiny_built_dataset), triples, name)
+        return
+    records = predict_baseline(str(tiny_built_dataset), triples, name)
+    assert [r["gene"] for r in records] == ["GAPDH", "RP11-34P13.7"]
+    for r in records:
+        assert r["label"] in LABELS and r["decision"]["rule"] == f"baseline {name}"
+        assert abs(sum(r["probabilities"].values()) - 1) < 1e-6 and r["probability_method"] == "baseline"
+    assert "gene RP11-34P13.7 was not measured in the training data" in records[1]["warnings"]
+
+
+def test_a_single_triples_error_names_the_options_not_a_row(tmp_path):
+    r = _cli("--model", tmp_path, "--cell", "hela", "--perturbation", "MYC", "--gene", "GAPDH", timeout=120)
+    assert r.returncode == 2 and "--cell/--perturbation/--gene: unknown cell line 'hela'" in r.stderr, r.stderr
+    assert "row 2" not in r.stderr

@@ -5,11 +5,15 @@ import json
 import os
 import re
 import shlex
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+LABELS = ("upregulated", "downregulated", "not differentially expressed")
 
 ROOT = Path(__file__).resolve().parents[1]
 MARK = "<!-- walkthrough -->"
@@ -33,6 +37,54 @@ def walkthrough_commands() -> list[str]:
         joined = block.replace("\\\n", " ")
         commands += [line.strip() for line in joined.splitlines() if line.strip() and not line.startswith("#")]
     return commands
+
+
+def serve_block() -> tuple[str, str]:
+    """README's step 8: the `synthpert serve` line and the curl line that asks it, as written."""
+    section = walkthrough_section()
+    block = re.search(r"\*\*8\. Serve\.\*\*.*?```bash\n(.*?)```", section, flags=re.S).group(1)
+    lines = [line.strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    serve = next(line for line in lines if line.startswith("synthpert serve "))
+    curl = next(line for line in lines if line.startswith("curl "))
+    return serve, curl
+
+
+def readme_trace() -> str:
+    """The sample trace under README's "What you get" (step 2's traces.jsonl, its AATF -> CD63 record)."""
+    text = (ROOT / "README.md").read_text()
+    return re.search(r"\*\*A trace\*\*.*?```text\n(.*?)```", text, flags=re.S).group(1)
+
+
+def trace_template(text: str, symbols: tuple[str, ...]) -> str:
+    """A trace with its numbers and the record's own symbols blanked: what the evidence teacher's wording
+    looks like, whichever triple it wrote about."""
+    for sym in symbols:
+        text = re.sub(rf"\b{re.escape(sym)}\b", "<SYM>", text)
+    return re.sub(r"\d+", "<N>", text).strip()
+
+
+def run_readme_curl(curl: str, port: int) -> dict:
+    """README's curl line verbatim but for the port (8000 may be taken on a shared machine)."""
+    assert "localhost:8000" in curl
+    r = subprocess.run(["bash", "-c", curl.replace("localhost:8000", f"localhost:{port}")], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+def test_readmes_curl_line_gets_a_prediction_as_written():
+    """curl -d sends Content-Type application/x-www-form-urlencoded; the endpoint reads the body as JSON anyway."""
+    from _fake_predictor import FakePredictor
+    from _live_server import LiveServer
+
+    from synthpert.serve import create_app
+
+    _, curl = serve_block()
+    assert "Content-Type" not in curl  # the point: the line a user copies has no header
+    with LiveServer(create_app(FakePredictor())) as srv:
+        answer = run_readme_curl(curl, srv.port)
+    assert answer["label"] in LABELS and answer["cell_line"] == "k562", answer
 
 
 def test_walkthrough_is_found_and_chains_one_run_folder():
@@ -66,7 +118,50 @@ def test_readme_walkthrough_runs_as_written(tmp_path, perturbqa_dir):
     for stage in ("generate", "judge"):
         written = next(line for line in outputs[stage].splitlines() if line.startswith("written: "))
         assert written in section, written
+    # README's sample trace has the wording step 2 writes today (numbers and symbols aside)
+    records = [json.loads(x) for x in (run / "generate" / "traces.jsonl").read_text().splitlines()]
+    templates = {trace_template(r["raw_text"], ("K562", r["perturbation"], r["gene"])) for r in records}
+    assert trace_template(readme_trace(), ("K562", "AATF", "CD63")) in templates
     assert "## Verdict" in (run / "eval" / "report.md").read_text()
     answer = json.loads(outputs["predict"])
-    assert answer["label"] in ("upregulated", "downregulated", "not differentially expressed")
+    assert answer["label"] in LABELS
     assert set(answer["probabilities"]) == {"up", "down", "not_de"}
+    if shutil.which("curl"):
+        served = _serve_and_curl(tmp_path, env)
+        assert served["label"] in LABELS and set(served["probabilities"]) == {"up", "down", "not_de"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve_and_curl(cwd: Path, env: dict) -> dict:
+    """README's step 8 as written (on a free port): `synthpert serve` in the background, then its curl line."""
+    import time
+
+    import httpx
+
+    serve, curl = serve_block()
+    port = _free_port()
+    for size, small in SIZES.items():
+        serve = serve.replace(size, small)
+    args = shlex.split(serve.replace("--port 8000", f"--port {port}"))
+    proc = subprocess.Popen([sys.executable, "-m", "synthpert.cli", *args[1:], "--max-new-tokens", "24"], cwd=cwd,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "synthpert serve did not come up"
+            time.sleep(0.5)
+        return run_readme_curl(curl, port)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -323,3 +323,21 @@ def test_bounded_load_16_clients_all_2xx_or_503_and_the_server_lives(tiny_predic
         r = httpx.post(f"{srv.url}/v1/predict", json={"cell_line": "k562", "perturbation": "MYC", "gene": "GAPDH"},
                        timeout=30)
         assert r.status_code == 200
+
+
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded", "text/plain"])
+def test_a_json_body_is_read_whatever_content_type_was_declared(fake, content_type):
+    """`curl -d '{...}'` declares a form; the body is JSON and is answered as such."""
+    import json
+
+    headers = {"content-type": content_type} if content_type else {}
+    r = httpx.post(f"{fake.url}/v1/predict", content=json.dumps(BODY).encode(), headers=headers)
+    assert r.status_code == 200, r.text
+    assert r.json()["label"] == "not differentially expressed"
+
+
+def test_a_body_that_is_not_json_names_the_content_type_header(fake):
+    r = httpx.post(f"{fake.url}/v1/predict", content=b"cell_line=k562&gene=GAPDH",
+                   headers={"content-type": "application/x-www-form-urlencoded"})
+    err = assert_error_shape(r, 422)
+    assert "not valid JSON" in err["message"] and "Content-Type: application/json" in err["message"]

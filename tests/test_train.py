@@ -319,3 +319,15 @@ def test_loss_average_example_weighs_every_example_once_whatever_its_length(tiny
             by_example, rel=1e-4)
     with pytest.raises(Exception, match="one example per row"):
         _cfg(tiny_model_dir, loss_average="example", packing=True)
+
+
+def test_training_logs_go_to_a_file_not_the_console(tiny_model_dir, tiny_traces_path, tmp_path, capfd, monkeypatch):
+    """The quickstart printed 64 raw {'loss': ...} dicts; now a progress bar, and the dicts in train_log.jsonl."""
+    from synthpert.train import run_train
+
+    monkeypatch.delenv("SYNTHPERT_VERBOSE", raising=False)
+    run_train(_cfg(tiny_model_dir, max_examples=8, optim={"epochs": 1}), tiny_traces_path, tmp_path / "run")
+    printed = capfd.readouterr()
+    assert "{'loss'" not in printed.out + printed.err
+    logged = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert any("loss" in r and r["step"] >= 1 for r in logged)

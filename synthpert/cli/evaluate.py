@@ -10,6 +10,7 @@ import typer
 from ..config import load_section
 from ..config.evaluate import EvalConfig
 from ..config.serve import ServeConfig
+from ..run_folder import resolve_model_paths
 
 
 def eval_cmd(
@@ -19,6 +20,8 @@ def eval_cmd(
     split: str | None = typer.Option(None, "--split", help="train / validation / test (default test)."),
     out: Path = typer.Option(..., "--out", help="Output folder (predictions.jsonl, metrics.json, report.md)."),
     backend: str | None = typer.Option(None, "--backend", help="transformers (default), vllm or openai."),
+    run: Path | None = typer.Option(None, "--run", help="A folder `synthpert run` wrote (e.g. runs/quickstart): "
+                                    "supplies the model, adapter, evidence data, decision rule and cell lines."),
     model: str | None = typer.Option(None, "--model", help="Model folder, or model name with --backend openai."),
     adapter: str | None = typer.Option(None, "--adapter", help="LoRA adapter folder (omit for zero-shot)."),
     n: int | None = typer.Option(None, "--n", help="Seeded subsample of the split."),
@@ -34,6 +37,8 @@ def eval_cmd(
     report.md and figures."""
     from ..evaluate import run_eval
 
+    if run is not None:
+        model, adapter, _, _ = resolve_model_paths(run, model, adapter, None)
     flags = {"dataset": str(dataset) if dataset else None, "split": split, "n": n, "seed": seed,
              "evidence": evidence, "inference.backend": backend, "inference.model": model,
              "inference.adapter": adapter, "inference.base_url": base_url}
@@ -55,9 +60,13 @@ def eval_cmd(
 
 
 def decide_cmd(
-    model: str = typer.Option(..., "--model", help="Base model folder."),
-    adapter: str = typer.Option(..., "--adapter", help="LoRA adapter folder (decision.json is written there)."),
-    dataset: Path = typer.Option(..., "--dataset", help="Built dataset folder whose VALIDATION split is used."),
+    run: Path | None = typer.Option(None, "--run", help="A folder `synthpert run` wrote (e.g. runs/quickstart): "
+                                    "supplies the model, adapter, evidence data, decision rule and cell lines."),
+    model: str | None = typer.Option(None, "--model", help="Base model folder."),
+    adapter: str | None = typer.Option(None, "--adapter", help="LoRA adapter folder (decision.json is written "
+                                       "there)."),
+    dataset: Path | None = typer.Option(None, "--dataset", help="Built dataset folder whose VALIDATION split is "
+                                        "used (with --run: the run's training data)."),
     out: Path | None = typer.Option(None, "--out", help="Folder for the validation predictions (default: "
                                        "ADAPTER/decision_fit)."),
     n: int | None = typer.Option(None, "--n", help="Seeded subsample of the validation split (default: the "
@@ -68,8 +77,14 @@ def decide_cmd(
     overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. inference.batch_size=64"),
 ) -> None:
     """Fit the adapter's decision rule on validation rows (never test rows) and save it as decision.json."""
+    from ..errors import SynthpertError
     from ..evaluate import fit_decision
 
+    model, adapter, _, folder = resolve_model_paths(run, model, adapter, None)
+    if dataset is None and folder is not None and folder.dataset:
+        dataset = Path(folder.dataset)
+    if adapter is None or dataset is None:
+        raise SynthpertError("decide needs --adapter and --dataset (or --run RUN_DIR, which supplies both)")
     flags = {"dataset": str(dataset), "split": "validation", "n": n, "inference.backend": backend,
              "inference.model": model, "inference.adapter": adapter}
     cfg = load_section(EvalConfig, "eval", config, overrides, flags)
@@ -82,7 +97,9 @@ def decide_cmd(
 
 
 def predict_cmd(
-    model: str = typer.Option(..., "--model", help="Base (or merged) model folder."),
+    run: Path | None = typer.Option(None, "--run", help="A folder `synthpert run` wrote (e.g. runs/quickstart): "
+                                    "supplies the model, adapter, evidence data, decision rule and cell lines."),
+    model: str | None = typer.Option(None, "--model", help="Base (or merged) model folder."),
     adapter: str | None = typer.Option(None, "--adapter", help="LoRA adapter folder."),
     input_csv: Path | None = typer.Option(None, "--input", help="CSV with columns cell_line, perturbation, gene."),
     out: Path | None = typer.Option(None, "--out", help="CSV to write (label, decision_rule, p_up, p_down, "
@@ -97,13 +114,18 @@ def predict_cmd(
                                            "decision.json path."),
     reasoning: bool = typer.Option(False, "--reasoning", help="Include the reasoning (a multitask student writes "
                                    "its explanation after answering)."),
+    baseline: str | None = typer.Option(None, "--baseline", help="A model-free baseline instead of the model "
+                                        "(majority, gene_prior, gene_prior_balanced, crosscell, combined), from "
+                                        "the training data of --run or --evidence-from; no model is loaded."),
     overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. inference.max_new_tokens=256"),
 ) -> None:
-    """Predict your own (cell line, perturbation, gene) triples with a trained model, without a server."""
+    """Predict your own (cell line, perturbation, gene) triples with a trained model (or a baseline), without a
+    server."""
     import pandas as pd
 
     from ..errors import SynthpertError
-    from ..predict import check_triples, predict_triples, read_triples, write_predictions
+    from ..predict import check_triples, predict_baseline, predict_triples, read_triples, write_predictions
+    from ..run_folder import read_run_folder, register_cell_lines_for, register_run_cell_lines
 
     one = (cell, perturbation, gene)
     if input_csv is None and not all(one):
@@ -112,12 +134,27 @@ def predict_cmd(
         raise SynthpertError("give either --input or --cell/--perturbation/--gene, not both")
     if input_csv is not None and out is None:
         raise SynthpertError("--input needs --out (the CSV to write the predictions to)")
-    flags = {"evidence_dataset": evidence_from, "decision": decision, "inference.backend": backend,
-             "inference.model": model, "inference.adapter": adapter}
-    cfg = load_section(ServeConfig, "serve", None, overrides, flags)
+    if baseline is not None:
+        folder = read_run_folder(run) if run is not None else None
+        dataset = evidence_from or (folder.dataset if folder else None)
+        if not dataset:
+            raise SynthpertError("--baseline needs training data: --run RUN_DIR, or --evidence-from DATASET_DIR "
+                                 "(a `synthpert data build` folder)")
+        if folder is not None:
+            register_run_cell_lines(folder)
+        register_cell_lines_for(None, dataset)
+    else:
+        model, adapter, evidence_from, _ = resolve_model_paths(run, model, adapter, evidence_from)
     triples = (read_triples(input_csv) if input_csv is not None else
-               check_triples(pd.DataFrame([dict(zip(("cell_line", "perturbation", "gene"), one))]), "command line"))
-    records = predict_triples(cfg, triples, return_reasoning=reasoning)
+               check_triples(pd.DataFrame([dict(zip(("cell_line", "perturbation", "gene"), one))]),
+                             "--cell/--perturbation/--gene", rows=False))
+    if baseline is not None:
+        records = predict_baseline(dataset, triples, baseline)
+    else:
+        flags = {"evidence_dataset": evidence_from, "decision": decision, "inference.backend": backend,
+                 "inference.model": model, "inference.adapter": adapter}
+        cfg = load_section(ServeConfig, "serve", None, overrides, flags)
+        records = predict_triples(cfg, triples, return_reasoning=reasoning)
     if input_csv is None:
         typer.echo(json.dumps(records[0], indent=2))
         return
@@ -129,7 +166,9 @@ def predict_cmd(
 
 
 def serve_cmd(
-    model: str = typer.Option(..., "--model", help="Base (or merged) model folder."),
+    run: Path | None = typer.Option(None, "--run", help="A folder `synthpert run` wrote (e.g. runs/quickstart): "
+                                    "supplies the model, adapter, evidence data, decision rule and cell lines."),
+    model: str | None = typer.Option(None, "--model", help="Base (or merged) model folder."),
     adapter: str | None = typer.Option(None, "--adapter", help="LoRA adapter folder."),
     backend: str = typer.Option("transformers", "--backend", help="transformers or vllm."),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (default: this machine only)."),
@@ -145,6 +184,7 @@ def serve_cmd(
     """Serve a model: POST /v1/predict, /v1/predict/batch, OpenAI-compatible /v1/chat/completions, GET /health."""
     from ..serve import serve
 
+    model, adapter, evidence_from, _ = resolve_model_paths(run, model, adapter, evidence_from)
     flags = {"host": host, "port": port, "api_key_env": api_key_env, "evidence_dataset": evidence_from,
              "inference.backend": backend, "inference.model": model, "inference.adapter": adapter,
              "inference.max_new_tokens": max_new_tokens}

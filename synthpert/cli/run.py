@@ -26,6 +26,9 @@ def run_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="Build the data, print what each stage would do "
                                  "(requests, cost, training steps, eval pairs) and stop before any request "
                                  "is sent or model loaded."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print each evaluation's full report and the "
+                                 "trainer's logged losses too (by default: report paths, the at-a-glance lines, "
+                                 "a progress bar; the losses are in train/train_log.jsonl)."),
 ) -> None:
     """Run data -> generate -> judge -> train -> eval in runs/NAME/, skipping stages already complete."""
     from rich.console import Console
@@ -45,19 +48,39 @@ def run_cmd(
     cfg = load_section(RunConfig, None, config, ovr, merge=list(merge or []))
     console = Console()
     log = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731
+    say = lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
     run_dir = Path(runs_dir) / cfg.name
     if dry_run:
         console.print(f"[bold]synthpert run {cfg.name} --dry-run[/] → {run_dir}")
         print_plan(console, Pipeline(cfg, run_dir, log=log).dry_run(until))
         return
+    if verbose:
+        import os
+
+        from ..checkpoints import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"  # the trainer's own log lines on the console again
     console.print(f"[bold]synthpert run[/] {cfg.name} → {run_dir}")
+    heuristics = _offline_heuristics(cfg)
+    if heuristics:  # said first: "traces generated: 4800, kept: 4800" reads like a language model's work
+        say(f"note: {heuristics}: no language model writes or rates the traces; the student learns the "
+            "heuristic's reasoning")
     pipe, summaries = run_pipeline(cfg, runs_dir, from_stage=from_stage, force=list(force or []), until=until,
                                    log=log)
-    _print_outcome(console, pipe, summaries)
+    _print_outcome(console, pipe, summaries, verbose)
 
 
-def _print_outcome(console, pipe, summaries: dict) -> None:
-    """Counts, each evaluation's report, how to serve the model, where the manifest is."""
+def _offline_heuristics(cfg: RunConfig) -> str:
+    parts = ([f"the teacher (mode {cfg.teacher.mode})"] if cfg.teacher.offline else []) + (
+        ["the judge (rules, form only)"] if cfg.judge.kind == "rules" else [])
+    if not parts:
+        return ""
+    return " and ".join(parts) + (" are offline heuristics" if len(parts) == 2 else " is an offline heuristic")
+
+
+def _print_outcome(console, pipe, summaries: dict, verbose: bool = False) -> None:
+    """Counts, where each evaluation's report is (the report itself with -v), which predictor to use for
+    predictions and how, how to serve the model, where the manifest is."""
     counts = pipe.manifest.data.get("counts", {})
     from .generate import judge_detail_lines, teacher_detail_lines
 
@@ -65,22 +88,51 @@ def _print_outcome(console, pipe, summaries: dict) -> None:
         console.print(f"{'teacher' if line.startswith('parsed') else 'judge'} {line}", markup=False, highlight=False)
     console.print(f"traces generated: {counts.get('traces_generated')}, kept: {counts.get('traces_kept')}, "
                   f"trained on: {counts.get('examples_trained')}")
+    say = lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
     for name in pipe.cfg.eval_sets:
         report = pipe.stage_dir("eval") / name / "result" / "report.md"
         if report.exists():
-            console.rule(f"eval: {name}")
-            console.print(report.read_text(), markup=False, highlight=False)
+            if verbose:
+                console.rule(f"eval: {name}")
+                console.print(report.read_text(), markup=False, highlight=False)
+            else:
+                say(f"report ({name}): {report}")
     glance = [line for name in pipe.cfg.eval_sets for line in _glance(name, pipe.stage_dir("eval") / name / "result")]
-    if glance:  # the reports above are long; this is what a reader came for
+    if glance:
         console.print("\nAt a glance (the judged answer, 95% intervals; details in each report.md):")
         for line in glance:
-            console.print(line, markup=False, highlight=False, soft_wrap=True)
+            say(line)
     if "train" in summaries:
+        for line in _which_predictor(pipe):
+            say(line)
         console.print("\nServe the trained model locally:")
-        evidence = f" --evidence-from {pipe.train_data}" if pipe.cfg.train.evidence else ""
-        console.print(f"  synthpert serve --model {pipe.base_model} --adapter {pipe.stage_dir('train')}{evidence}",
-                      markup=False, highlight=False, soft_wrap=True)
+        say(f"  synthpert serve --run {pipe.dir}")
     console.print(f"manifest: {pipe.manifest.path}")
+
+
+def _which_predictor(pipe) -> list[str]:
+    """Which predictor to use for one's own triples, from the verdicts on macro-F1: the student only where it
+    beats the best baseline beyond the intervals on every set, else that baseline (same data, no model)."""
+    verdicts = []
+    for name in pipe.cfg.eval_sets:
+        path = pipe.stage_dir("eval") / name / "result" / "metrics.json"
+        if path.exists():
+            v = json.loads(path.read_text()).get("verdict", {}).get("macro_f1")
+            if v:
+                verdicts.append(v)
+    if not verdicts:
+        return []
+    student = f"  synthpert predict --run {pipe.dir} --input pairs.csv --out predictions.csv"
+    if all(v.get("outcome", "beats" if v["beats"] else "trails") == "beats" for v in verdicts):
+        return ["\nPredict your own triples (the student beats every baseline on macro-F1 beyond the intervals):",
+                student]
+    names = [v["best_baseline"] for v in verdicts]
+    best = max(set(names), key=names.count)
+    how = "trails" if any(v.get("outcome") == "trails" for v in verdicts) else "does not beat"
+    return [f"\nPredict your own triples with the {best} baseline while the student {how} it on macro-F1 (same "
+            "training data, no model):",
+            f"  synthpert predict --run {pipe.dir} --baseline {best} --input pairs.csv --out predictions.csv",
+            "  (the student's answers and reasoning: the same command without --baseline)"]
 
 
 def _glance(name: str, result: Path) -> list[str]:
@@ -157,7 +209,9 @@ def plan_lines(plan: dict) -> list[str]:
                      f"at most {e['max_generated_tokens']:,} generated tokens")
     for p in plan.get("problems", []):
         lines.append(f"would stop: {p}")
-    lines.append("dry run: nothing was sent and no model was loaded")
+    n = len(plan.get("problems", []))
+    lines.append("dry run: nothing was sent and no model was loaded" + (
+        f"; a real run would refuse to start ({n} problem{'s' if n > 1 else ''} above)" if n else ""))
     return lines
 
 

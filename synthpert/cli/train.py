@@ -108,6 +108,15 @@ def train_cmd(
     out_dir = out or (Path(cfg.output_dir) if cfg.output_dir else None)
     if out_dir is None:
         raise SynthpertError("give the run folder with --out (or `output_dir` in the config)")
+    from ..model_check import base_model_problem, learning_rate_note
+
+    problem = base_model_problem(cfg.base_model, cfg.revision)  # seconds now, not a raw error after loading
+    if problem:
+        raise SynthpertError(f"train.base_model: {problem}")
+    tiny = (Path(cfg.base_model).expanduser() / "synthpert_tiny.json").exists()
+    note = learning_rate_note(cfg.base_model, tiny, cfg.optim.lr)
+    if note:
+        typer.echo(f"warning: {note}", err=True)
     summary = run_train(cfg, source, out_dir)
     if as_json:
         typer.echo(json.dumps(summary, indent=2, default=str))

@@ -55,10 +55,17 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+REPLACE_KEY = "_replace"  # in a mapping of a config file: `_replace: true` replaces the mapping below it
+
+
 def deep_merge(base: dict, extra: dict) -> dict:
+    """``extra`` on top of ``base``, mappings merged key by key, except a mapping marked ``_replace: true``,
+    which replaces the one below it (e.g. a --merge file's eval_sets instead of the base config's)."""
     merged = dict(base)
     for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(merged.get(k), dict):
+        if isinstance(v, dict) and v.get(REPLACE_KEY) is True:
+            merged[k] = {kk: vv for kk, vv in v.items() if kk != REPLACE_KEY}
+        elif isinstance(v, dict) and isinstance(merged.get(k), dict):
             merged[k] = deep_merge(merged[k], v)
         else:
             merged[k] = v
