@@ -23,7 +23,15 @@ def _offline() -> bool:
 def base_model_problem(name: str, revision: str | None = None) -> str | None:
     """None when ``name`` loads as a base model, else what is wrong with it."""
     from .config import looks_local
+    from .errors import SynthpertError
+    from .models import check_shipped, shipped_model
 
+    if shipped_model(name) is not None:  # a shipped model's short name: its package, not the hub
+        try:
+            check_shipped(name)
+        except SynthpertError as e:
+            return str(e)
+        return None
     folder = Path(name).expanduser()
     if folder.is_dir():
         from transformers import AutoConfig, AutoTokenizer
