@@ -137,7 +137,19 @@ class Pipeline:
             source = self.train_data
         else:
             source = self.stage_dir("judge") / "kept.jsonl"
+            self._check_kept()
         return run_train(tcfg, source, folder)
+
+    def _check_kept(self) -> None:
+        """A judge that kept nothing stops the run with what it rejected and why, not with an empty-file error."""
+        summary = json.loads((self.stage_dir("judge") / "summary.json").read_text())
+        if summary.get("kept", 1) > 0:
+            return
+        reasons = ", ".join(f"{k} {v}" for k, v in (summary.get("rejection_reasons") or {}).items()) or "none given"
+        raise SynthpertError(f"the judge kept none of the {summary.get('traces', 0)} traces (rejected: {reasons}); "
+                             f"nothing to train on. Their texts and reasons: {self.stage_dir('judge') / 'rejected.jsonl'}. "
+                             "More samples per triple (teacher.samples), a stronger teacher or a lower "
+                             "judge.threshold keep more")
 
     def _rl(self, folder: Path, resume: bool) -> dict:
         from .rl import run_rl

@@ -129,9 +129,9 @@ def real_adapter(real_model_dir, tiny_traces_path, tmp_path_factory) -> tuple[Pa
     from synthpert.train import run_train
 
     cfg = TrainConfig.model_validate({
-        "base_model": NAME, "max_length": 512, "seed": 0, "eval_fraction": 0.0, "max_examples": 6,
+        "base_model": NAME, "max_length": 512, "seed": 0, "eval_fraction": 0.0, "max_examples": 4,
         "logging_steps": 1, "lora": {"r": 8, "alpha": 16, "layers": 2},
-        "optim": {"lr": 2e-3, "max_steps": 4, "batch_size": 6, "grad_accum": 1, "warmup": 0.0,
+        "optim": {"lr": 2e-3, "max_steps": 3, "batch_size": 4, "grad_accum": 1, "warmup": 0.0,
                   "scheduler": "constant"},
     })
     out = tmp_path_factory.mktemp("real_adapter") / "run"
@@ -288,8 +288,8 @@ def test_local_llm_config_runs_end_to_end_with_a_real_teacher_judge_and_student(
     proc = synthpert_process(
         "run", "configs/local_llm.yaml", "--runs-dir", tmp_path,
         f"data.source={perturbqa_dir}", f"teacher.base_url={v1}", f"judge.base_url={v1}",
-        "data.train_subsample.n=6", "teacher.sampling.temperature=0", "teacher.sampling.max_completion_tokens=64",
-        "judge.sampling.max_completion_tokens=24", "judge.threshold=terrible", "train.optim.max_steps=2",
+        "data.train_subsample.n=6", "teacher.sampling.max_completion_tokens=96", "judge.sampling.max_completion_tokens=24",
+        "train.optim.max_steps=2",
         "train.lora.layers=2", "eval_sets.k562_test.n=4", "eval.inference.max_new_tokens=24",
         env={"SYNTHPERT_MODEL_CACHE": os.environ["SYNTHPERT_MODEL_CACHE"]})
     stdout, stderr = communicate(proc, timeout=600)
