@@ -133,3 +133,17 @@ def test_open_tag_suffix_holds_back_only_the_start_of_a_format_tag():
     assert open_tag_suffix("a <") == 1 and open_tag_suffix("x" + THINK_CLOSE) == 0
     assert open_tag_suffix("p < 0.05") == 0 and open_tag_suffix("<b") == 0  # not a format tag: sent at once
     assert open_tag_suffix(ANSWER_OPEN[:-1]) == len(ANSWER_OPEN) - 1
+
+
+def test_output_problems_name_what_a_small_model_gets_wrong():
+    from synthpert.answer import DOWN, UP, format_answer, output_problems
+
+    assert output_problems(format_answer(UP, "reason"), "stop", UP) == []
+    assert output_problems("", "length", UP) == ["empty", "hit_length_cap"]
+    assert output_problems("Knockdown of X lowers Y", "length", UP) == ["no_answer_tag", "hit_length_cap"]
+    assert output_problems("<think>r</think><answer>Increased.</answer>", "stop", UP) == ["label_in_other_words"]
+    assert output_problems("<think>r</think><answer>maybe</answer>", "stop", UP) == ["unrecognised_answer"]
+    assert output_problems(format_answer(DOWN, "r"), "stop", UP) == ["answer_disagrees_with_label"]
+    loop = "it is no longer able to carry cargo; " * 4
+    assert "repetition" in output_problems(loop, "length", None)
+    assert "repetition" not in output_problems(format_answer(UP, "RPS19 loss activates TP53, which induces MDM2."))

@@ -259,3 +259,42 @@ def test_cli_dry_run_budget_and_fatal_errors(dataset, tmp_path):
         _, stderr3 = proc.communicate(timeout=60)
         assert proc.returncode == 2 and "did you mean 'concurrency'" in stderr3
     assert_no_key(tmp_path, texts=(stdout, stderr, stdout2, stderr2))
+
+
+def test_worked_examples_are_earlier_turns_in_the_runs_own_format(dataset):
+    """teacher.fewshot / judge.fewshot: each worked example is the same question (the run's template) and a
+    well-formed answer or verdict, before the real one; the prompt hash covers them."""
+    from synthpert.answer import parse_answer
+    from synthpert.generate import _messages
+    from synthpert.judge import _judge_messages, parse_verdict
+    from synthpert.data import load_built
+
+    row = next(load_built(dataset, "train").to_pandas().itertuples(index=False))
+    plain = TeacherConfig(prompt="teacher_rationalise_short.j2", system_prompt="teacher_system_short.txt")
+    shown = plain.model_copy(update={"fewshot": "teacher_fewshot.yaml"})
+    m0, _, h0 = _messages(plain, row, None)
+    m1, _, h1 = _messages(shown, row, None)
+    assert [m["role"] for m in m1] == ["system"] + ["user", "assistant"] * 3 + ["user"] and h1 != h0
+    assert m1[-1] == m0[-1] and m1[1]["content"].startswith("Knockdown of RPS19 in RPE1 cells")
+    assert [parse_answer(m["content"]).label for m in m1 if m["role"] == "assistant"] == [
+        "upregulated", "not differentially expressed", "downregulated"]
+    trace = TraceRecord(id="t#0", example_id="t", cell_line="k562", perturbation="MYC", gene="GAPDH",
+                        label="upregulated", teacher="x", reasoning="MYC drives glycolysis genes.",
+                        parsed_label="upregulated")
+    jm, _ = _judge_messages(JudgeConfig(prompt="judge_short.j2", fewshot="judge_fewshot.yaml"), trace)
+    verdicts = [parse_verdict(m["content"])[0] for m in jm if m["role"] == "assistant"]
+    assert verdicts == ["good", "bad", "terrible"] and "MYC drives glycolysis" in jm[-1]["content"]
+
+
+def test_judge_summary_counts_rejection_reasons_and_warns_on_a_judge_that_never_varies():
+    from collections import Counter
+
+    from synthpert.judge import _rating_warnings, reason_kind
+
+    assert reason_kind("rated bad (threshold good)") == "rated below threshold"
+    assert reason_kind("answer downregulated != label upregulated") == "answer != label"
+    assert reason_kind("answer unparseable != label upregulated") == "answer unparseable"
+    assert reason_kind("judge output unparseable: no rating") == "judge gave no rating"
+    assert "rated all 12" in _rating_warnings(Counter({"excellent": 12}))[0]
+    assert _rating_warnings(Counter({"excellent": 10, "bad": 2})) == []
+    assert _rating_warnings(Counter({"excellent": 3})) == []  # too few to tell

@@ -184,3 +184,22 @@ def test_run_sigkilled_between_stages_reruns_exactly_the_unfinished_ones(tmp_pat
     assert "[judge] resuming" in r.stdout or "[judge] running" in r.stdout
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in before} == before  # their outputs untouched
     assert json.loads((run_dir / "judge" / "stage.json").read_text())["summary"]["traces"] == 12
+
+
+def test_a_judge_that_kept_nothing_stops_the_run_with_its_reasons(tmp_path):
+    """A real weak judge (or teacher) can leave nothing to train on: the run says so, with what was rejected and
+    why, before train would fail on an empty file."""
+    from synthpert.config.run import RunConfig
+    from synthpert.errors import SynthpertError
+    from synthpert.pipeline import Pipeline
+
+    pipe = Pipeline(RunConfig(name="x", train={"base_model": "tiny"}), tmp_path / "x")
+    judge = pipe.stage_dir("judge")
+    judge.mkdir(parents=True)
+    (judge / "summary.json").write_text(json.dumps({"traces": 12, "kept": 0, "rejection_reasons": {
+        "answer != label": 7, "rated below threshold": 5}}))
+    with pytest.raises(SynthpertError, match=r"kept none of the 12 traces \(rejected: answer != label 7, rated "
+                                             r"below threshold 5\).*teacher\.samples"):
+        pipe._check_kept()
+    (judge / "summary.json").write_text(json.dumps({"traces": 12, "kept": 3}))
+    pipe._check_kept()  # something to train on: no error
