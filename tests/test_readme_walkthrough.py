@@ -6,12 +6,13 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from _procs import free_port, wait_for_health
 
 LABELS = ("upregulated", "downregulated", "not differentially expressed")
 
@@ -131,36 +132,17 @@ def test_readme_walkthrough_runs_as_written(tmp_path, perturbqa_dir):
         assert served["label"] in LABELS and set(served["probabilities"]) == {"up", "down", "not_de"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve_and_curl(cwd: Path, env: dict) -> dict:
     """README's step 8 as written (on a free port): `synthpert serve` in the background, then its curl line."""
-    import time
-
-    import httpx
-
     serve, curl = serve_block()
-    port = _free_port()
+    port = free_port()
     for size, small in SIZES.items():
         serve = serve.replace(size, small)
     args = shlex.split(serve.replace("--port 8000", f"--port {port}"))
     proc = subprocess.Popen([sys.executable, "-m", "synthpert.cli", *args[1:], "--max-new-tokens", "24"], cwd=cwd,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
-            assert time.monotonic() < deadline, "synthpert serve did not come up"
-            time.sleep(0.5)
+        wait_for_health(proc, f"http://127.0.0.1:{port}", 300)
         return run_readme_curl(curl, port)
     finally:
         proc.terminate()

@@ -12,15 +12,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from _procs import ROOT, communicate, synthpert_process
+from _procs import communicate, free_port, synthpert_process, wait_for_health
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
@@ -238,25 +235,11 @@ def test_predict_cli_with_the_short_name_and_the_adapter(real_adapter):
 @pytest.fixture(scope="module")
 def base_server(real_model_dir):
     """`synthpert serve` on the base model: the teacher's and judge's OpenAI-compatible endpoint."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = synthpert_process("serve", "--model", NAME, "--port", port, "request_timeout_s=900",
                              env={"SYNTHPERT_MODEL_CACHE": os.environ["SYNTHPERT_MODEL_CACHE"]})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"synthpert serve did not start: {proc.communicate()[1][-3000:]}")
-        time.sleep(0.5)
+    wait_for_health(proc, url, 180)
     yield url
     proc.terminate()
     proc.communicate(timeout=30)
@@ -288,9 +271,9 @@ def test_local_llm_config_runs_end_to_end_with_a_real_teacher_judge_and_student(
     proc = synthpert_process(
         "run", "configs/local_llm.yaml", "--runs-dir", tmp_path,
         f"data.source={perturbqa_dir}", f"teacher.base_url={v1}", f"judge.base_url={v1}",
-        "data.train_subsample.n=6", "teacher.sampling.max_completion_tokens=96", "judge.sampling.max_completion_tokens=24",
-        "train.optim.max_steps=2",
-        "train.lora.layers=2", "eval_sets.k562_test.n=4", "eval.inference.max_new_tokens=24",
+        "data.train_subsample.n=6", "teacher.sampling.max_completion_tokens=96",
+        "judge.sampling.max_completion_tokens=24", "train.optim.max_steps=2", "train.lora.layers=2",
+        "eval_sets.k562_test.n=4", "eval.inference.max_new_tokens=24",
         env={"SYNTHPERT_MODEL_CACHE": os.environ["SYNTHPERT_MODEL_CACHE"]})
     stdout, stderr = communicate(proc, timeout=600)
     assert proc.returncode == 0, (stdout[-3000:], stderr[-3000:])

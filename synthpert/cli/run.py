@@ -81,14 +81,17 @@ def _offline_heuristics(cfg: RunConfig) -> str:
 def _print_outcome(console, pipe, summaries: dict, verbose: bool = False) -> None:
     """Counts, where each evaluation's report is (the report itself with -v), which predictor to use for
     predictions and how, how to serve the model, where the manifest is."""
-    counts = pipe.manifest.data.get("counts", {})
     from .generate import judge_detail_lines, teacher_detail_lines
 
-    for line in [*teacher_detail_lines(summaries.get("generate") or {}), *judge_detail_lines(summaries.get("judge") or {})]:
-        console.print(f"{'teacher' if line.startswith('parsed') else 'judge'} {line}", markup=False, highlight=False)
+    counts = pipe.manifest.data.get("counts", {})
+    say = lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
+    # what a language-model teacher and judge did (parse rates, problems, ratings, rejections); nothing for heuristics
+    for line in teacher_detail_lines(summaries.get("generate") or {}):
+        say(f"teacher {line}")
+    for line in judge_detail_lines(summaries.get("judge") or {}):
+        say(f"judge {line}")
     console.print(f"traces generated: {counts.get('traces_generated')}, kept: {counts.get('traces_kept')}, "
                   f"trained on: {counts.get('examples_trained')}")
-    say = lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
     for name in pipe.cfg.eval_sets:
         report = pipe.stage_dir("eval") / name / "result" / "report.md"
         if report.exists():

@@ -18,8 +18,9 @@ class InferenceConfig(StrictModel):
                               json_schema_extra={"path": "model"})
     adapter: str | None = Field(None, description="LoRA adapter folder as `synthpert train` saves it",
                                 json_schema_extra={"path": "dir"})
-    merge_adapter: bool = Field(False, description="merge the adapter into the weights first (transformers: in memory; "
-                                "vllm: a merged copy in the model cache, then an engine without LoRA, ~4x faster on CPU)")
+    merge_adapter: bool = Field(False, description="merge the adapter into the weights first (transformers: in "
+                                "memory; vllm: a merged copy in the model cache, then an engine without LoRA, ~4x "
+                                "faster on CPU)")
     max_new_tokens: int = Field(512, ge=1)
     explain_max_new_tokens: int = Field(
         512, ge=1, description="multitask students: token budget of the explanation written (on request: "
