@@ -37,7 +37,7 @@ SHARED = {
     "chat", "cache", "accounting", "budget", "ratelimit", "progress", "client", "request_pool", "batch",
     "batch_files", "data", "fetch", "evidence", "metrics",
     "baselines", "decision", "offline", "inference", "backends", "transformers_backend", "vllm_backend",
-    "openai_backend", "tracking", "checkpoints", "models", "ceiling", "run_folder", "model_check",
+    "openai_backend", "tracking", "checkpoints", "models", "ceiling", "run_folder", "model_check", "sampling",
 }
 TOP = {"pipeline"}
 
