@@ -132,22 +132,17 @@ def _rating_warnings(counts: Counter, at_least: int = 10) -> list[str]:
     return []
 
 
+# A rejection reason's opening words -> its kind, first match wins ("answer unparseable" before "answer ").
+_REASON_KINDS = (("rejection sampling", "answer != label (rejection sampling)"),
+                 ("no reasoning", "no reasoning to judge"), ("judge output unparseable", "judge gave no rating"),
+                 ("rated ", "rated below threshold"), ("answer unparseable", "answer unparseable"),
+                 ("answer ", "answer != label"))
+
+
 def reason_kind(reason: str | None) -> str:
     """A rejection reason without its particulars, for counting (the full reason stays on the record)."""
     r = reason or ""
-    if r.startswith("rejection sampling"):
-        return "answer != label (rejection sampling)"
-    if r.startswith("no reasoning"):
-        return "no reasoning to judge"
-    if r.startswith("judge output unparseable"):
-        return "judge gave no rating"
-    if r.startswith("rated "):
-        return "rated below threshold"
-    if r.startswith("answer unparseable"):
-        return "answer unparseable"
-    if r.startswith("answer "):
-        return "answer != label"
-    return r or "unknown"
+    return next((kind for prefix, kind in _REASON_KINDS if r.startswith(prefix)), r or "unknown")
 
 
 def _engine(cfg: JudgeConfig, out_dir: Path):
