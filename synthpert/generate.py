@@ -88,11 +88,11 @@ def _messages(cfg: TeacherConfig, row, evidence: str | None) -> tuple[list[dict]
 
 def _demo_turns(cfg: TeacherConfig, user, demos) -> list[dict]:
     """Each worked example as the same question (this run's template) and a well-formed answer to it."""
-    from .prompting import fewshot_field, fewshot_label, triple_variables
+    from .prompting import fewshot_field, fewshot_label, fewshot_triple
 
     turns = []
     for d in demos:
-        variables = triple_variables(*(fewshot_field(d, k, cfg.fewshot) for k in ("cell_line", "perturbation", "gene")))
+        variables = fewshot_triple(d, cfg.fewshot)
         label = fewshot_label(d, "label", cfg.fewshot)
         variables["label"] = label if cfg.mode not in ("predict", "evidence_blind") else None
         turns += [{"role": "user", "content": user.render(**variables)},

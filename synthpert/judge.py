@@ -84,7 +84,7 @@ def _json_object(text: str) -> dict | None:
 
 
 def _judge_messages(cfg: JudgeConfig, trace: TraceRecord) -> tuple[list[dict], str]:
-    from .prompting import fewshot_field, fewshot_label, load_fewshot, load_template, triple_variables
+    from .prompting import fewshot_field, fewshot_label, fewshot_triple, load_fewshot, load_template, triple_variables
     from .resources import sha256_text
 
     variables = triple_variables(trace.cell_line, trace.perturbation, trace.gene)
@@ -99,7 +99,7 @@ def _judge_messages(cfg: JudgeConfig, trace: TraceRecord) -> tuple[list[dict], s
         demos, demo_hash = load_fewshot(cfg.fewshot)
         reply = load_template(JUDGE_REPLY)
         for d in demos:
-            v = triple_variables(*(fewshot_field(d, k, cfg.fewshot) for k in ("cell_line", "perturbation", "gene")))
+            v = fewshot_triple(d, cfg.fewshot)
             v.update({k: fewshot_field(d, k, cfg.fewshot) for k in ("reasoning", "rating", "justification")})
             v["answer"] = fewshot_label(d, "answer", cfg.fewshot)
             messages += [{"role": "user", "content": user.render(**v)},

@@ -84,6 +84,11 @@ def fewshot_field(item: dict, key: str, name: str) -> str:
     return value.strip()
 
 
+def fewshot_triple(item: dict, name: str) -> dict:
+    """A worked example's triple as the template variables a real question gets."""
+    return triple_variables(*(fewshot_field(item, k, name) for k in ("cell_line", "perturbation", "gene")))
+
+
 def fewshot_label(item: dict, key: str, name: str) -> str:
     """A worked example's class, written short (up, down, not_de) so no prompt file spells a label."""
     from .answer import canonical_class
