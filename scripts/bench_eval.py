@@ -5,6 +5,7 @@
     python scripts/bench_eval.py --engines [--n 48] [--new-tokens 32] [--batch 8] [--source PERTURBQA_DIR]
     python scripts/bench_eval.py --prefill --run runs/quickstart [--n 600] [--batch 150] [--repeats 2]
     python scripts/bench_eval.py --layout --run runs/quickstart [--n 1800]
+    python scripts/bench_eval.py --shortcut --run runs/quickstart [--n 2048] [--batch 32] [--repeats 2]
 
 --layout: `synthpert eval`'s transformers settings on the same K562 test pairs (a contiguous slice of the
 test split, chunks of eval.chunk_size = 64 as predictions are written): rows in file order or shortest
@@ -15,6 +16,10 @@ settings of the quickstart before 2026-12-02 (batch 150 = one chunk of 64, unmer
 same K562 test pairs (evidence as the adapter was trained, the quickstart's answer task): generate, then
 score the answer blocks after a second forward pass over the prompt (how it worked before 2026-12-02), and
 generate_and_score (one prefill shared by both), alternating, with equal outputs checked.
+
+--shortcut: the quickstart's eval path (merged adapter, shortest first, batch 32) decoding every answer, then
+with the answers read off the scored answer blocks where a block is the greedy output, then also with each
+batch's common prompt beginning prefilled once; texts and log-probabilities compared with the first.
 
 Without --model it builds the tiny offline model (random weights: generation runs to --new-tokens because
 EOS is ignored/forced off, so every backend generates exactly the same number of tokens). Backends:
@@ -253,6 +258,51 @@ def bench_prefill(args) -> None:
                       "identical_texts": same_text, "max_logprob_diff": diff}))
 
 
+def bench_shortcut(args) -> None:
+    """The quickstart's eval path three ways on the same pairs, alternating repeats: decoding every answer, the
+    answers read off the scored blocks where they are the greedy output, and that plus the batch's common
+    prompt beginning prefilled once."""
+    import numpy as np
+
+    from synthpert.evaluate import shortest_first
+
+    run = Path(args.run)
+    test, evidence = _k562_pairs(run, args.n)
+    b, task = _backend(run, args.new_tokens, args.batch, merge=True)
+    queries = _queries(b, task, test, evidence)
+    queries = [queries[i] for i in shortest_first(test, evidence)]
+    settings = {"decode every answer (before)": (False, False), "answers read off the blocks": (True, False),
+                "+ common prompt beginning once": (True, True)}
+    b.generate_and_score(queries[:32])  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in settings}
+    out = {}
+    for _ in range(args.repeats):
+        for name, (shortcut, share) in settings.items():
+            b.answer_shortcut, b.share_prefix, b._shortcut_pause = shortcut, share, 0
+            t = time.perf_counter()
+            gens, scores = [], []
+            for start in range(0, len(queries), 64):  # eval.chunk_size
+                g, s = b.generate_and_score(queries[start:start + 64])
+                gens += [x[0].text for x in g]
+                scores += s
+            times[name].append(time.perf_counter() - t)
+            out[name] = (gens, np.array(scores))
+    first = next(iter(settings))
+    best = {k: min(v) for k, v in times.items()}
+    n = len(queries)
+    print(f"\n{n} K562 test pairs of {run}, answer task, merged adapter, batch {args.batch}, cpu "
+          f"({os.cpu_count()} cores), best of {args.repeats} alternating repeats")
+    rows = []
+    for name in settings:
+        same = sum(a == c for a, c in zip(out[name][0], out[first][0]))
+        diff = float(np.abs(out[name][1] - out[first][1]).max())
+        rows.append({"setting": name, "pairs_per_s": round(n / best[name], 1),
+                     "ratio": round(best[first] / best[name], 2), "identical_texts": same, "max_logprob_diff": diff})
+        print(f"{name:<34}{n / best[name]:>8.1f} pairs/s{best[first] / best[name]:>7.2f}x   identical texts "
+              f"{same}/{n}, log-prob diff {diff:.1e}")
+    print(json.dumps(rows))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model")
@@ -265,6 +315,8 @@ def main() -> None:
     ap.add_argument("--source", help="--engines: PerturbQA CSV folder (default $SYNTHPERT_TEST_DATA)")
     ap.add_argument("--prefill", action="store_true", help="one shared prefill vs generate + a second scoring pass")
     ap.add_argument("--layout", action="store_true", help="row order, merged adapter and batch size of eval")
+    ap.add_argument("--shortcut", action="store_true", help="answers read off the scored blocks, shared prompt "
+                    "beginning, vs decoding every answer")
     ap.add_argument("--run", default="runs/quickstart", help="--prefill / --layout: a run folder (base_model, train, "
                     "eval)")
     ap.add_argument("--repeats", type=int, default=2, help="--prefill: alternating timed repeats")
@@ -282,6 +334,11 @@ def main() -> None:
         if "--n" not in sys.argv:
             args.n = 1800
         return bench_layout(args)
+    if args.shortcut:
+        args.new_tokens = 16 if "--new-tokens" not in sys.argv else args.new_tokens
+        args.batch = 32 if "--batch" not in sys.argv else args.batch
+        args.n = 2048 if "--n" not in sys.argv else args.n
+        return bench_shortcut(args)
     if args.engines:
         return bench_engines(args)
     model = args.model

@@ -211,10 +211,9 @@ def grpo_config(cfg: RLConfig, out_dir: Path, precision: str):
         # the dataset's label column reaches the reward functions only if TRL keeps it
         remove_unused_columns=False, **tracking.trainer_kwargs(cfg.report_to, out_dir, GRPOConfig.__dataclass_fields__),
     )
-    if cfg.gradient_checkpointing:
-        fields = GRPOConfig.__dataclass_fields__
-        flag = next(n for n in ("activation_checkpointing", "gradient_checkpointing") if n in fields)
-        kwargs[flag] = True
+    fields = GRPOConfig.__dataclass_fields__
+    flag = next(n for n in ("activation_checkpointing", "gradient_checkpointing") if n in fields)
+    kwargs[flag] = cfg.gradient_checkpointing  # said either way: TRL's default is on
     return GRPOConfig(**kwargs)
 
 

@@ -63,6 +63,9 @@ class TransformersBackend(Backend):
                 model = model.merge_and_unload()
         self.model = model.to(self.device).eval()
         self.min_new_tokens: int | None = None  # benchmarks: force equal lengths on every backend
+        self.answer_shortcut = True  # read greedy answers off the scored blocks (_generate_and_score_batch)
+        self.share_prefix = True  # prefill a batch's common prompt beginning once (_prefill_shared)
+        self._shortcut_pause = 0
         self.eos_ids = sorted({i for i in (self.tokenizer.eos_token_id,
                                            *_as_list(getattr(self.model.generation_config, "eos_token_id", None)))
                                if i is not None})
@@ -188,10 +191,12 @@ class TransformersBackend(Backend):
             mask[i, width - len(r):] = 1
         return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
-    def _continuations(self, last_logits, cache, mask, pos, continuations) -> list[list[list[float]]]:
+    def _continuations(self, last_logits, cache, mask, pos, continuations, greedy: list | None = None):
         """Per-token log-probabilities of every continuation after each row of a prefilled batch: ``cache``
         holds the whole context, ``last_logits`` its last position's logits (predicting each continuation's
-        first token). The cache is repeated once per continuation in place, so it is spent afterwards."""
+        first token). The cache is repeated once per continuation in place, so it is spent afterwards.
+        With a ``greedy`` list, it gets per row the index of the continuation greedy decoding would write
+        (every token the argmax where it is predicted, then an end-of-turn token), or None."""
         import torch
 
         k, pad = len(continuations), self.tokenizer.pad_token_id
@@ -210,6 +215,14 @@ class TransformersBackend(Backend):
             past_key_values=cache, use_cache=True)
         lp0 = torch.log_softmax(last_logits.float(), -1).cpu()  # predicts each continuation's 1st token
         lpr = torch.log_softmax(rest.logits.float(), -1).cpu()  # position t predicts token t + 1
+        if greedy is not None:
+            top0, top = lp0.argmax(-1).tolist(), lpr.argmax(-1).tolist()
+            eos = set(self.eos_ids)
+            for i in range(b):
+                hit = [j for j, c in enumerate(continuations)
+                       if top0[i] == c[0] and all(top[i * k + j][t - 1] == c[t] for t in range(1, len(c)))
+                       and top[i * k + j][len(c) - 1] in eos]
+                greedy.append(hit[0] if hit else None)
         return [[[float(lp0[i, c[0]])] + [float(lpr[i * k + j, t - 1, c[t]]) for t in range(1, len(c))]
                  for j, c in enumerate(continuations)] for i in range(b)]
 
@@ -257,7 +270,79 @@ class TransformersBackend(Backend):
 
     def _generate_and_score_batch(self, batch, conts) -> tuple[list[Generation], list[list[float] | None]]:
         """One batch of generate_and_score: a score per row whose generation starts at its answer, None for
-        the rest (scored after their reasoning by the caller)."""
+        the rest (scored after their reasoning by the caller).
+
+        Answer blocks first: one prefill of each whole prompt, then the blocks scored from its cache. Where a
+        block is what greedy decoding writes token by token (each token the argmax where it is predicted, then
+        an end-of-turn token), it IS the row's greedy generation, so that row needs no decoding loop; only the
+        other rows are generated, as before. A student trained to answer at once answers so for nearly every
+        row; a model that rarely does (a base model that reasons first) would pay for the prefill twice, so
+        after a batch where it missed on most rows the next 8 batches decode as before."""
+        if not self._shortcut_ok(conts):
+            self._shortcut_pause = max(0, self._shortcut_pause - 1)
+            return self._decode_then_score(batch, conts)
+        last_logits, cache, mask, pos = self._prefill_shared([q.prompt_ids for q in batch])
+        greedy: list[int | None] = []
+        per_token = self._continuations(last_logits, cache, mask, pos, conts, greedy)
+        gens: list[Generation | None] = [None] * len(batch)
+        scores: list[list[float] | None] = [None] * len(batch)
+        for i, j in enumerate(greedy):
+            text = self.tokenizer.decode(conts[j], skip_special_tokens=True) if j is not None else None
+            if text is not None and not reasoning_context(text):  # as the decoding path decides it
+                gens[i] = Generation(text, len(conts[j]), "stop")
+                scores[i] = [sum(t) for t in per_token[i]]
+        rest = [i for i, g in enumerate(gens) if g is None]
+        if len(rest) > len(batch) / 2:
+            self._shortcut_pause = 8  # batches decoded the usual way before the shortcut is tried again
+        if rest:
+            g, s = self._decode_then_score([batch[i] for i in rest], conts)
+            for i, gi, si in zip(rest, g, s):
+                gens[i], scores[i] = gi, si
+        return gens, scores
+
+    def _prefill_shared(self, rows: list[list[int]]):
+        """Prefill a batch whose prompts share a beginning (the system prompt and the question's first words,
+        about a third of a student prompt) by running that beginning once and copying its cache to every row;
+        each row's own rest is then left-padded after it, with explicit positions, so logits equal an unpadded
+        run. Returns (last position's logits, cache, mask, positions) as ``_continuations`` takes them."""
+        import torch
+
+        n = min(len(r) for r in rows) - 1  # every row keeps at least its last token to predict from
+        for k, col in enumerate(zip(*rows)):
+            if k >= n or any(t != col[0] for t in col):
+                n = k
+                break
+        if n < 16 or len(rows) < 2 or not self.share_prefix:
+            ids, mask, pos = self._left_pad(rows, self.tokenizer.pad_token_id)
+            out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                             position_ids=pos.to(self.device), use_cache=True, logits_to_keep=1)
+            return out.logits[:, -1], out.past_key_values, mask, pos
+        head = self.model(input_ids=torch.tensor([rows[0][:n]], device=self.device), use_cache=True,
+                          logits_to_keep=1).past_key_values
+        head.batch_repeat_interleave(len(rows))
+        ids, tail_mask, _ = self._left_pad([r[n:] for r in rows], self.tokenizer.pad_token_id)
+        mask = torch.cat([torch.ones((len(rows), n), dtype=torch.long), tail_mask], 1)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                         position_ids=pos[:, n:].to(self.device), past_key_values=head, use_cache=True,
+                         logits_to_keep=1)
+        return out.logits[:, -1], out.past_key_values, mask, pos
+
+    def _shortcut_ok(self, conts) -> bool:
+        """Whether greedy generation can be read off the scored answer blocks: nothing but argmax picks tokens
+        (no processor in the model's generation config, no forced minimum length), a block and its end-of-turn
+        token fit in max_new_tokens, and no recent batch missed on most rows."""
+        gc = self.model.generation_config
+        plain = (gc.repetition_penalty in (None, 1.0) and not gc.no_repeat_ngram_size and not gc.bad_words_ids
+                 and not gc.suppress_tokens and not gc.begin_suppress_tokens and not gc.forced_bos_token_id
+                 and not gc.forced_eos_token_id and not gc.min_new_tokens and (gc.min_length or 0) <= 0
+                 and not gc.sequence_bias)
+        return (plain and self.answer_shortcut and not self.min_new_tokens and not self._shortcut_pause
+                and max(len(c) for c in conts) < self.cfg.max_new_tokens)
+
+    def _decode_then_score(self, batch, conts) -> tuple[list[Generation], list[list[float] | None]]:
+        """Generate, then score the answer blocks of the rows whose generation starts at its answer from the
+        same prefill."""
         import torch
 
         ids, mask, pos = self._left_pad([q.prompt_ids for q in batch], self.tokenizer.pad_token_id)

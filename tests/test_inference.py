@@ -88,6 +88,73 @@ def test_one_prefill_for_generation_and_scoring_equals_the_two_passes(peft_backe
         assert got == pytest.approx(want, abs=1e-4)
 
 
+def test_answers_read_off_the_scored_blocks_equal_decoding(peft_backend, monkeypatch):
+    """Where a scored block is exactly what greedy decoding writes (each token the argmax where it is predicted,
+    then an end-of-turn token), generate_and_score takes it as the generation without decoding: text, token
+    count, finish reason and scores equal the decoding path's, and only the other rows are decoded. The tiny
+    adapter does not answer at once, so the block here is its own greedy output, cut where an extra
+    end-of-turn token is declared (both paths stop there)."""
+    import synthpert.transformers_backend as backends
+    from synthpert.backends import answer_continuations
+    from synthpert.prompting import student_messages
+
+    b = peft_backend
+    queries = [b.prepare(student_messages(*t)) for t in [("k562", "MYC", "GAPDH"), ("k562", "TP53", "CDKN1A")]]
+    queries.append(b.prepare([{"role": "user", "content": "Name a colour."}]))  # writes something else
+    ids, mask, _ = b._left_pad([queries[0].prompt_ids], b.tokenizer.pad_token_id)
+    toks = b.model.generate(input_ids=ids, attention_mask=mask,
+                            **b._sampling_kwargs(12, 0.0, 1.0, 1))[0, ids.shape[1]:].tolist()
+    k = next(k for k in range(2, len(toks)) if toks[k] not in toks[:k] and toks[k] not in b.eos_ids)
+    monkeypatch.setattr(b, "eos_ids", sorted({*b.eos_ids, toks[k]}))
+    block = toks[:k]
+    conts = answer_continuations(b.tokenizer) + [block]
+    text = b.tokenizer.decode(block, skip_special_tokens=True)
+    real = backends.reasoning_context
+    monkeypatch.setattr(backends, "reasoning_context", lambda t: "" if t == text else real(t))
+    decoded_rows = []
+    decode = b._decode_then_score
+    monkeypatch.setattr(b, "_decode_then_score", lambda batch, c: decoded_rows.append(len(batch)) or decode(batch, c))
+
+    import torch
+
+    b._shortcut_pause = 0
+    with torch.inference_mode():
+        got_gens, got_scores = b._generate_and_score_batch(queries, conts)
+        b.answer_shortcut = False
+        try:
+            want_gens, want_scores = b._generate_and_score_batch(queries, conts)
+        finally:
+            b.answer_shortcut = True
+    assert (got_gens[0].text, got_gens[0].finish_reason, got_gens[0].completion_tokens) == (text, "stop", len(block))
+    assert want_gens[1].text == text and want_gens[2].text != text
+    assert decoded_rows[0] == 1  # rows 0 and 1 were read off the block, row 2 was decoded
+    assert [(g.text, g.completion_tokens, g.finish_reason) for g in got_gens] == \
+        [(g.text, g.completion_tokens, g.finish_reason) for g in want_gens]
+    for got, want in zip(got_scores, want_scores):
+        assert (got is None) == (want is None)
+        if got is not None:
+            assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_a_batch_sharing_its_prompt_beginning_is_prefilled_once_with_the_same_logits(peft_backend):
+    """The shared beginning of a batch's prompts runs once and its cache is copied to every row: last-position
+    logits equal those of the plain left-padded batch."""
+    import torch
+
+    from synthpert.prompting import student_messages
+
+    b = peft_backend
+    rows = [b.prepare(student_messages("k562", "MYC", g)).prompt_ids for g in ("GAPDH", "CDKN1A", "HBG1")]
+    rows[1] = rows[1] + rows[1][-5:]  # unequal lengths: the rows' own rests are padded after the shared part
+    with torch.inference_mode():
+        shared, _, mask, _ = b._prefill_shared(rows)
+    assert mask.shape[1] == max(len(r) for r in rows) and (mask == 0).any()
+    ids, m, pos = b._left_pad(rows, b.tokenizer.pad_token_id)
+    with torch.inference_mode():
+        plain = b.model(input_ids=ids, attention_mask=m, position_ids=pos).logits[:, -1]
+    assert torch.allclose(shared, plain, atol=1e-4)
+
+
 def test_merged_model_matches_peft_adapter(peft_backend, tiny_model_dir, tiny_adapter_dir):
     from synthpert.backends import make_backend
     from synthpert.config.evaluate import InferenceConfig

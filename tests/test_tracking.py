@@ -156,3 +156,20 @@ def test_an_adapter_trained_without_trackers_logs_nothing(tiny_adapter_dir):
     assert json.loads((tiny_adapter_dir / "manifest.json").read_text())["tracking"] is None
     assert log_to_training_trackers(str(tiny_adapter_dir), None, {}) == []
     assert not (tiny_adapter_dir / "tensorboard").exists()
+
+
+@pytest.mark.parametrize("setting", ["none", "full"])
+def test_gradient_checkpointing_reaches_the_trainer_as_configured(tmp_path, setting):
+    """TRL's SFTConfig and GRPOConfig turn activation checkpointing on by default; `none` must switch it off
+    (it had recomputed every forward pass of the quickstart's training) and `full` on."""
+    from synthpert.config.rl import RLConfig
+    from synthpert.config.train import TrainConfig
+    from synthpert.rl import grpo_config
+    from synthpert.train import sft_config
+
+    def flag(args):
+        return getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing")
+
+    assert flag(sft_config(TrainConfig(gradient_checkpointing=setting), tmp_path, "fp32", False)) == (setting == "full")
+    rl = grpo_config(RLConfig(gradient_checkpointing=setting == "full"), tmp_path, "fp32")
+    assert flag(rl) == (setting == "full")
