@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -39,8 +40,23 @@ def _mean_loss(model, tok, rows):
     return sum(losses) / len(losses)
 
 
+@pytest.fixture(scope="module")
+def full_run(tiny_model_dir, tiny_traces_path, tmp_path_factory):
+    """A train.method=full run folder: 3 steps, then resumed from its checkpoint to 8."""
+    from synthpert.train import run_train, train_model
+
+    cfg = _cfg(tiny_model_dir, method="full", save_steps=3, optim={"max_steps": 3})
+    out = tmp_path_factory.mktemp("full") / "train"
+    first = train_model(cfg, tiny_traces_path, out).summary
+    assert (out / "checkpoints" / "checkpoint-3").is_dir()
+    more = cfg.model_copy(update={"resume": True, "optim": cfg.optim.model_copy(update={"max_steps": 8})})
+    return cfg, out, first, run_train(more, tiny_traces_path, out)
+
+
 def test_full_fine_tuning_trains_every_weight_and_saves_a_model_later_stages_load(tiny_model_dir, tiny_traces_path,
-                                                                                 tmp_path):
+                                                                                 full_run, tmp_path):
+    import shutil
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -49,19 +65,13 @@ def test_full_fine_tuning_trains_every_weight_and_saves_a_model_later_stages_loa
     from synthpert.merge import merge_adapter
     from synthpert.run_folder import resolve_model_paths
     from synthpert.runs import is_full_model, read_manifest, student_weight_files
-    from synthpert.train import run_train, train_model
     from synthpert.train_data import training_examples
 
-    cfg = _cfg(tiny_model_dir, method="full", save_steps=3, optim={"max_steps": 3})
-    out = tmp_path / "full"
-    result = train_model(cfg, tiny_traces_path, out)
+    cfg, out, first, summary = full_run
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     n_params = sum(p.numel() for p in base.parameters())
-    assert result.summary["trainable_params"] == n_params and result.summary["method"] == "full"
-    assert (out / "checkpoints" / "checkpoint-3").is_dir()
-    # resume continues a full fine-tune from its checkpoint (optimizer state and all)
-    more = cfg.model_copy(update={"resume": True, "optim": cfg.optim.model_copy(update={"max_steps": 8})})
-    summary = run_train(more, tiny_traces_path, out)
+    assert first["trainable_params"] == n_params and first["method"] == "full"
+    # resume continued the full fine-tune from its checkpoint (optimizer state and all)
     assert summary["resumed_from"].endswith("checkpoint-3") and summary["global_step"] == 8
 
     # a whole model folder, no adapter: it loads with from_pretrained alone
@@ -76,16 +86,17 @@ def test_full_fine_tuning_trains_every_weight_and_saves_a_model_later_stages_loa
     tok = AutoTokenizer.from_pretrained(out)
     before, after = _mean_loss(base, tok, rows), _mean_loss(tuned, tok, rows)
     assert after < 0.7 * before, (before, after)
-    assert summary["last_logged_loss"] < result.summary["first_logged_loss"]
+    assert summary["last_logged_loss"] < first["first_logged_loss"]
 
     # eval / predict / serve load the folder given as the adapter as THE model, without the base
     model_dir, adapter_dir = student_dirs(InferenceConfig(model=None, adapter=str(out)))
     assert (model_dir, adapter_dir) == (out, None)
     assert resolve_model_paths(None, None, str(out), None)[:2] == (str(out), str(out))
-    version = adapter_version(out)
-    (out / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes() + b" ")
-    assert adapter_version(out) != version  # a retrained model gets a new hash (decision rules bind to it)
-    tuned.save_pretrained(out)
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    version = adapter_version(copy)
+    (copy / "model.safetensors").write_bytes((copy / "model.safetensors").read_bytes() + b" ")
+    assert adapter_version(copy) != version  # a retrained model gets a new hash (decision rules bind to it)
     with pytest.raises(SynthpertError, match="nothing to merge"):
         merge_adapter(out, tmp_path / "merged")
     r = subprocess.run([sys.executable, "-m", "synthpert.cli", "predict", "--adapter", str(out), "--cell", "K562",
@@ -160,3 +171,26 @@ def test_bf16_lora_training_on_cpu_lowers_the_loss_with_fp32_adapter_weights(tin
     assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "bf16")
     assert torch.isfinite(reloaded(input_ids=torch.tensor([[5, 17, 99]])).logits).all()
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+def test_vllm_and_transformers_score_a_full_fine_tune_alike(full_run):
+    """Last in this file: importing vllm changes torch's threading for the tests after it."""
+    from synthpert.backends import make_backend
+    from synthpert.config.evaluate import InferenceConfig
+    from synthpert.prompting import student_messages
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    out = str(full_run[1])
+    hf = make_backend(InferenceConfig(adapter=out, max_new_tokens=8))
+    vl = make_backend(InferenceConfig(backend="vllm", adapter=out, merge_adapter=True, max_new_tokens=8,
+                                      max_model_len=1024))
+    try:
+        assert "enable_lora" not in vl.describe()["engine"]  # the folder is the engine's model, no LoRA
+        msgs = [student_messages("k562", "MYC", "GAPDH"), student_messages("rpe1", "TP53", "CDKN1A")]
+        scores = [b.answer_logprobs([b.prepare(m) for m in msgs], ["", ""]) for b in (hf, vl)]
+        diff = max(abs(x - y) for a, b in zip(*scores) for x, y in zip(a, b))
+        assert diff < 2e-3, diff
+    finally:
+        vl.close()
