@@ -106,6 +106,23 @@ def test_full_fine_tuning_trains_every_weight_and_saves_a_model_later_stages_loa
     one = json.loads(r.stdout)
     assert one["label"] in LABELS and abs(sum(one["probabilities"].values()) - 1) < 1e-6
 
+    import httpx
+    from _live_server import LiveServer
+
+    from synthpert.config.serve import ServeConfig, ServeSettings
+    from synthpert.decision import decision_for
+    from synthpert.inference import load_predictor
+    from synthpert.serve import create_app
+
+    predictor = load_predictor(ServeConfig(inference={"adapter": str(out), "max_new_tokens": 8}))
+    try:
+        with LiveServer(create_app(predictor, ServeSettings(), None, decision_for("auto", str(out), None))) as srv:
+            body = httpx.post(f"{srv.url}/v1/predict", json={"cell_line": "k562", "perturbation": "MYC",
+                                                             "gene": "GAPDH"}, timeout=60).json()
+        assert body["label"] in LABELS and body["adapter"] == str(out), body
+    finally:
+        predictor.backend.close()
+
 
 def test_bad_method_combinations_are_refused_before_anything_loads(tmp_path):
     from synthpert.config import load_section
@@ -121,14 +138,19 @@ def test_bad_method_combinations_are_refused_before_anything_loads(tmp_path):
     assert cfg.method == "full" and cfg.lora.r == 4
 
 
-def test_rl_refuses_a_full_fine_tune_as_its_sft_adapter(tmp_path):
+def test_rl_and_push_refuse_a_full_fine_tune_by_name(tmp_path):
     from synthpert.config.rl import RLConfig
+    from synthpert.publish import push
     from synthpert.rl import sft_run
 
-    (tmp_path / "config.json").write_text("{}")
-    (tmp_path / "manifest.json").write_text(json.dumps({"method": "full"}))
+    train = tmp_path / "run" / "train"
+    train.mkdir(parents=True)
+    (train / "config.json").write_text("{}")
+    (train / "manifest.json").write_text(json.dumps({"method": "full"}))
     with pytest.raises(SynthpertError, match="fully fine-tuned model .* train with train.method=lora"):
-        sft_run(RLConfig.model_validate({"adapter": str(tmp_path)}))
+        sft_run(RLConfig.model_validate({"adapter": str(train)}))
+    with pytest.raises(SynthpertError, match="train.method=full.*LoRA adapters only"):
+        push(tmp_path / "run", "user/student", dry_run=True)
 
 
 CPUINFO = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f {extra}\n"
