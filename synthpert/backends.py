@@ -23,6 +23,7 @@ from .answer import LABELS, format_answer, reasoning_context
 from .config.evaluate import InferenceConfig
 from .errors import SynthpertError
 from .resources import hash_file_into, sha256_text
+from .runs import is_full_model, student_weight_files
 from .tokenizer import render_prompt_ids
 
 BACKENDS = ("transformers", "vllm", "openai")
@@ -59,11 +60,13 @@ def adapter_rank(adapter_dir: str | Path) -> int:
 
 
 def adapter_version(adapter_dir: str | Path) -> str:
-    """Content hash of the adapter's config + weights: a retrained adapter in the same folder gets a new
-    name, so vLLM never answers with a stale cached copy."""
+    """Content hash of the adapter's config + weights (a full fine-tune's: the model's): a retrained adapter in
+    the same folder gets a new name, so vLLM never answers with a stale cached copy, and a decision rule fitted
+    for the old one is refused."""
     h = hashlib.sha256()
-    for name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
-        p = Path(adapter_dir) / name
+    names = student_weight_files(adapter_dir) if is_full_model(adapter_dir) else [
+        Path(adapter_dir) / n for n in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")]
+    for p in names:
         if p.exists():
             hash_file_into(h, p)
     return h.hexdigest()[:12]
@@ -84,6 +87,15 @@ def model_folder(name: str | None) -> Path:
     from .models import resolve_model
 
     return check_dir(resolve_model(name), "model")
+
+
+def student_dirs(cfg: InferenceConfig) -> tuple[Path, Path | None]:
+    """(model folder, adapter folder or None) to load. A train.method=full folder given as the adapter (what
+    --run and the pipeline pass) IS the model: it is loaded alone, and its base model is not needed."""
+    adapter_dir = check_dir(cfg.adapter, "adapter") if cfg.adapter else None
+    if adapter_dir is not None and is_full_model(adapter_dir):
+        return adapter_dir, None
+    return model_folder(cfg.model), adapter_dir
 
 
 def answer_continuations(tok) -> list[list[int]]:

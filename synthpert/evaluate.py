@@ -38,7 +38,7 @@ from .prompting import student_prompt_hash
 from .report import write_figures, write_report
 from .tracking import log_eval_metrics
 from .verdict import DECIDED, accuracy_vs_majority, verdict, verdict_row  # noqa: F401 (verdict_row: API)
-from .runs import adapter_manifest, check_writable, library_versions, write_json_atomic
+from .runs import adapter_manifest, check_writable, is_full_model, library_versions, write_json_atomic
 from .schema import HARD_LABEL, Prediction, jsonable, read_jsonl
 
 log = logging.getLogger("synthpert.evaluate")
@@ -267,7 +267,7 @@ def run_eval(cfg: EvalConfig, dataset_path: str | Path | None = None, out_dir: s
     if inf.backend == "openai" and not inf.cache_path:
         inf = inf.model_copy(update={"cache_path": str(out / "cache.sqlite")})
     cfg = cfg.model_copy(update={"inference": inf})
-    if not inf.model:
+    if not inf.model and not is_full_model(inf.adapter):  # a train.method=full folder is the model itself
         raise SynthpertError("no model given: pass --model DIR (or a model name with --backend openai)")
 
     examples = examples_of(cfg)
@@ -338,6 +338,8 @@ def log_to_training_trackers(adapter: str | None, cfg: EvalConfig, metrics: dict
 
 def _default_name(inf: InferenceConfig) -> str:
     model = Path(inf.model).name if inf.model else "model"
+    if is_full_model(inf.adapter):
+        return f"{Path(inf.adapter).name} (full fine-tune)"
     if inf.adapter:
         return f"{model} + {Path(inf.adapter).name}"
     return f"{model} (zero-shot)"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .errors import SynthpertError
 from .models import resolve_model
+from .runs import is_full_model
 
 # Fixed probe triples: real PerturbQA genes, one per built-in cell line family.
 PROBES = (("k562", "AAMP", "ADGRE5"), ("rpe1", "RPL11", "CDKN1A"), ("k562", "GATA1", "HBG1"))
@@ -61,6 +62,10 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | None = None,
 
     adapter = Path(adapter).expanduser()
     cfg_path = adapter / "adapter_config.json"
+    if is_full_model(adapter):  # refused rather than copied: a copy would only double the disk it takes
+        raise SynthpertError(f"{adapter} holds a fully fine-tuned model (train.method=full), not an adapter: there "
+                             "is nothing to merge. Use the folder itself as the model (--model, or --adapter / "
+                             "--run, which load it alone)")
     if not cfg_path.exists():
         raise SynthpertError(f"{adapter} holds no LoRA adapter (adapter_config.json missing)")
     out = Path(out).expanduser()

@@ -21,7 +21,7 @@ from .config import validate_config
 from .config.data import DataConfig, SubsampleConfig
 from .config.run import RunConfig
 from .errors import SynthpertError
-from .runs import Manifest, StageRecord, Timer, hash_json, hash_paths, write_json_atomic
+from .runs import Manifest, StageRecord, Timer, hash_json, hash_paths, student_weight_files, write_json_atomic
 from .schema import jsonable
 
 STAGES = ("data", "base_model", "generate", "judge", "train", "rl", "eval")
@@ -363,9 +363,9 @@ class Pipeline:
              lambda d: [d / "kept.jsonl"]),
             ("train", cfg.train.model_dump(mode="json"),
              ["data", "judge"] + (["base_model"] if cfg.train.base_model == TINY else []), self._train,
-             lambda d: [d / "adapter_config.json", d / "adapter_model.safetensors"]),
+             student_weight_files),  # the adapter, or a full fine-tune's model
             ("rl", cfg.rl.model_dump(mode="json") if cfg.rl is not None else None, ["data", "train"], self._rl,
-             lambda d: [d / "adapter_config.json", d / "adapter_model.safetensors"]),
+             student_weight_files),
             ("eval", {"eval": cfg.eval.model_dump(mode="json"), "zero_shot": cfg.zero_shot,
                       "eval_sets": {k: v.model_dump() for k, v in cfg.eval_sets.items()},
                       "csv": self._csv_fingerprint({c for es in cfg.eval_sets.values() for c in es.test_cells})},

@@ -20,7 +20,7 @@ from pathlib import Path
 from .answer import LABELS, SHORT
 from .errors import SynthpertError
 from .models import shipped_model
-from .runs import ADAPTER_MANIFEST
+from .runs import ADAPTER_MANIFEST, is_full_model
 
 WHAT = ("adapter", "traces", "report")
 TAGS = ["synthpert", "trl", "sft", "lora", "biology", "perturbation"]
@@ -65,6 +65,9 @@ def check_run(run: Path, what: list[str]) -> None:
     if not run.is_dir():
         raise SynthpertError(f"{run} is not a folder (give the run folder `synthpert run` wrote, runs/NAME)")
     if "adapter" in what or "report" in what:
+        if is_full_model(run / "train"):
+            raise SynthpertError(f"{run}/train holds a fully fine-tuned model (train.method=full): publish uploads "
+                                 "LoRA adapters only for now; upload the folder with `huggingface-cli upload`")
         if not (run / "train" / "adapter_config.json").exists():
             raise SynthpertError(f"{run} has no trained adapter (train/adapter_config.json): finish `synthpert run` "
                                  "(or drop 'adapter' and 'report' from --what)")

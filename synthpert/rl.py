@@ -28,10 +28,11 @@ from .errors import SynthpertError
 from .evidence import dataset_training_stats, evidence_text
 from .prompting import student_messages, student_prompt_hash
 from .models import resolve_model
+from .precision import resolve_precision as precision_for
 from .resources import sha256_text
 from .rewards import class_weights, reward_functions, wrong_reward
-from .runs import (ADAPTER_MANIFEST, git_revision, hash_json, library_versions, read_manifest, storage_errors,
-                   write_adapter_manifest)
+from .runs import (ADAPTER_MANIFEST, git_revision, hash_json, is_full_model, library_versions, read_manifest,
+                   storage_errors, write_adapter_manifest)
 from .schema import read_jsonl
 from .tokenizer import load_tokenizer
 
@@ -61,6 +62,9 @@ def sft_run(cfg: RLConfig) -> tuple[Path, dict, str]:
     if not cfg.adapter:
         raise SynthpertError("no SFT adapter: set adapter (the `synthpert train --out` folder) or give --adapter")
     adapter = Path(cfg.adapter).expanduser()
+    if is_full_model(adapter):
+        raise SynthpertError(f"{adapter} holds a fully fine-tuned model (train.method=full), not a LoRA adapter: "
+                             "RL continues an SFT adapter, so train with train.method=lora first")
     if not (adapter / "adapter_config.json").is_file():
         raise SynthpertError(f"SFT adapter {adapter} not found (no adapter_config.json there): give the folder "
                              "`synthpert train --out` wrote")
@@ -100,15 +104,7 @@ def check_vllm(cfg: RLConfig) -> None:
 
 
 def resolve_precision(cfg: RLConfig) -> str:
-    import torch
-
-    if _device_kind() == "cpu":
-        if cfg.precision in ("bf16", "fp16"):
-            raise SynthpertError(f"precision={cfg.precision} needs a GPU; on CPU RL runs in fp32")
-        return "fp32"
-    if cfg.precision == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return cfg.precision
+    return precision_for(cfg.precision, "none", "RL", _device_kind())[0]
 
 
 # ---------------------------------------------------------------------------------------------------------

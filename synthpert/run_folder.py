@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import SynthpertError
-from .runs import ADAPTER_MANIFEST, adapter_manifest
+from .runs import ADAPTER_MANIFEST, adapter_manifest, is_full_model
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,8 @@ def resolve_model_paths(run: str | Path | None, model: str | None, adapter: str 
             adapter = folder.adapter
             if evidence_from is None and folder.evidence:
                 evidence_from = folder.dataset
+    if not model and is_full_model(adapter):
+        model = adapter  # a train.method=full folder is the whole model: no base needed
     if not model:
         raise SynthpertError("give --model MODEL_DIR (with --adapter ADAPTER_DIR), or --run RUN_DIR (a folder "
                              "`synthpert run` wrote, e.g. runs/quickstart)")

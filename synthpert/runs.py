@@ -246,6 +246,28 @@ def write_adapter_manifest(run_dir: Path, manifest: dict) -> None:
     write_json_atomic(Path(run_dir) / ADAPTER_MANIFEST, manifest)  # marks the run finished: never half of it
 
 
+def is_full_model(folder: str | Path | None) -> bool:
+    """A `synthpert train` folder of train.method=full: a whole model (config.json + weights) where a LoRA run
+    leaves an adapter. Its manifest says so; a folder without one counts as a model when it has config.json and
+    no adapter_config.json (a merged or downloaded model given as the adapter)."""
+    if not folder:
+        return False
+    folder = Path(folder)
+    if (folder / "adapter_config.json").exists():
+        return False
+    return (folder / "config.json").is_file() and (adapter_manifest(folder).get("method", "full") == "full")
+
+
+def student_weight_files(folder: str | Path) -> list[Path]:
+    """The files that ARE a trained student: the adapter's config + weights, or a full model's config + weight
+    shards (what a rerun's stage check and the adapter hash cover)."""
+    folder = Path(folder)
+    if is_full_model(folder):
+        shards = sorted(folder.glob("model*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+        return [folder / "config.json", *shards]
+    return [folder / "adapter_config.json", folder / "adapter_model.safetensors"]
+
+
 def read_manifest(run_dir: str | Path) -> dict:
     """The manifest of a finished `synthpert train` run folder (an error when there is none)."""
     path = Path(run_dir) / ADAPTER_MANIFEST

@@ -1,11 +1,12 @@
-"""Distillation training: LoRA SFT of a student model on kept reasoning traces (TRL SFTTrainer + PEFT).
+"""Distillation training: SFT of a student model on kept reasoning traces (TRL SFTTrainer), of a PEFT LoRA
+adapter (train.method=lora) or of every weight (method=full).
 
 We tokenize the conversations ourselves (loss_mask.py), through the tokenizer's own chat template, and hand
 SFTTrainer ``input_ids`` + ``labels``, so the guards inspect exactly the tokens and loss mask that are
 trained, before the first step. Examples come from train_data.py.
 
-Outputs (the run folder): the adapter, the tokenizer with the exact chat template used, the resolved
-config, ``manifest.json`` and ``checkpoints/`` (for ``--resume``).
+Outputs (the run folder): the adapter (full: the whole model, which later stages load alone), the tokenizer
+with the exact chat template used, the resolved config, ``manifest.json`` and ``checkpoints/`` (``--resume``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .config.train import TrainConfig
 from .errors import SynthpertError
 from .loss_mask import check_overlength, check_vocab, end_of_turn_ids, mask_mode, tokenize_rows
 from .models import resolve_model, shipped_model
+from .precision import resolve_precision as precision_for
 from .prompting import student_prompt_hash
 from .resources import sha256_file, sha256_text
 from . import tracking
@@ -57,19 +59,7 @@ def _device_kind() -> str:
 
 
 def resolve_precision(cfg: TrainConfig) -> str:
-    import torch
-
-    if _device_kind() == "cpu":
-        if cfg.quantization == "4bit":
-            raise SynthpertError("QLoRA (quantization=4bit) needs a CUDA GPU (bitsandbytes 4-bit kernels); on CPU "
-                                 "set quantization=none")
-        if cfg.precision in ("bf16", "fp16"):
-            raise SynthpertError(f"precision={cfg.precision} needs a GPU; on CPU training runs in fp32 "
-                                 "(precision=auto or fp32)")
-        return "fp32"
-    if cfg.precision == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return cfg.precision
+    return precision_for(cfg.precision, cfg.quantization, "training", _device_kind())[0]
 
 
 def load_model(cfg: TrainConfig, precision: str):
@@ -77,7 +67,9 @@ def load_model(cfg: TrainConfig, precision: str):
     from transformers import AutoModelForCausalLM
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-    kwargs: dict[str, Any] = {"revision": cfg.revision, "dtype": dtype}
+    # full fine-tuning keeps fp32 master weights (bf16/fp16 run under autocast): updates of ~lr*1e-3 vanish
+    # when added to bf16 weights; LoRA's base is frozen, so it loads in the compute dtype
+    kwargs: dict[str, Any] = {"revision": cfg.revision, "dtype": torch.float32 if cfg.method == "full" else dtype}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.quantization == "4bit":
@@ -295,7 +287,8 @@ def train_model(cfg: TrainConfig, source, out_dir: str | Path) -> TrainResult:
     # cpu=True (as TrainingArguments(use_cpu=True) asks), or a torchrun launch would not become gloo DDP.
     state = PartialState(cpu=_device_kind() == "cpu")
     check_launch(os.environ, _device_kind(), state.num_processes)
-    precision = resolve_precision(cfg)  # fails early on CPU for QLoRA / bf16
+    # fails early on CPU for QLoRA / fp16; warns for bf16 on a CPU without bf16 instructions
+    precision, precision_warning = precision_for(cfg.precision, cfg.quantization, "training", _device_kind())
     tracking.require(cfg.report_to)  # a missing tracker package fails before an hour of training, not after
     examples = training_examples(cfg, source)
     tokenizer = student_tokenizer(cfg)
@@ -330,13 +323,14 @@ def train_model(cfg: TrainConfig, source, out_dir: str | Path) -> TrainResult:
     stop = graceful_stop_callback()
     trainer = SFTTrainer(model=model, args=sft_config(cfg, out_dir, precision, bool(eval_records)),
                          train_dataset=_dataset(train_records), eval_dataset=_dataset(eval_records),
-                         processing_class=tokenizer, peft_config=lora_config(cfg, model), callbacks=[stop])
+                         processing_class=tokenizer, callbacks=[stop],
+                         peft_config=lora_config(cfg, model) if cfg.method == "lora" else None)
     tracking.point_tensorboard_at(trainer, out_dir)
     quiet_progress(trainer, out_dir / "train_log.jsonl")
     if cfg.loss_average == "example":
         average_loss_per_example(trainer)
-    bad = [n for n, p in trainer.model.named_parameters()
-           if p.requires_grad and ("embed_tokens" in n or "lm_head" in n or "wte" in n)]
+    bad = [n for n, p in trainer.model.named_parameters()  # a full fine-tune trains them and is served whole
+           if cfg.method == "lora" and p.requires_grad and ("embed_tokens" in n or "lm_head" in n or "wte" in n)]
     if bad:
         raise SynthpertError(f"embedding / lm_head weights would be trained ({bad[:3]}): such an adapter cannot be "
                              "served by vLLM; remove them from lora.target_modules")
@@ -362,6 +356,7 @@ def train_model(cfg: TrainConfig, source, out_dir: str | Path) -> TrainResult:
     first_loss, last_loss = _losses(trainer.state.log_history)
     summary = {
         "run_dir": str(out_dir), "base_model": cfg.base_model, "base_model_name": shipped_name, "mode": cfg.mode,
+        "method": cfg.method,
         "loss_mask": mode,
         "loss_average": cfg.loss_average, "curriculum": cfg.curriculum, "n_contrast_first": examples["n_contrast"],
         "n_train": len(train_records), "n_eval": len(eval_records),
@@ -372,13 +367,14 @@ def train_model(cfg: TrainConfig, source, out_dir: str | Path) -> TrainResult:
         "global_step": trainer.state.global_step, "resumed_from": resume_from,
         "train_loss": output.training_loss, "first_logged_loss": first_loss, "last_logged_loss": last_loss,
         "eval_loss": eval_loss, "trainable_params": trainable, "precision": precision,
+        "precision_warning": precision_warning,
         "runtime_s": round(time.time() - started, 2),
     }
     summary["tracking"] = tracking.run_record(cfg.report_to, out_dir.name, out_dir) if tracking.active(
         cfg.report_to) else None
     if state.is_main_process:
         with storage_errors(out_dir):
-            trainer.save_model(str(out_dir))  # PEFT adapter only
+            trainer.save_model(str(out_dir))  # lora: the PEFT adapter only; full: the whole model
             tokenizer.save_pretrained(str(out_dir))  # with the exact chat template trained on
         # written last: a run folder without it is unfinished (its adapter may be half-written)
         _write_manifest(out_dir, cfg, summary, examples, tokenizer, dhash, base_config, precision)
@@ -398,6 +394,7 @@ def _write_manifest(out_dir, cfg, summary, examples, tokenizer, dhash, base_conf
         "seed": cfg.seed, "git_revision": git_revision(), "libraries": library_versions(),
         "chat_template_sha256": sha256_text(tokenizer.chat_template),
         "student_prompt_hash": student_prompt_hash(), "evidence": cfg.evidence, "mode": cfg.mode,
+        "method": cfg.method,  # full: this folder is a whole model, loaded without the base (runs.is_full_model)
         "extra_cell_lines": own_cell_lines(cfg.dataset_dir or (src if Path(src).is_dir() else None)),
         "precision": precision, "device": _device_kind(), "num_processes": _num_processes(),
         **{k: summary[k] for k in ("loss_mask", "n_train", "n_eval", "skipped", "n_overlength", "global_step",

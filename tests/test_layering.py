@@ -38,6 +38,7 @@ SHARED = {
     "batch_files", "data", "fetch", "evidence", "metrics",
     "baselines", "decision", "offline", "inference", "backends", "transformers_backend", "vllm_backend",
     "openai_backend", "tracking", "checkpoints", "models", "ceiling", "run_folder", "model_check", "sampling",
+    "precision",
 }
 TOP = {"pipeline"}
 

@@ -112,10 +112,13 @@ def test_shipped_run_configs_validate(name):
 
 
 @pytest.mark.slow
-def test_run_fits_the_tuned_decision_on_validation_rows_before_eval(tmp_path, perturbqa_dir):
-    """eval.decision: tuned → the run fits decision.json on its validation split, then every set applies it."""
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_run_fits_the_tuned_decision_on_validation_rows_before_eval(tmp_path, perturbqa_dir, method):
+    """eval.decision: tuned → the run fits decision.json on its validation split, then every set applies it.
+    train.method=full: the same run with a whole fine-tuned model in train/ instead of an adapter."""
     cfg = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
     cfg["name"] = "tuned"
+    cfg["train"]["method"] = method
     cfg["data"]["train_subsample"] = {**cfg["data"]["train_subsample"], "n": 60}
     cfg["train"]["mode"] = "label_only"
     cfg["train"]["optim"]["epochs"] = 1
@@ -139,6 +142,16 @@ def test_run_fits_the_tuned_decision_on_validation_rows_before_eval(tmp_path, pe
     assert not test_ids & set(fitted)  # fitted on validation rows only, never on a test pair
     metrics = json.loads((run_dir / "eval" / "k562_test" / "result" / "metrics.json").read_text())
     assert metrics["decision"]["rule"] == "tuned" and "decided" in metrics["model"]
+    if method == "full":
+        from synthpert.backends import adapter_version
+
+        train = run_dir / "train"
+        assert (train / "model.safetensors").is_file() and not (train / "adapter_config.json").exists()
+        assert json.loads((train / "manifest.json").read_text())["method"] == "full"
+        assert decision["adapter_hash"] == adapter_version(train)  # bound to the full model's weights
+        assert metrics["n_predicted"] == 20
+        again = _run(path, tmp_path / "runs", env)  # the stage check hashes the model's weights
+        assert again.returncode == 0 and "[train] up to date, skipped" in again.stdout, again.stdout[-2000:]
 
 
 @pytest.mark.slow

@@ -231,6 +231,19 @@ def test_grpo_moves_the_adapter_writes_the_manifest_and_resumes(answer_adapter, 
 
 
 @pytest.mark.slow
+def test_grpo_runs_in_bf16_on_cpu(answer_adapter, tiny_built_dataset, tmp_path):
+    """precision=bf16 on CPU (once an error): the bf16 base generates and the LoRA weights still move."""
+    import torch
+
+    from synthpert.rl import run_rl
+
+    summary = run_rl(_cfg(answer_adapter, tiny_built_dataset, precision="bf16"), tmp_path / "rl")
+    assert summary["precision"] == "bf16" and summary["global_step"] == 2
+    before, after = _weights(answer_adapter), _weights(tmp_path / "rl")
+    assert any(not torch.equal(before[k], after[k].to(before[k].dtype)) for k in before)
+
+
+@pytest.mark.slow
 def test_toy_where_one_class_is_always_right_raises_mean_correctness(answer_adapter, tiny_built_dataset,
                                                                      tmp_path):
     """Every prompt's answer is "downregulated": the policy must learn to say it (the SFT adapter, trained

@@ -95,7 +95,8 @@ def train_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the full summary as JSON instead of a few lines."),
     overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. lora.r=16 optim.lr=2e-4"),
 ) -> None:
-    """LoRA SFT (TRL SFTTrainer + PEFT) of a student model on kept reasoning traces."""
+    """SFT (TRL SFTTrainer) of a student model on kept reasoning traces: a LoRA adapter, or every weight
+    with method=full."""
     from ..train import run_train
 
     cfg = load_section(TrainConfig, "train", config, overrides or [])
@@ -128,7 +129,8 @@ def train_cmd(
                + (f" (resumed from {summary['resumed_from']})" if summary.get("resumed_from") else ""))
     typer.echo(f"loss {loss(summary.get('first_logged_loss'))} → {loss(summary.get('last_logged_loss'))}; "
                f"eval loss {loss(summary.get('eval_loss'))}")
-    typer.echo(f"written: {summary['run_dir']} (adapter; details: {Path(summary['run_dir']) / 'manifest.json'})")
+    what = "the whole fine-tuned model" if summary.get("method") == "full" else "adapter"
+    typer.echo(f"written: {summary['run_dir']} ({what}; details: {Path(summary['run_dir']) / 'manifest.json'})")
 
 
 def merge_cmd(

@@ -32,7 +32,9 @@ class InferenceConfig(StrictModel):
     probability_method: Literal["auto", "answer_logprob", "votes"] = Field(
         "auto", description="auto: answer_logprob on local backends, votes on openai")
     batch_size: int = Field(16, ge=1, description="examples per generate call (transformers) / per chunk")
-    dtype: str = Field("auto", description="auto: float32 on CPU, bfloat16 on GPU")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: float32 on CPU, bfloat16 on GPU. bfloat16 runs on CPU too (transformers "
+        "backend: half the weights' memory; fast only on CPUs with avx512_bf16 / amx_bf16)")
     device: str = Field("auto", description="transformers: auto, cpu, cuda, cuda:1 ...")
     # vLLM engine settings; None = chosen by platform (CPU needs eager mode, float32 and a RAM share)
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)

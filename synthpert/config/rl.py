@@ -88,7 +88,8 @@ class RLConfig(StrictModel):
     logging_steps: int = Field(1, ge=1)
     seed: int = 0
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 on a GPU that "
-                                                               "supports it, fp32 on CPU")
+                                                               "supports it, fp32 on CPU; bf16 also runs on CPU, "
+                                                               "fp16 needs a GPU")
     gradient_checkpointing: bool = Field(False, description="recompute activations to save memory (8B: on)")
     resume: bool = Field(False, description="continue from the last checkpoint in the run folder")
     report_to: list[str] = Field(

@@ -62,6 +62,9 @@ class RunConfig(StrictModel):
             raise ValueError("eval_sets is empty: name at least one test set")
         if not self.train.base_model:
             raise ValueError("train.base_model is not set (a hub id, a local folder, or 'tiny')")
+        if self.rl is not None and self.train.method == "full":
+            raise ValueError("rl continues the SFT LoRA adapter; train.method=full writes a whole model instead: "
+                             "use train.method=lora with an rl stage, or drop rl")
         if self.judge.kind == "consistency" and (self.teacher.mode not in ("predict", "evidence_blind")
                                                  or self.teacher.samples < 2):
             raise ValueError(f"judge.kind=consistency compares label-blind samples: set teacher.mode to predict or "

@@ -11,7 +11,8 @@ from . import StrictModel
 
 
 class LoraSettings(StrictModel):
-    """PEFT LoRA settings (SynthPert's recipe: r=32, alpha=32, dropout 0, all linear layers)."""
+    """PEFT LoRA settings (SynthPert's recipe: r=32, alpha=32, dropout 0, all linear layers). Ignored with
+    train.method=full (one config can then switch method), which trains every weight."""
 
     r: int = Field(32, ge=1, description="LoRA rank")
     alpha: float = Field(32, gt=0, description="LoRA alpha (scale = alpha / r)")
@@ -45,6 +46,13 @@ class TrainConfig(StrictModel):
     base_model: str | None = Field(None, description="hub id or local folder of the base (student) model",
                                    json_schema_extra={"path": "model"})
     revision: str | None = Field(None, description="hub revision (commit / tag) of the base model")
+    method: Literal["lora", "full"] = Field(
+        "lora", description="lora: train a PEFT LoRA adapter on the frozen base model, saved as an adapter "
+        "folder; full: train every weight of the base model (LLaMA-Factory's finetuning_type: full), saved as "
+        "a whole model folder that eval / predict / serve / --run load in place of base model + adapter. Full "
+        "keeps fp32 master weights plus AdamW's two moments (~16 bytes per parameter before activations) and "
+        "writes a whole model; the lora.* settings are ignored with it; quantization=4bit (QLoRA) and RL "
+        "(which continues a LoRA adapter) need method lora")
     mode: Literal["reasoning", "label_only", "multitask"] = Field(
         "reasoning", description="'reasoning': assistant = kept trace + answer (input: traces JSONL); "
         "'label_only': assistant = just the answer (input: a built dataset folder), the ablation; 'multitask': "
@@ -100,7 +108,8 @@ class TrainConfig(StrictModel):
     logging_steps: int = Field(10, ge=1)
     seed: int = 0
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="auto: bf16 on a GPU that supports it, fp32 on CPU")
+        "auto", description="auto: bf16 on a GPU that supports it, fp32 on CPU. bf16 also runs on CPU (autocast; "
+        "fast on CPUs with avx512_bf16 / amx_bf16, a warning on others); fp16 needs a GPU")
     quantization: Literal["none", "4bit"] = Field("none", description="4bit = QLoRA (bitsandbytes NF4, CUDA only)")
     gradient_checkpointing: Literal["none", "full", "selective"] = Field(
         "none", description="recompute activations in the backward pass to save memory (selective: TRL's SAC)")
@@ -124,6 +133,10 @@ class TrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _combinations(self):
+        if self.method == "full" and self.quantization == "4bit":
+            raise ValueError("method=full trains every weight, but quantization=4bit freezes the base model in "
+                             "4 bits (QLoRA trains only a LoRA adapter on it): use method=lora with 4bit, or "
+                             "quantization=none with full")
         if self.quantization == "4bit" and self.precision == "fp32":
             raise ValueError("QLoRA (quantization=4bit) computes in bf16/fp16; precision=fp32 is not possible")
         if self.packing and self.overlength == "truncate":
