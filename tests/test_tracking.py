@@ -168,7 +168,7 @@ def test_gradient_checkpointing_reaches_the_trainer_as_configured(tmp_path, sett
     from synthpert.train import sft_config
 
     def flag(args):
-        return getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing")
+        return getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing
 
     assert flag(sft_config(TrainConfig(gradient_checkpointing=setting), tmp_path, "fp32", False)) == (setting == "full")
     rl = grpo_config(RLConfig(gradient_checkpointing=setting == "full"), tmp_path, "fp32")
