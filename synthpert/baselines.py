@@ -21,6 +21,8 @@ macro-F1 bar; ``crosscell`` is the per-gene AUROC bar.
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import pandas as pd
 
@@ -117,26 +119,53 @@ def evidence_features(stats: TrainingStats, rows: pd.DataFrame) -> np.ndarray:
                             logit(up_here), np.log1p(n_here), has_info.astype(float), np.log1p(pert_n)])
 
 
-def combined_probabilities(stats: TrainingStats, test: pd.DataFrame, seed: int = 0,
-                           max_fit_rows: int = COMBINED_MAX_FIT_ROWS) -> np.ndarray:
-    """Multinomial logistic regression on ``evidence_features``, fitted on a seeded sample of the training
-    rows ``stats`` was built from (never on ``test``, whose labels it does not read)."""
+def combined_fit_keys(stats: TrainingStats, seed: int = 0, max_fit_rows: int = COMBINED_MAX_FIT_ROWS) -> list:
+    """The (cell line, perturbation, gene) training rows ``combined`` is fitted on: a seeded sample of them."""
+    keys = sorted(stats.pair_label)
+    if len(keys) > max_fit_rows:
+        rng = np.random.default_rng(seed)
+        keys = [keys[i] for i in np.sort(rng.choice(len(keys), size=max_fit_rows, replace=False))]
+    return keys
+
+
+def fit_combined(stats: TrainingStats, keys: list):
+    """The combined regression fitted on training rows ``keys`` (their labels from ``stats``)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    keys = sorted(stats.pair_label)
-    rng = np.random.default_rng(seed)
-    if len(keys) > max_fit_rows:
-        keys = [keys[i] for i in np.sort(rng.choice(len(keys), size=max_fit_rows, replace=False))]
     train = pd.DataFrame(keys, columns=["cell_line", "perturbation", "gene"])
     y = np.array([LABELS.index(stats.pair_label[k]) for k in keys])
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=1.0))
     model.fit(evidence_features(stats, train), y)
-    probs = np.zeros((len(test), 3))
-    if len(test):
-        probs[:, model.classes_] = model.predict_proba(evidence_features(stats, test))
+    return model
+
+
+def model_probabilities(model, features: np.ndarray) -> np.ndarray:
+    """(n, 3) class probabilities; a class the fit never saw gets 0."""
+    probs = np.zeros((len(features), 3))
+    if len(features):
+        probs[:, model.classes_] = model.predict_proba(features)
     return probs
+
+
+# Fitted once per (stats, seed, rows) per process: evaluation scores several sets over the same stats, and
+# the evidence lookup (lookup.py) states this model's probabilities in every test prompt.
+_COMBINED_FITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def combined_model(stats: TrainingStats, seed: int = 0, max_fit_rows: int = COMBINED_MAX_FIT_ROWS):
+    fits = _COMBINED_FITS.setdefault(stats, {})
+    if (seed, max_fit_rows) not in fits:
+        fits[(seed, max_fit_rows)] = fit_combined(stats, combined_fit_keys(stats, seed, max_fit_rows))
+    return fits[(seed, max_fit_rows)]
+
+
+def combined_probabilities(stats: TrainingStats, test: pd.DataFrame, seed: int = 0,
+                           max_fit_rows: int = COMBINED_MAX_FIT_ROWS) -> np.ndarray:
+    """Multinomial logistic regression on ``evidence_features``, fitted on a seeded sample of the training
+    rows ``stats`` was built from (never on ``test``, whose labels it does not read)."""
+    return model_probabilities(combined_model(stats, seed, max_fit_rows), evidence_features(stats, test))
 
 
 def baseline_predictions(stats: TrainingStats, test: pd.DataFrame, train_cells: list[str],

@@ -31,8 +31,9 @@ from .config.evaluate import EvalConfig, InferenceConfig
 from .data import built_config, load_examples
 from .decision import Decision, decision_for
 from .errors import SynthpertError
-from .evidence import evidence_text, training_stats
+from .evidence import training_stats
 from .inference import Predictor, Triple
+from .lookup import adapter_lookup, evidence_blocks
 from .progress import count_progress
 from .prompting import student_prompt_hash
 from .report import write_figures, write_report
@@ -66,11 +67,17 @@ def use_evidence(cfg: EvalConfig) -> bool:
     return bool(adapter_manifest(cfg.inference.adapter).get("evidence", False))
 
 
-def fingerprint(cfg: EvalConfig, evidence: bool) -> dict:
+def use_lookup(cfg: EvalConfig, evidence: bool) -> bool:
+    """The evidence block carries the lookup line iff the adapter was trained with it (lookup.py)."""
+    return evidence and adapter_lookup(cfg.inference.adapter)
+
+
+def fingerprint(cfg: EvalConfig, evidence: bool, lookup: bool = False) -> dict:
     """Settings that change predictions: a resumed run must match them exactly."""
     inf = cfg.inference
     return {"dataset": str(Path(cfg.dataset).resolve()), "split": cfg.split, "n": cfg.n, "seed": cfg.seed,
-            "evidence": evidence, "backend": inf.backend, "model": inf.model, "adapter": inf.adapter,
+            "evidence": evidence, **({"evidence_lookup": True} if lookup else {}),  # old runs' keys unchanged
+            "backend": inf.backend, "model": inf.model, "adapter": inf.adapter,
             "adapter_version": adapter_version(inf.adapter) if inf.adapter else None,
             "merge_adapter": inf.merge_adapter, "base_url": inf.base_url,
             "prompt_sha256": student_prompt_hash(),
@@ -137,7 +144,7 @@ def shortest_first(examples: pd.DataFrame, evidence: list[str | None]) -> list[i
 
 
 def predict_missing(predictor: Predictor | None, examples: pd.DataFrame, out: Path, evidence_stats, chunk_size: int,
-                    progress: bool = True, ray_cfg: EvalConfig | None = None) -> dict:
+                    progress: bool = True, ray_cfg: EvalConfig | None = None, lookup: bool = False) -> dict:
     """Predict the examples without a record yet, appending each chunk as it finishes: here with
     ``predictor``, or on a Ray actor pool when ``ray_cfg`` is given. Returns the engine's statistics
     (``predicted``: how many were predicted this time)."""
@@ -148,8 +155,7 @@ def predict_missing(predictor: Predictor | None, examples: pd.DataFrame, out: Pa
     if todo.empty:
         return {"engine": ray_cfg.engine if ray_cfg else "local", "predicted": 0}
     bar, task = count_progress(len(examples), len(examples) - len(todo), "eval") if progress else (None, None)
-    evidence = [evidence_text(evidence_stats, r.cell_line, r.perturbation, r.gene) if evidence_stats is not None
-                else None for r in todo.itertuples()]
+    evidence = evidence_blocks(evidence_stats, todo, lookup)
     order = shortest_first(todo, evidence)
     todo, evidence = todo.iloc[order], [evidence[i] for i in order]
 
@@ -218,7 +224,7 @@ def _method(recs: list[Prediction]) -> str:
 
 
 def compute_all_metrics(examples: pd.DataFrame, preds: dict[str, Prediction], stats, train_cells: list[str],
-                        n_bootstrap: int, seed: int, decision: Decision | None = None) -> dict:
+                        n_bootstrap: int, seed: int, decision: Decision | None = None, lookup: bool = False) -> dict:
     scored = examples[examples["id"].isin(preds)].reset_index(drop=True)
     recs = [preds[i] for i in scored["id"]]
     out = {
@@ -231,6 +237,8 @@ def compute_all_metrics(examples: pd.DataFrame, preds: dict[str, Prediction], st
                      if decision is not None else None),
         "baselines": (baseline_report(stats, scored, train_cells, n_bootstrap=n_bootstrap, seed=seed)
                       if len(scored) else {}),
+        # the prompt stated combined's probabilities: the verdict asks first whether the model adds to them
+        **({"evidence_lookup": True} if lookup else {}),
         "tokens": {"prompt_mean": float(np.mean([r.prompt_tokens for r in recs])) if recs else None,
                    "completion_mean": float(np.mean([r.completion_tokens for r in recs])) if recs else None,
                    "finished_by_length": int(sum(any(s.finish_reason == "length" for s in r.samples) for r in recs))},
@@ -273,7 +281,8 @@ def run_eval(cfg: EvalConfig, dataset_path: str | Path | None = None, out_dir: s
     examples = examples_of(cfg)
     data_cfg = built_config(Path(cfg.dataset))
     evidence = use_evidence(cfg)
-    fp = fingerprint(cfg, evidence)
+    lookup = use_lookup(cfg, evidence)
+    fp = fingerprint(cfg, evidence, lookup)
     _check_resume(out, fp, overwrite)
 
     stats = training_stats(data_cfg)
@@ -295,7 +304,7 @@ def run_eval(cfg: EvalConfig, dataset_path: str | Path | None = None, out_dir: s
                "n_bootstrap": cfg.n_bootstrap, "config": cfg.model_dump(mode="json")}
         write_json_atomic(out / RUN_FILE, jsonable(run))
         engine = predict_missing(None if on_ray else Predictor(backend), examples, out, stats if evidence else None,
-                                 cfg.chunk_size, progress, cfg if on_ray else None)
+                                 cfg.chunk_size, progress, cfg if on_ray else None, lookup)
         engine_stats = None if on_ray else getattr(backend, "last_stats", None)
         if not on_ray and engine["predicted"]:
             engine["setup_s"] = round(load_s, 2)  # loading the model (Ray's own: starting Ray)
@@ -305,7 +314,7 @@ def run_eval(cfg: EvalConfig, dataset_path: str | Path | None = None, out_dir: s
 
     preds = read_predictions(out / PREDICTIONS)
     metrics = compute_all_metrics(examples, preds, stats, list(data_cfg.train_cells), cfg.n_bootstrap, cfg.seed,
-                                  decision)
+                                  decision, lookup)
     metrics["run"] = jsonable(run)
     ceilings = noise_ceilings(data_cfg)
     if ceilings:

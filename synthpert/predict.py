@@ -12,8 +12,9 @@ from .cells import get_cell_line
 from .config.serve import ServeConfig
 from .decision import decision_for
 from .errors import SynthpertError
-from .evidence import dataset_training_stats, evidence_text
+from .evidence import dataset_training_stats
 from .inference import Triple, answer_record, check_evidence_setting, load_predictor, triple_warnings
+from .lookup import adapter_lookup, evidence_blocks
 from .schema import SYMBOL_PATTERN, Example
 
 COLUMNS = ("cell_line", "perturbation", "gene")
@@ -65,14 +66,14 @@ def predict_triples(cfg: ServeConfig, triples: pd.DataFrame, return_reasoning: b
     check_evidence_setting(adapter, cfg.evidence_dataset)
     stats = dataset_training_stats(cfg.evidence_dataset) if cfg.evidence_dataset else None
     decision = decision_for(cfg.decision, adapter, stats)
+    evidence = evidence_blocks(stats, triples, adapter_lookup(adapter))  # the whole file at once: the lookup's fit
     predictor = load_predictor(cfg)
     out = []
     try:
         for start in range(0, len(triples), chunk):
             part = triples.iloc[start:start + chunk]
             batch = [Triple(Example.make_id(r.cell_line, r.perturbation, r.gene), r.cell_line, r.perturbation, r.gene,
-                            None, evidence_text(stats, r.cell_line, r.perturbation, r.gene) if stats else None)
-                     for r in part.itertuples()]
+                            None, e) for r, e in zip(part.itertuples(), evidence[start:start + chunk])]
             out += [answer_record(p, decision, stats, return_reasoning)
                     for p in predictor.predict(batch, explain=return_reasoning)]
     finally:

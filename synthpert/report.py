@@ -102,15 +102,17 @@ def verdict_summary(verdict: dict) -> str:
     model clears (a student that learned something should not read as one that learned nothing)."""
     beats = [k for k, x in verdict.items() if x["beats"]]
     loses = [k for k, x in verdict.items() if not x["beats"]]
+    bar = ("combined (the lookup in its prompt)" if all(x.get("reference") == "lookup" for x in verdict.values())
+           else "the best baseline")
     if not loses:
-        return "The model beats the best baseline on every headline metric."
+        return f"The model beats {bar} on every headline metric."
     if beats:
-        return f"The model beats the best baseline on {', '.join(beats)} but not on {', '.join(loses)}."
+        return f"The model beats {bar} on {', '.join(beats)} but not on {', '.join(loses)}."
     over = [k for k, x in verdict.items() if x.get("beats_majority")]
     close = [k for k, x in verdict.items() if x.get("outcome") == "within"]
-    within = (f" (on {', '.join(close)} it is within the 95% interval of the best baseline: more pairs would "
+    within = (f" (on {', '.join(close)} it is within the 95% interval of {bar}: more pairs would "
               "tell them apart)") if close else ""
-    return ("The model does **not** beat the best baseline on any headline metric" + within
+    return (f"The model does **not** beat {bar} on any headline metric" + within
             + (f'; it beats always-"not DE" (majority) on {", ".join(over)}.' if over
                else ', nor always-"not DE" (majority).'))
 
@@ -125,7 +127,8 @@ def write_report(out: Path, metrics: dict, run: dict, figures: list[str]) -> Pat
     lines.append(f"- class counts: {metrics['class_counts']}; test perturbation seen in another training line: "
                  f"{metrics['n_pert_seen_in_train_lines']}")
     lines.append(f"- backend `{run['backend_info']['backend']}`, model `{run['backend_info']['model']}`, adapter "
-                 f"`{run['backend_info']['adapter'] or 'none (zero-shot)'}`; evidence context: {run['evidence']}")
+                 f"`{run['backend_info']['adapter'] or 'none (zero-shot)'}`; evidence context: {run['evidence']}"
+                 + (", with the combined baseline's lookup line" if run.get("evidence_lookup") else ""))
     lines.append(f"- class probabilities: {metrics['probability_method']}"
                  + (" (hard labels: AUROC from one-hot scores is a weak statistic)"
                     if metrics["probability_method"] == HARD_LABEL else ""))
@@ -144,7 +147,9 @@ def write_report(out: Path, metrics: dict, run: dict, figures: list[str]) -> Pat
             if x.get("majority") is not None and x["best_baseline"] != "majority":
                 vs_majority = f"; vs majority {x['majority']:.3f} → {outcome_words(x.get('majority_outcome'))}"
             interval = f" (model's 95% interval{_ci(x['ci'])})" if x.get("ci") else ""
-            lines.append(f"- {k}: model {x['model']:.3f} vs best baseline {x['best_baseline']} {x['baseline']:.3f} "
+            against = ("combined, whose probabilities its prompt states" if x.get("reference") == "lookup"
+                       else f"best baseline {x['best_baseline']}")
+            lines.append(f"- {k}: model {x['model']:.3f} vs {against} {x['baseline']:.3f} "
                          f"→ {outcome_words(x.get('outcome'), bold=True)}{vs_majority}{interval}")
         acc = metrics.get("accuracy_vs_majority")
         if acc:

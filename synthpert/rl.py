@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from . import tracking
 from .checkpoints import graceful_stop_callback, last_complete_checkpoint, quiet_progress, restore_signal
 from .config import dump_config
@@ -25,7 +27,8 @@ from .config.rl import RLConfig
 from .data import load_built
 from .decision import class_shares
 from .errors import SynthpertError
-from .evidence import dataset_training_stats, evidence_text
+from .evidence import dataset_training_stats
+from .lookup import evidence_blocks
 from .prompting import student_messages, student_prompt_hash
 from .models import resolve_model
 from .precision import resolve_precision as precision_for
@@ -151,9 +154,9 @@ def build_prompts(rows: list[dict], manifest: dict, dataset_dir: str) -> list[di
     it; a multitask adapter's answer task, the one it predicts with) and the target label."""
     stats = dataset_training_stats(Path(dataset_dir).expanduser()) if manifest.get("evidence") else None
     task = "answer" if manifest.get("mode") == "multitask" else None
+    frame = pd.DataFrame([_triple(r) for r in rows], columns=["cell_line", "perturbation", "gene"])
     out = []
-    for r in rows:
-        ev = evidence_text(stats, *_triple(r)) if stats is not None else None
+    for r, ev in zip(rows, evidence_blocks(stats, frame, bool(manifest.get("evidence_lookup")))):
         out.append({"prompt": student_messages(*_triple(r), ev, task), "label": r["label"],
                     "cell_line": r["cell_line"], "perturbation": r["perturbation"], "gene": r["gene"]})
     return out
@@ -338,7 +341,7 @@ def _write_manifest(out_dir, cfg, summary, sft, curves, dhash, tokenizer) -> Non
     manifest = {
         "synthpert_stage": "rl",
         **{k: sft.get(k) for k in ("base_model_revision", "base_model_config_sha256", "mode", "evidence",
-                                   "class_shares", "loss_mask")},
+                                   "evidence_lookup", "class_shares", "loss_mask")},
         "base_model": summary["base_model"],
         "sft_adapter": summary["sft_adapter"], "sft_manifest": sft,
         "prompts_sha256": dhash, "seed": cfg.seed, "git_revision": git_revision(),

@@ -50,8 +50,9 @@ from .cells import get_cell_line
 from .config.serve import ServeConfig, ServeSettings
 from .decision import decision_for
 from .errors import SynthpertError, scrub
-from .evidence import dataset_training_stats, evidence_text
+from .evidence import dataset_training_stats
 from .inference import Triple, answer_record, check_evidence_setting, load_predictor
+from .lookup import adapter_lookup, evidence_block
 from .schema import SYMBOL_PATTERN, Example
 from .serve_http import BodyLimit, BodyTooLarge, Envelope, Gate, JsonBody, error_response, too_large
 from .serve_stream import _sse, _token_stream, _whole_stream
@@ -234,6 +235,7 @@ def create_app(predictor, settings: ServeSettings | None = None, evidence_stats=
 
     settings = settings or ServeSettings()
     name = served_model_name(predictor, settings)
+    lookup = evidence_stats is not None and adapter_lookup(predictor.cfg.adapter)
     api_key = os.environ.get(settings.api_key_env) or None
     backend = predictor.backend
     created = int(time.time())
@@ -320,9 +322,7 @@ def create_app(predictor, settings: ServeSettings | None = None, evidence_stats=
             raise ApiError(422, f"field '{param}': at most {settings.max_n_samples} samples per request", param)
 
     def triple(item: PredictItem):
-        ev = None
-        if evidence_stats is not None:
-            ev = evidence_text(evidence_stats, item.cell_line, item.perturbation, item.gene)
+        ev = evidence_block(evidence_stats, item.cell_line, item.perturbation, item.gene, lookup)
         return Triple(Example.make_id(item.cell_line, item.perturbation, item.gene), item.cell_line,
                       item.perturbation, item.gene, None, ev)
 

@@ -393,7 +393,8 @@ def _write_manifest(out_dir, cfg, summary, examples, tokenizer, dhash, base_conf
         "data_source": src, "data_file_sha256": file_hash, "data_sha256": dhash,
         "seed": cfg.seed, "git_revision": git_revision(), "libraries": library_versions(),
         "chat_template_sha256": sha256_text(tokenizer.chat_template),
-        "student_prompt_hash": student_prompt_hash(), "evidence": cfg.evidence, "mode": cfg.mode,
+        "student_prompt_hash": student_prompt_hash(), "evidence": cfg.evidence,
+        "evidence_lookup": cfg.evidence_lookup, "mode": cfg.mode,
         "method": cfg.method,  # full: this folder is a whole model, loaded without the base (runs.is_full_model)
         "extra_cell_lines": own_cell_lines(cfg.dataset_dir or (src if Path(src).is_dir() else None)),
         "precision": precision, "device": _device_kind(), "num_processes": _num_processes(),

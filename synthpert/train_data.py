@@ -14,18 +14,25 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from .answer import format_answer
 from .config.train import TrainConfig
 from .data import load_built
 from .errors import SynthpertError
-from .evidence import dataset_training_stats, evidence_text
+from .evidence import dataset_training_stats
+from .lookup import evidence_blocks
 from .prompting import student_messages
 from .schema import TraceRecord, read_jsonl, write_jsonl
 
 
-def _student_prompt(row: dict, stats) -> list[dict]:
-    evidence = evidence_text(stats, row["cell_line"], row["perturbation"], row["gene"]) if stats else None
-    return student_messages(row["cell_line"], row["perturbation"], row["gene"], evidence, row.get("task"))
+def _student_prompts(rows: list[dict], stats, lookup: bool = False) -> list[list[dict]]:
+    """Every row's student prompt; the evidence blocks of all rows at once (the lookup scores a frame)."""
+    frame = pd.DataFrame([{k: r[k] for k in ("cell_line", "perturbation", "gene")} for r in rows],
+                         columns=["cell_line", "perturbation", "gene"])
+    blocks = evidence_blocks(stats, frame, lookup)
+    return [student_messages(r["cell_line"], r["perturbation"], r["gene"], e, r.get("task"))
+            for r, e in zip(rows, blocks)]
 
 
 def _multitask(rows: list[dict], explain_fraction: float = 1.0, seed: int = 0) -> list[dict]:
@@ -165,8 +172,9 @@ def training_examples(cfg: TrainConfig, source) -> dict[str, Any]:
                                  "has both a changed and an unchanged knockdown among the training examples; draw "
                                  "some with data.train_subsample.gene_matched (e.g. 0.5)")
     stats = _evidence_stats(cfg, src_path) if cfg.evidence else None
-    for r in [*rows, *eval_rows]:
-        r["prompt"] = _student_prompt(r, stats)
+    every = [*rows, *eval_rows]
+    for r, prompt in zip(every, _student_prompts(every, stats, cfg.evidence_lookup)):
+        r["prompt"] = prompt
     return {"train": rows, "eval": eval_rows, "skipped": skipped, "source": origin, "n_contrast": n_contrast}
 
 

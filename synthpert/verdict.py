@@ -10,6 +10,7 @@ from .answer import STRICT
 HEADLINE_METRICS = ("macro_f1", "balanced_accuracy", "auroc_de_per_gene", "auroc_dir_per_gene")
 MIN_AUROC_GENES = 10  # per-gene AUROC enters the verdict only when averaged over at least this many genes
 DECIDED = "decided"  # the model row scored with the decision rule
+LOOKUP_BASELINE = "combined"  # the baseline whose probabilities the evidence lookup line states (lookup.py)
 
 
 def verdict_row(m: dict) -> str:
@@ -36,22 +37,32 @@ def _baseline_ci(m: dict, name: str, metric: str):
     return ((m["baselines"].get(name, {}).get("overall") or {}).get("ci") or {}).get(metric)
 
 
+def _value(b: dict, metric: str):
+    v = b.get("overall", {}).get(metric) if "overall" in b else None
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+
 def verdict(m: dict) -> dict:
     """Does the model (its decided label, else its strict parse) beat the best baseline, metric by metric,
-    beyond the 95% intervals?"""
+    beyond the 95% intervals? A model whose prompt stated ``combined``'s probabilities (``evidence_lookup``)
+    is judged against ``combined`` itself: the question is whether it adds anything to its own lookup line,
+    which it could copy (``reference`` says which: "lookup" or "best")."""
     res = {}
     model = (m.get("model") or {}).get(verdict_row(m), {}).get("overall")
     if not model:
         return res
     model_ci = model.get("ci") or {}
+    lookup = bool(m.get("evidence_lookup"))
     for metric in HEADLINE_METRICS:
         best_name, best = None, None
         for name, b in m["baselines"].items():
-            v = b.get("overall", {}).get(metric) if "overall" in b else None
-            if v is None or (isinstance(v, float) and math.isnan(v)):
-                continue
-            if best is None or v > best:
+            v = _value(b, metric)
+            if v is not None and (best is None or v > best):
                 best_name, best = name, v
+        reference = "best"
+        if lookup and _value(m["baselines"].get(LOOKUP_BASELINE, {}), metric) is not None:
+            best_name, best = LOOKUP_BASELINE, _value(m["baselines"][LOOKUP_BASELINE], metric)
+            reference = "lookup"
         mv = model.get(metric)
         if mv is None or best is None or (isinstance(mv, float) and math.isnan(mv)):
             continue
@@ -62,7 +73,7 @@ def verdict(m: dict) -> dict:
         vs_majority = None if majority is None else compare(mv, model_ci.get(metric), majority,
                                                         _baseline_ci(m, "majority", metric))
         res[metric] = {"model": mv, "ci": model_ci.get(metric), "row": verdict_row(m), "best_baseline": best_name,
-                       "baseline": best, "outcome": outcome, "beats": outcome == "beats",
+                       "baseline": best, "reference": reference, "outcome": outcome, "beats": outcome == "beats",
                        "majority": majority, "majority_outcome": vs_majority,
                        "beats_majority": None if majority is None else vs_majority == "beats"}
     return res

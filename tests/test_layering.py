@@ -35,7 +35,7 @@ ALLOWED_BETWEEN_STAGES = {("evaluate", "report")}
 SHARED = {
     "__init__", "errors", "resources", "answer", "schema", "config", "cells", "prompting", "runs", "tokenizer",
     "chat", "cache", "accounting", "budget", "ratelimit", "progress", "client", "request_pool", "batch",
-    "batch_files", "data", "fetch", "evidence", "metrics",
+    "batch_files", "data", "fetch", "evidence", "lookup", "metrics",
     "baselines", "decision", "offline", "inference", "backends", "transformers_backend", "vllm_backend",
     "openai_backend", "tracking", "checkpoints", "models", "ceiling", "run_folder", "model_check", "sampling",
     "precision",

@@ -75,6 +75,10 @@ class TrainConfig(StrictModel):
     max_examples: int | None = Field(None, ge=1, description="use at most this many training examples (seeded)")
     evidence: bool = Field(False, description="show the leakage-safe training evidence block in the student "
                            "prompt (evaluation and serving must then use it too)")
+    evidence_lookup: bool = Field(
+        False, description="with evidence: the block gains a line stating the `combined` baseline's class "
+        "probabilities for the triple (a training example's from a fit on the other perturbation folds, never "
+        "on its own label); recorded in the adapter manifest, so evaluation, prediction and serving show it too")
     chat_template: str | None = Field(
         None, description="Jinja chat template file (path, or a name in configs/chat_templates/) replacing the "
         "tokenizer's; saved with the adapter so serving uses exactly it", json_schema_extra={"path": "name_or_path"})
@@ -133,6 +137,8 @@ class TrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _combinations(self):
+        if self.evidence_lookup and not self.evidence:
+            raise ValueError("evidence_lookup adds a line to the evidence block: it needs evidence=true")
         if self.method == "full" and self.quantization == "4bit":
             raise ValueError("method=full trains every weight, but quantization=4bit freezes the base model in "
                              "4 bits (QLoRA trains only a LoRA adapter on it): use method=lora with 4bit, or "
