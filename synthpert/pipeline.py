@@ -216,7 +216,7 @@ class Pipeline:
         es = self.cfg.eval_sets[name]
         dcfg = self.cfg.data.model_copy(update={"test_cells": es.test_cells, "protocol": es.protocol,
                                                 "train_subsample": None, "val_subsample": None,
-                                                "test_subsample": SubsampleConfig(n=es.n, genes=es.genes)
+                                                "test_subsample": SubsampleConfig(n=es.n, genes=es.genes, seed=es.seed)
                                                 if es.n or es.genes else None})
         return validate_config(DataConfig, dcfg.model_dump(), origin=f"eval_sets.{name}")
 

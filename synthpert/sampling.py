@@ -42,7 +42,7 @@ def subsample(df: pd.DataFrame, cfg: SubsampleConfig | None, seed: int) -> pd.Da
     """Seeded, deterministic subsample; the result keeps the input's row order."""
     if cfg is None or df.empty:
         return df
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed if cfg.seed is None else cfg.seed)
     parts = []
     if cfg.genes is not None:
         genes = np.array(sorted(df["gene"].unique()))

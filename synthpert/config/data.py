@@ -25,6 +25,8 @@ class SubsampleConfig(StrictModel):
         "Those pairs show knockdowns of one gene that did and did not change it, with identical gene-level "
         "evidence: only the knockdown's own evidence tells them apart, which is what per-gene AUROC measures. "
         "The rest are drawn at random, so the gene's overall rate (most of macro-F1) is still learned")
+    seed: int | None = Field(None, description="seed of this draw (default: the data seed); an evaluation set "
+                             "fixes it to stay the same pairs in runs of every seed")
 
     @model_validator(mode="after")
     def _one_size(self):

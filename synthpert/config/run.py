@@ -21,6 +21,8 @@ class EvalSet(StrictModel):
     genes: int | None = Field(None, ge=1, description="keep every test pair of this many random readout genes "
                               "(seeded), so PerturbQA's per-gene AUROC is measurable on a sample")
     n: int | None = Field(None, ge=1, description="seeded subsample of that test split (all when unset)")
+    seed: int | None = Field(None, description="seed of the genes / n draw (default: the run's data.seed, so each "
+                             "seed draws its own sample); fix it to score runs of different seeds on the same pairs")
     protocol: str = Field("split", description="'split' or 'published' (unseen lines only)")
 
 
