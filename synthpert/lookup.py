@@ -70,9 +70,14 @@ def lookup_probabilities(stats: TrainingStats, rows: pd.DataFrame) -> np.ndarray
     return out
 
 
+def _percent(p: float) -> str:
+    # "<1%", not "0%": most pairs are far from the rare classes, and a prompt should not state certainty
+    return "<1%" if p < 0.01 else ">99%" if p > 0.99 else f"{100 * p:.0f}%"
+
+
 def lookup_line(probs) -> str:
     """The block's lookup line; whole percents, so prompts (and their caches) are stable."""
-    shares = ", ".join(f"{_WORDS[lab]} {100 * float(p):.0f}%" for lab, p in zip(LABELS, probs))
+    shares = ", ".join(f"{_WORDS[lab]} {_percent(float(p))}" for lab, p in zip(LABELS, probs))
     return f"- Model-free estimate from these counts (logistic regression on the training screens): {shares}."
 
 

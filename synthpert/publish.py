@@ -157,7 +157,8 @@ def model_card_text(run: Path, repo_id: str, dataset_repo: str | None, base_mode
              f"- TRL SFT with LoRA r={lora.get('r')}, alpha={lora.get('alpha')}, dropout={lora.get('dropout')}, "
              f"targets {lora.get('target_modules')}",
              f"- mode {man.get('mode')}, loss mask {man.get('loss_mask')}, max length {cfg.get('max_length')}, "
-             f"evidence block in the prompt: {man.get('evidence')}",
+             f"evidence block in the prompt: {man.get('evidence')}"
+             + (" (with the combined baseline's lookup line)" if man.get("evidence_lookup") else ""),
              f"- lr {optim.get('lr')}, epochs {optim.get('epochs')}, max steps {optim.get('max_steps')}, batch "
              f"{optim.get('batch_size')} x accumulation {optim.get('grad_accum')}, scheduler {optim.get('scheduler')}, "
              f"seed {man.get('seed')}, precision {man.get('precision')}",
@@ -186,8 +187,11 @@ def model_card_text(run: Path, repo_id: str, dataset_repo: str | None, base_mode
              + (f" (the evaluation sets above hold at most {share:.0%} not-DE pairs)" if share is not None else "")
              + ". Read macro-F1 and per-gene AUROC beside the baselines.",
              "- " + ("The prompt carries an evidence block: statistics of the training cell lines (how the "
-                     "perturbation and the gene behaved there), never the test pair's own label. Serving must build "
-                     "the same block." if man.get("evidence") else
+                     "perturbation and the gene behaved there), never the test pair's own label"
+                     + ("; its last line states a model-free logistic regression's class probabilities (the "
+                        "combined baseline), which the model's scores should be read against" if
+                        man.get("evidence_lookup") else "")
+                     + ". Serving must build the same block." if man.get("evidence") else
                      "The prompt names only the cell line, the perturbation and the gene (no evidence block)."),
              "- A research model trained on CRISPRi screens in a few cell lines: it is not a substitute for an "
              "experiment, and its reasoning text is a distilled rationale, not a verified mechanism.",

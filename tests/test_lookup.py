@@ -100,6 +100,13 @@ def test_training_rows_are_scored_by_the_model_of_the_other_folds(frames):
     assert np.allclose(probs.sum(axis=1), 1.0)
 
 
+def test_the_line_is_whole_percents_and_never_states_certainty():
+    line = lookup_line([0.042, 0.004, 0.954])
+    assert line == ("- Model-free estimate from these counts (logistic regression on the training screens): "
+                    "up 4%, down <1%, not DE 95%.")
+    assert lookup_line([0.0, 0.001, 0.999]).endswith("up <1%, down <1%, not DE >99%.")
+
+
 def test_lookup_needs_the_evidence_block():
     from pydantic import ValidationError
 

@@ -181,6 +181,10 @@ def test_prompts_are_the_students_with_the_adapters_evidence_and_task(tiny_built
     ev = build_prompts([r], {"mode": "multitask", "evidence": True}, str(tiny_built_dataset))[0]
     text = evidence_text(dataset_training_stats(tiny_built_dataset), *triple)
     assert ev["prompt"] == student_messages(*triple, text, "answer")
+    # an adapter trained with the lookup line is asked with it (a training row: its cross-fitted line)
+    looked = build_prompts([r], {"mode": "multitask", "evidence": True, "evidence_lookup": True},
+                           str(tiny_built_dataset))[0]["prompt"][1]["content"]
+    assert text in looked and "Model-free estimate from these counts" in looked
 
 
 # ---------------------------------------------------------------------------------------------------------
