@@ -169,9 +169,10 @@ def combined_probabilities(stats: TrainingStats, test: pd.DataFrame, seed: int =
 
 
 def baseline_predictions(stats: TrainingStats, test: pd.DataFrame, train_cells: list[str],
-                         seed: int = 0, only: str | None = None) -> dict[str, dict]:
+                         seed: int = 0, only: str | None = None, combined_seed: int | None = None) -> dict[str, dict]:
     """{name: {"probs": (n,3) array, "pred": list[label]}} or {name: {"unavailable": reason}}; ``only``: just
-    that baseline (`synthpert predict --baseline`: the combined fit is the slow one)."""
+    that baseline (`synthpert predict --baseline`: the combined fit is the slow one); ``combined_seed``: the
+    combined fit's sample (default ``seed``), the lookup line's when the prompts stated it (lookup.py)."""
     want = lambda name: only is None or only == name  # noqa: E731
     prior = stats.global_rate
     out: dict[str, dict] = {}
@@ -192,7 +193,7 @@ def baseline_predictions(stats: TrainingStats, test: pd.DataFrame, train_cells: 
         cc, _ = crosscell_probabilities(stats, test)
         out["crosscell"] = {"probs": cc, "pred": [LABELS[i] for i in cc.argmax(axis=1)]}
     if want("combined"):
-        comb = combined_probabilities(stats, test, seed=seed)
+        comb = combined_probabilities(stats, test, seed=seed if combined_seed is None else combined_seed)
         out["combined"] = {"probs": comb, "pred": [LABELS[i] for i in comb.argmax(axis=1)]}
     return out
 
@@ -220,10 +221,10 @@ def score_predictions(test: pd.DataFrame, pred, probs, n_bootstrap: int = 0, see
 
 
 def baseline_report(stats: TrainingStats, test: pd.DataFrame, train_cells: list[str],
-                    n_bootstrap: int = 0, seed: int = 0) -> dict[str, dict]:
+                    n_bootstrap: int = 0, seed: int = 0, combined_seed: int | None = None) -> dict[str, dict]:
     """{baseline: {"overall": metrics, "seen": ..., "unseen": ...}} or {baseline: {"unavailable": why}}."""
     out = {}
-    for name, res in baseline_predictions(stats, test, train_cells, seed=seed).items():
+    for name, res in baseline_predictions(stats, test, train_cells, seed=seed, combined_seed=combined_seed).items():
         if "unavailable" in res:
             out[name] = {"unavailable": res["unavailable"]}
         else:

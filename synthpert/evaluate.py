@@ -33,7 +33,7 @@ from .decision import Decision, decision_for
 from .errors import SynthpertError
 from .evidence import training_stats
 from .inference import Predictor, Triple
-from .lookup import adapter_lookup, evidence_blocks
+from .lookup import LOOKUP_SEED, adapter_lookup, evidence_blocks
 from .progress import count_progress
 from .prompting import student_prompt_hash
 from .report import write_figures, write_report
@@ -235,8 +235,10 @@ def compute_all_metrics(examples: pd.DataFrame, preds: dict[str, Prediction], st
         "model": model_metrics(scored, preds, n_bootstrap, seed, decision) if len(scored) else {},
         "decision": ({**decision.model_dump(mode="json"), "description": decision.describe()}
                      if decision is not None else None),
-        "baselines": (baseline_report(stats, scored, train_cells, n_bootstrap=n_bootstrap, seed=seed)
-                      if len(scored) else {}),
+        # with the lookup, combined is the very fit whose probabilities the prompts stated (its sample's seed
+        # moves a K562 pair's probabilities by up to 0.14)
+        "baselines": (baseline_report(stats, scored, train_cells, n_bootstrap=n_bootstrap, seed=seed,
+                                      combined_seed=LOOKUP_SEED if lookup else None) if len(scored) else {}),
         # the prompt stated combined's probabilities: the verdict asks first whether the model adds to them
         **({"evidence_lookup": True} if lookup else {}),
         "tokens": {"prompt_mean": float(np.mean([r.prompt_tokens for r in recs])) if recs else None,

@@ -36,7 +36,8 @@ def _lines(blocks):
 
 
 def test_the_lookup_line_of_a_test_prompt_is_combined_and_reads_no_test_label(frames):
-    from synthpert.baselines import combined_probabilities
+    from synthpert.baselines import baseline_predictions, combined_probabilities
+    from synthpert.lookup import LOOKUP_SEED
 
     train, test, stats = frames
     sub = test.sample(2000, random_state=0).reset_index(drop=True)
@@ -49,6 +50,10 @@ def test_the_lookup_line_of_a_test_prompt_is_combined_and_reads_no_test_label(fr
     probs = lookup_probabilities(stats, sub)
     assert np.array_equal(probs, combined_probabilities(stats, sub))
     assert _lines(blocks) == [lookup_line(p) for p in probs]
+    # an evaluation of a lookup student, whatever its seed, scores that same fit as its combined row
+    report = baseline_predictions(stats, sub, LINES, seed=5, combined_seed=LOOKUP_SEED)["combined"]["probs"]
+    assert np.array_equal(report, probs)
+    assert not np.array_equal(baseline_predictions(stats, sub, LINES, seed=5)["combined"]["probs"], probs)
     assert len(set(_lines(blocks))) > 20  # the line says something different per triple
     off = evidence_blocks(stats, sub.head(50), lookup=False)
     assert not any(LOOKUP in b for b in off) and [f"{b}\n{x}" for b, x in zip(off, _lines(blocks))] == blocks[:50]
@@ -163,7 +168,7 @@ def test_train_and_eval_with_the_lookup(tiny_model_dir, tiny_built_dataset, tmp_
         return original(self, triples, *a, **kw)
 
     monkeypatch.setattr(Predictor, "predict", recording)
-    ecfg = EvalConfig(dataset=str(tiny_built_dataset), n=8, n_bootstrap=0, figures=False,
+    ecfg = EvalConfig(dataset=str(tiny_built_dataset), n=8, n_bootstrap=0, figures=False, seed=3,
                       inference={"model": str(tiny_model_dir), "adapter": str(tmp_path / "adapter"),
                                  "max_new_tokens": 6, "batch_size": 8})
     run_eval(ecfg, out_dir=tmp_path / "eval", progress=False)
