@@ -86,7 +86,7 @@ TINY = "tiny"
 PRETRAINED = {
     "all": {
         "train.optim.lr": 2.0e-4,  # a pretrained model: the tiny random-init model's 3e-3 would wreck its weights
-        "train.precision": "bf16",  # half the activation memory and, on a CPU with bf16 kernels, faster
+        "train.precision": "bf16",  # half the memory of fp32 weights and activations (whether faster: measure)
         # its tokenizer is not the tiny model's prompt-trained one: the explain task's prompt is 480-640 tokens
         # (300 training triples, evidence block and lookup line), the offline teacher's trace a few hundred more
         "train.max_length": 1536,
