@@ -75,17 +75,22 @@ def run_readme_curl(curl: str, port: int) -> dict:
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
 def test_readmes_curl_line_gets_a_prediction_as_written():
-    """curl -d sends Content-Type application/x-www-form-urlencoded; the endpoint reads the body as JSON anyway."""
+    """The line as written (it declares JSON), and the same line without its header: bare curl -d sends
+    Content-Type application/x-www-form-urlencoded, and the endpoint reads the body as JSON anyway."""
     from _fake_predictor import FakePredictor
     from _live_server import LiveServer
 
     from synthpert.serve import create_app
 
     _, curl = serve_block()
-    assert "Content-Type" not in curl  # the point: the line a user copies has no header
+    header = "-H 'Content-Type: application/json' "
+    assert header in curl
+    bare = curl.replace(header, "")
+    assert "Content-Type" not in bare
     with LiveServer(create_app(FakePredictor())) as srv:
-        answer = run_readme_curl(curl, srv.port)
-    assert answer["label"] in LABELS and answer["cell_line"] == "k562", answer
+        for line in (curl, bare):
+            answer = run_readme_curl(line, srv.port)
+            assert answer["label"] in LABELS and answer["cell_line"] == "k562", (line, answer)
 
 
 def test_walkthrough_is_found_and_chains_one_run_folder():
