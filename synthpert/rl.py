@@ -31,7 +31,7 @@ from .evidence import dataset_training_stats
 from .lookup import evidence_blocks
 from .prompting import student_messages, student_prompt_hash
 from .models import resolve_model
-from .precision import resolve_precision as precision_for
+from .precision import device_kind as _device_kind, resolve_precision as precision_for
 from .resources import sha256_text
 from .rewards import class_weights, reward_functions, wrong_reward
 from .runs import (ADAPTER_MANIFEST, git_revision, hash_json, is_full_model, library_versions, read_manifest,
@@ -84,12 +84,6 @@ def sft_run(cfg: RLConfig) -> tuple[Path, dict, str]:
     if not Path(base).expanduser().exists() and base.startswith(("/", ".", "~")):
         raise SynthpertError(f"base model {base!r} of the SFT adapter {adapter} is not there any more")
     return adapter.resolve(), manifest, base
-
-
-def _device_kind() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def check_vllm(cfg: RLConfig) -> None:

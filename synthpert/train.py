@@ -25,7 +25,7 @@ from .config.train import TrainConfig
 from .errors import SynthpertError
 from .loss_mask import check_overlength, check_vocab, end_of_turn_ids, mask_mode, tokenize_rows
 from .models import resolve_model, shipped_model
-from .precision import resolve_precision as precision_for
+from .precision import device_kind as _device_kind, resolve_precision as precision_for
 from .prompting import student_prompt_hash
 from .resources import sha256_file, sha256_text
 from . import tracking
@@ -50,12 +50,6 @@ def student_tokenizer(cfg: TrainConfig):
 
 # ---------------------------------------------------------------------------------------------------------
 # Model and trainer
-
-
-def _device_kind() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def resolve_precision(cfg: TrainConfig) -> str:

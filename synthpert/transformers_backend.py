@@ -226,19 +226,18 @@ class TransformersBackend(Backend):
                  for j, c in enumerate(continuations)] for i in range(b)]
 
     def _score_shared(self, contexts, continuations):
-        """One forward pass over each context (left-padded, explicit positions, so logits equal an unpadded
-        run), its KV cache repeated once per continuation, then the continuations alone; log-softmax only
+        """One forward pass over each context (``_prefill_shared``: the batch's common beginning once, then
+        left-padded rests with explicit positions, so logits equal an unpadded run), its KV cache repeated once
+        per continuation, then the continuations alone; log-softmax only
         where a continuation token is predicted. The answer blocks are a few tokens after a prompt of
         hundreds, so this costs about a third of scoring prompt + continuation three times."""
         import torch
 
         out: list[list[list[float]]] = []
         for start in range(0, len(contexts), max(1, self.cfg.batch_size)):
-            ids, mask, pos = self._left_pad(contexts[start:start + self.cfg.batch_size], self.tokenizer.pad_token_id)
             with torch.inference_mode():
-                first = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                   position_ids=pos.to(self.device), use_cache=True, logits_to_keep=1)
-                out += self._continuations(first.logits[:, -1], first.past_key_values, mask, pos, continuations)
+                last, cache, mask, pos = self._prefill_shared(contexts[start:start + self.cfg.batch_size])
+                out += self._continuations(last, cache, mask, pos, continuations)
         return out
 
     def generate_and_score(self, queries, n=1):
