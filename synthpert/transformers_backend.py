@@ -102,8 +102,7 @@ class TransformersBackend(Backend):
                 kwargs.update(return_dict_in_generate=True, output_logits=True)
             torch.manual_seed(seed + start)  # sampling is reproducible for a given batch composition
             with torch.inference_mode():
-                gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                          **kwargs)
+                gen = self.model.generate(**self._generate_inputs(ids, mask, n_gen, kwargs), **kwargs)
             logits = None
             if logprobs is not None:
                 logits, gen = torch.stack(gen.logits, 1), gen.sequences
@@ -116,6 +115,22 @@ class TransformersBackend(Backend):
                     samples.append(self._generation(new[r].tolist(), logp, logprobs))
                 out.append(samples)
         return out
+
+    def _generate_inputs(self, ids, mask, n: int, kwargs: dict) -> dict:
+        """``generate``'s inputs for n samples per prompt. generate() repeats each prompt n times and prefills
+        every copy; here each prompt is prefilled once (all but its last token) and the cache is repeated
+        instead: the same rows, the same random draws, half the prompt compute of a local teacher's two
+        samples (prompts of ~560 tokens, completions of ~100)."""
+        if n == 1 or not self.share_prefix or ids.shape[1] < 2:
+            return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        head = self.model(input_ids=ids[:, :-1].to(self.device), attention_mask=mask[:, :-1].to(self.device),
+                          position_ids=pos[:, :-1].to(self.device), use_cache=True, logits_to_keep=1)
+        cache = head.past_key_values
+        cache.batch_repeat_interleave(n)
+        kwargs["num_return_sequences"] = 1
+        return {"input_ids": ids.repeat_interleave(n, 0).to(self.device),
+                "attention_mask": mask.repeat_interleave(n, 0).to(self.device), "past_key_values": cache}
 
     def stream(self, query: Query, emit, cancel, max_new_tokens: int | None = None, temperature: float | None = None,
                top_p: float | None = None, seed: int | None = None, logprobs: int | None = None) -> Generation:

@@ -4,6 +4,7 @@
 * ``tiny_model_dir``: the tiny offline model (`synthpert model tiny`), built once per session.
 * ``tiny_adapter_dir``: a LoRA run folder written by `synthpert train`'s code path (adapter + tokenizer +
   chat template + manifest), trained for a few seconds on traces built from real PerturbQA rows.
+* ``real_model_dir``: SmolLM2-135M-Instruct imported by `synthpert model import`, once per test run.
 """
 
 from __future__ import annotations
@@ -36,6 +37,42 @@ def perturbqa_dir() -> Path:
     if not (path / "k562-de.csv").exists():
         pytest.fail(f"PerturbQA CSVs not found in {path}; set SYNTHPERT_TEST_DATA to the folder holding them")
     return path
+
+
+REAL_MODEL = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
+def real_model_dir(tmp_path_factory) -> Path:
+    """`synthpert model import smollm2-135m-instruct --out CACHE/smollm2-135m-instruct`, as a user runs it, into
+    a cache made for this test run, which SYNTHPERT_MODEL_CACHE then names: the short name resolves to this
+    import, nothing older. The real-model test files run on different xdist workers; they share the cache (the
+    first imports under a lock, the other waits for it) rather than converting twice."""
+    import json
+
+    from filelock import FileLock
+
+    from _procs import communicate, synthpert_process
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # this run's folder, shared by its workers (a serial run's parent outlives the run)
+    cache = root / "real_model_cache"
+    out = cache / REAL_MODEL
+    before = os.environ.get("SYNTHPERT_MODEL_CACHE")
+    with FileLock(str(root / "real_model_import.lock")):
+        if not out.is_dir():
+            proc = synthpert_process("model", "import", REAL_MODEL, "--out", out, "--json",
+                                     env={"SYNTHPERT_MODEL_CACHE": str(cache)})
+            stdout, stderr = communicate(proc, timeout=300)
+            assert proc.returncode == 0, stderr[-3000:]
+            assert json.loads(stdout)["shipped_name"] == REAL_MODEL
+    os.environ["SYNTHPERT_MODEL_CACHE"] = str(cache)
+    yield out
+    if before is None:
+        os.environ.pop("SYNTHPERT_MODEL_CACHE", None)
+    else:
+        os.environ["SYNTHPERT_MODEL_CACHE"] = before
 
 
 @pytest.fixture(scope="session")

