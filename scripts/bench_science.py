@@ -5,6 +5,7 @@
     python scripts/bench_science.py --variants multitask --seeds 0 1 2 --jobs 2
     python scripts/bench_science.py --variants multitask multitask_lookup --base-model smollm2-135m-instruct
     python scripts/bench_science.py --variants multitask --method full
+    python scripts/bench_science.py --variants label_only --base-model smollm2-135m-instruct --triples 1200 --eval-sets pilot
     python scripts/bench_science.py --list
     python scripts/bench_science.py --variants multitask_grpo --seeds 0 --table-only   # table from finished runs
 
@@ -14,7 +15,9 @@ Three axes beside the variant and the seed:
   (``smollm2-135m-instruct``) or a model folder. Each gets the training and inference settings it needs
   (``BASE_MODELS``: a pretrained model trains at a far lower learning rate than the tiny model's 3e-3);
 * ``--method``: ``lora`` or ``full`` (``train.method: full``, every weight trained);
-* ``--eval-sets``: ``science`` (default) or ``quickstart``. The science sets are fixed by this benchmark,
+* ``--triples``: the training-set size of every run (``data.train_subsample.n``; equal data across base models);
+* ``--eval-sets``: ``science`` (default), ``pilot`` (200 genes of each science draw, for a first look where a
+  pretrained student makes the science sets cost hours on a CPU; see EVAL_SETS) or ``quickstart``. The science sets are fixed by this benchmark,
   not by the quickstart: every test pair of 1,200 readout genes drawn at random (seed 0, whatever the run's
   seed, so every variant, seed and base model is scored on the same pairs) from K562's held-out
   perturbations (6,810 pairs, 187 genes with both a changed and an unchanged pair) and from RPE1, a line
@@ -91,6 +94,9 @@ PRETRAINED = {
         # (300 training triples, evidence block and lookup line), the offline teacher's trace a few hundred more
         "train.max_length": 1536,
         "eval.inference.batch_size": 16,  # 16 prompts of ~500 tokens; the tiny model's 32 holds far shorter ones
+        # 1.8x the pairs/s of float32 on this machine's avx512_bf16 cores (0.41 vs 0.23 pairs/s, 32 prompts of
+        # ~900 tokens, SmolLM2, 2026-12-07); on a CPU without bf16 instructions, override it with float32
+        "eval.inference.dtype": "bfloat16",
     },
     "lora": {"eval.inference.merge_adapter": "true"},  # merged: one matmul per layer, as the tiny recipe
     "full": {"train.optim.lr": 5.0e-5},  # every weight moves: a quarter of LoRA's rate
@@ -108,7 +114,14 @@ EVAL_SETS = {
     "science": {"k562_science": {"test_cells": ["k562"], "genes": SCIENCE_GENES, "seed": SCIENCE_SEED},
                 "rpe1_science": {"test_cells": ["rpe1"], "genes": SCIENCE_GENES, "seed": SCIENCE_SEED}},
     "quickstart": None,  # configs/quickstart.yaml's own: k562_test, rpe1_unseen
+    # A first look where the science sets cost too much: a pretrained 135 M student scores ~1 pair/s on 2 CPU
+    # cores (~500-token prompts, bfloat16), so the science sets and 1,000 decision rows (~17,500 pairs) take
+    # ~5 h a run. 200 genes of the same draw, and 300 decision rows: ~3,000 pairs, ~30 genes with both classes
+    # per line, intervals to match. Not the table issue #28 asks for.
+    "pilot": {"k562_pilot": {"test_cells": ["k562"], "genes": 200, "seed": SCIENCE_SEED},
+              "rpe1_pilot": {"test_cells": ["rpe1"], "genes": 200, "seed": SCIENCE_SEED}},
 }
+DECISION_FIT_N = {"pilot": 300}  # validation rows the tuned rule is fitted on, where not the recipe's 1,000
 QUICKSTART_SETS = ("k562_test", "rpe1_unseen")
 
 
@@ -133,19 +146,22 @@ def base_overrides(base: str, method: str) -> dict:
     return out
 
 
-def run_name(variant: str, seed: int, base: str = TINY, method: str = "lora") -> str:
+def run_name(variant: str, seed: int, base: str = TINY, method: str = "lora", triples: int | None = None) -> str:
     """The run folder's name: the variant and seed alone for the tiny model with LoRA (the folders of earlier
-    runs of this script), else the base model and method too."""
+    runs of this script), else the base model and method too; ``-n<triples>`` when --triples is given."""
+    size = f"-n{triples}" if triples else ""
     if base == TINY and method == "lora":
-        return f"{variant}-s{seed}"
-    return f"{variant}-{Path(base).name}-{method}-s{seed}"
+        return f"{variant}{size}-s{seed}"
+    return f"{variant}-{Path(base).name}-{method}{size}-s{seed}"
 
 
-def run_overrides(variant: str, seed: int, base: str = TINY, method: str = "lora") -> dict:
-    """Every override of one run: the benchmark's, the base model's and method's, the variant's (last, so a
-    variant says what it changes), the seeds and the name."""
-    return {**BASE, **base_overrides(base, method), **VARIANTS[variant], "seed": seed, "data.seed": seed,
-            "train.seed": seed, "name": run_name(variant, seed, base, method)}
+def run_overrides(variant: str, seed: int, base: str = TINY, method: str = "lora", triples: int | None = None) -> dict:
+    """Every override of one run: the benchmark's, the base model's and method's, the variant's (so a variant
+    says what it changes), the training-set size of --triples (after the variant: an equal-data comparison
+    holds it fixed), the seeds and the name."""
+    size = {"data.train_subsample.n": triples} if triples else {}
+    return {**BASE, **base_overrides(base, method), **VARIANTS[variant], **size, "seed": seed, "data.seed": seed,
+            "train.seed": seed, "name": run_name(variant, seed, base, method, triples)}
 
 
 def run_config(eval_sets: str, runs_dir: Path) -> str:
@@ -155,6 +171,8 @@ def run_config(eval_sets: str, runs_dir: Path) -> str:
         return "quickstart.yaml"
     cfg = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
     cfg["eval_sets"] = EVAL_SETS[eval_sets]
+    if eval_sets in DECISION_FIT_N:
+        cfg["eval"]["decision_fit_n"] = DECISION_FIT_N[eval_sets]
     runs_dir.mkdir(parents=True, exist_ok=True)
     path = runs_dir / f"bench_science_{eval_sets}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -174,8 +192,8 @@ def _stage_stamps(run: Path) -> dict[str, int]:
 
 
 def run_variant(name: str, seed: int, runs_dir: Path, env: dict, base: str = TINY, method: str = "lora",
-                config: str = "quickstart.yaml") -> Path:
-    overrides = run_overrides(name, seed, base, method)
+                config: str = "quickstart.yaml", triples: int | None = None) -> Path:
+    overrides = run_overrides(name, seed, base, method, triples)
     run = runs_dir / overrides["name"]
     before = _stage_stamps(run)
     cmd = [sys.executable, "-m", "synthpert.cli", "run", config, "--runs-dir", str(runs_dir),
@@ -315,6 +333,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--chosen", default=None, help="also run this variant with seeds 1 and 2")
     ap.add_argument("--base-model", default=TINY, help=f"{' | '.join(BASE_MODELS)} | PATH (a model folder)")
     ap.add_argument("--method", choices=list(METHODS), default="lora", help="train LoRA adapters or every weight")
+    ap.add_argument("--triples", type=int, default=None,
+                    help="training triples (data.train_subsample.n) for every run: equal data across base models "
+                         "(default: the recipe's 4,800, or the variant's own)")
     ap.add_argument("--eval-sets", choices=list(EVAL_SETS), default="science",
                     help="science: this benchmark's fixed sets; quickstart: the quickstart's own")
     ap.add_argument("--runs-dir", type=Path, default=None,
@@ -362,8 +383,10 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     plan = plan_of(args)
     base, method = args.base_model, args.method
-    folder = {(v, s): args.runs_dir / run_name(v, s, base, method) for v, s in plan}
-    label = lambda v, s: f"{v} s{s}" if (base, method) == (TINY, "lora") else f"{v} {Path(base).name} {method} s{s}"
+    folder = {(v, s): args.runs_dir / run_name(v, s, base, method, args.triples) for v, s in plan}
+    size = f" n{args.triples}" if args.triples else ""
+    label = lambda v, s: (f"{v}{size} s{s}" if (base, method) == (TINY, "lora")
+                          else f"{v} {Path(base).name} {method}{size} s{s}")
     if args.table_only:
         missing = [str(f) for f in folder.values() if not (f / "eval" / "stage.json").exists()]
         if missing:
@@ -379,7 +402,8 @@ def main(argv: list[str] | None = None) -> None:
             env["OMP_NUM_THREADS"] = "1"
         config = run_config(args.eval_sets, args.runs_dir)
         with ThreadPoolExecutor(args.jobs) as pool:
-            runs = list(pool.map(lambda vs: run_variant(*vs, args.runs_dir, env, base, method, config), plan))
+            runs = list(pool.map(lambda vs: run_variant(*vs, args.runs_dir, env, base, method, config, args.triples),
+                                 plan))
         results = {label(v, s): run for (v, s), run in zip(plan, runs)}
     text = (f"bench_science — {time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores, "
             f"wall {time.time() - t0:.0f} s; `python scripts/bench_science.py {' '.join(sys.argv[1:])}`\n\n"

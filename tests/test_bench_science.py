@@ -43,6 +43,15 @@ def test_smollm2_gets_its_training_settings_and_the_variant_wins(bench):
     assert bench.run_overrides("multitask", 0, "tiny", "full")["name"] == "multitask-tiny-full-s0"
 
 
+def test_triples_fix_the_training_set_size_over_the_variant_and_name_the_folder(bench):
+    o = bench.run_overrides("reasoning", 0, "smollm2-135m-instruct", "lora", 1200)
+    assert o["data.train_subsample.n"] == 1200  # the variant's own 1,500 gives way: equal data across models
+    assert o["name"] == "reasoning-smollm2-135m-instruct-lora-n1200-s0"
+    assert bench.run_overrides("label_only", 2, triples=1200)["name"] == "label_only-n1200-s2"
+    assert "data.train_subsample.n" not in bench.run_overrides("label_only", 0)
+    assert bench.parse_args(["--triples", "1200"]).triples == 1200
+
+
 def test_a_model_folder_is_a_pretrained_base(bench, tmp_path):
     model = tmp_path / "my-model"
     model.mkdir()
