@@ -5,7 +5,8 @@
     python scripts/bench_science.py --variants multitask --seeds 0 1 2 --jobs 2
     python scripts/bench_science.py --variants multitask multitask_lookup --base-model smollm2-135m-instruct
     python scripts/bench_science.py --variants multitask --method full
-    python scripts/bench_science.py --variants label_only --base-model smollm2-135m-instruct --triples 1200 --eval-sets pilot
+    python scripts/bench_science.py --variants label_only --base-model smollm2-135m-instruct --triples 1200 \
+        --eval-sets pilot
     python scripts/bench_science.py --list
     python scripts/bench_science.py --variants multitask_grpo --seeds 0 --table-only   # table from finished runs
 
@@ -17,12 +18,13 @@ Three axes beside the variant and the seed:
 * ``--method``: ``lora`` or ``full`` (``train.method: full``, every weight trained);
 * ``--triples``: the training-set size of every run (``data.train_subsample.n``; equal data across base models);
 * ``--eval-sets``: ``science`` (default), ``pilot`` (200 genes of each science draw, for a first look where a
-  pretrained student makes the science sets cost hours on a CPU; see EVAL_SETS) or ``quickstart``. The science sets are fixed by this benchmark,
-  not by the quickstart: every test pair of 1,200 readout genes drawn at random (seed 0, whatever the run's
-  seed, so every variant, seed and base model is scored on the same pairs) from K562's held-out
-  perturbations (6,810 pairs, 187 genes with both a changed and an unchanged pair) and from RPE1, a line
-  never trained on (9,745 pairs, 186 such genes). Genes are drawn, never labels: 1,200 is the smallest round
-  count whose draws (20 seeds) kept at least 150 both-class genes in both lines, enough for a per-gene AUROC.
+  pretrained student makes the science sets cost hours on a CPU; see EVAL_SETS) or ``quickstart``. The science
+  sets are fixed by this benchmark, not by the quickstart: every test pair of 1,200 readout genes drawn at
+  random (seed 0, whatever the run's seed, so every variant, seed and base model is scored on the same pairs)
+  from K562's held-out perturbations (6,810 pairs, 187 genes with both a changed and an unchanged pair) and
+  from RPE1, a line never trained on (9,745 pairs, 186 such genes). Genes are drawn, never labels: 1,200 is
+  the smallest round count whose draws (20 seeds) kept at least 150 both-class genes in both lines, enough for
+  a per-gene AUROC.
   ``quickstart`` scores the quickstart's own sets (the whole K562 test split, 300 RPE1 genes drawn by the
   run's seed), as the tables in docs/benchmarks.md dated before these axes were.
 

@@ -31,7 +31,13 @@ NOT_DE = "not differentially expressed"
 LABELS: tuple[str, str, str] = (UP, DOWN, NOT_DE)
 # Short names used for probability columns and JSON keys.
 SHORT = {UP: "up", DOWN: "down", NOT_DE: "not_de"}
+SHORT_KEYS: tuple[str, str, str] = tuple(SHORT[lab] for lab in LABELS)  # ("up", "down", "not_de")
+# The words tables, prompts' lookup lines and console summaries show a class by.
+DISPLAY = {UP: "up", DOWN: "down", NOT_DE: "not DE"}
 UNPARSEABLE = "unparseable"
+
+# The judge's rating scale, best first. Every rating a judge may give, a config may name and a summary counts.
+EXCELLENT, GOOD, AVERAGE, BAD, TERRIBLE = RATINGS = ("excellent", "good", "average", "bad", "terrible")
 
 
 def canonical_class(name: str) -> str | None:

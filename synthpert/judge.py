@@ -40,10 +40,10 @@ RANK = {r: i for i, r in enumerate(reversed(JUDGE_RATINGS))}  # terrible=0 ... e
 # ---------------------------------------------------------------------------------------------------------
 # Verdict parsing
 
-_RATING_LINE = re.compile(r"rating\s*[\"']?\s*[:=\-]\s*[\"'*_\s]*(excellent|good|average|bad|terrible)\b",
-                          re.IGNORECASE)
+_ANY_RATING = "|".join(JUDGE_RATINGS)
+_RATING_LINE = re.compile(rf"rating\s*[\"']?\s*[:=\-]\s*[\"'*_\s]*({_ANY_RATING})\b", re.IGNORECASE)
 _JUST_LINE = re.compile(r"justification\s*[\"']?\s*[:=\-]\s*[\"'*_\s]*(.+)", re.IGNORECASE | re.DOTALL)
-_WORD = re.compile(r"\b(excellent|good|average|bad|terrible)\b", re.IGNORECASE)
+_WORD = re.compile(rf"\b({_ANY_RATING})\b", re.IGNORECASE)
 
 
 def parse_verdict(text: str | None) -> tuple[str | None, str, str | None]:

@@ -29,7 +29,7 @@ import weakref
 import numpy as np
 import pandas as pd
 
-from .answer import LABELS
+from .answer import DISPLAY, LABELS
 from .baselines import combined_fit_keys, combined_model, evidence_features, fit_combined, model_probabilities
 from .evidence import TrainingStats, evidence_text
 from .runs import adapter_manifest
@@ -37,7 +37,6 @@ from .schema import perturbation_fold
 
 # combined's fit sample: fixed, so a dataset's prompts (and their caches) never move with a run's seed
 LOOKUP_SEED = 0
-_WORDS = {LABELS[0]: "up", LABELS[1]: "down", LABELS[2]: "not DE"}
 _FOLD_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -79,7 +78,7 @@ def _percent(p: float) -> str:
 
 def lookup_line(probs) -> str:
     """The block's lookup line; whole percents, so prompts (and their caches) are stable."""
-    shares = ", ".join(f"{_WORDS[lab]} {_percent(float(p))}" for lab, p in zip(LABELS, probs))
+    shares = ", ".join(f"{DISPLAY[lab]} {_percent(float(p))}" for lab, p in zip(LABELS, probs))
     return f"- Model-free estimate from these counts (logistic regression on the training screens): {shares}."
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from .answer import LABELS, STRICT, format_answer, parse_answer
+from .answer import BAD, GOOD, LABELS, STRICT, TERRIBLE, format_answer, parse_answer
 from .config.generate import JudgeConfig
 from .errors import SynthpertError
 from .schema import TraceRecord
@@ -125,10 +125,10 @@ def rules_verdict(trace: TraceRecord, cfg: JudgeConfig) -> str:
     if len(reasoning) > cfg.max_chars:
         soft.append(f"reasoning longer than {cfg.max_chars} characters ({len(reasoning)})")
     if failures:
-        return "Rating: terrible\nJustification: " + "; ".join(failures + soft)
+        return f"Rating: {TERRIBLE}\nJustification: " + "; ".join(failures + soft)
     if soft:
-        return "Rating: bad\nJustification: " + "; ".join(soft)
-    return ("Rating: good\nJustification: format ok, answer equals label, mentions both genes and the cell line, "
+        return f"Rating: {BAD}\nJustification: " + "; ".join(soft)
+    return (f"Rating: {GOOD}\nJustification: format ok, answer equals label, mentions both genes and the cell line, "
             f"{len(reasoning)} characters (rules heuristic: form only, not biology)")
 
 

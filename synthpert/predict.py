@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .answer import SHORT_KEYS
 from .cells import get_cell_line
 from .config.serve import ServeConfig
 from .decision import decision_for
@@ -106,7 +107,7 @@ def predict_baseline(dataset: str | Path, triples: pd.DataFrame, name: str, seed
              "label_generated": None, "label_strict": None,
              "decision": {"rule": f"baseline {name}", "description": f"the {name} baseline (no language model) "
                           f"from the training rows of {dataset}"},
-             "unparseable_reason": None, "probabilities": dict(zip(("up", "down", "not_de"), map(float, probs))),
+             "unparseable_reason": None, "probabilities": dict(zip(SHORT_KEYS, map(float, probs))),
              "probability_method": "baseline", "reasoning": None, "completion_tokens": 0}
             for r, label, probs in zip(test.itertuples(), res["pred"], res["probs"])]
 
@@ -118,7 +119,7 @@ def to_frame(records: list[dict]) -> pd.DataFrame:
         probs = r.get("probabilities") or {}
         rows.append({"cell_line": r["cell_line"], "perturbation": r["perturbation"], "gene": r["gene"],
                      "label": r["label"], "decision_rule": r["decision"]["rule"],
-                     "p_up": probs.get("up"), "p_down": probs.get("down"), "p_not_de": probs.get("not_de"),
+                     **{f"p_{k}": probs.get(k) for k in SHORT_KEYS},
                      "label_generated": r["label_generated"], "unparseable_reason": r["unparseable_reason"],
                      "warnings": "; ".join(r["warnings"]), "reasoning": r["reasoning"]})
     return pd.DataFrame(rows)

@@ -17,7 +17,7 @@ import re
 import shutil
 from pathlib import Path
 
-from .answer import LABELS, SHORT
+from .answer import LABELS, NOT_DE, SHORT, SHORT_KEYS
 from .errors import SynthpertError
 from .models import shipped_model
 from .runs import ADAPTER_MANIFEST, is_full_model
@@ -105,7 +105,7 @@ def _metrics_table(m: dict) -> list[str]:
     for name, res in rows:
         o = (res or {}).get("overall") or {}
         pc = o.get("per_class") or {}
-        f1s = " / ".join(_num((pc.get(c) or {}).get("f1")) for c in ("up", "down", "not_de"))
+        f1s = " / ".join(_num((pc.get(c) or {}).get("f1")) for c in SHORT_KEYS)
         lines.append(f"| {name} | {_num(o.get('accuracy'))} | {_with_ci(o, 'macro_f1')} | "
                      f"{_num(o.get('balanced_accuracy'))} | {_num(o.get('auroc_de_per_gene'))} | {f1s} |")
     strata = {k: v for k, v in ((m.get("model") or {}).get("strict") or {}).items() if k != "overall"}
@@ -174,7 +174,7 @@ def model_card_text(run: Path, repo_id: str, dataset_repo: str | None, base_mode
     for name, m in sets.items():
         counts = m.get("class_counts") or {}
         total = sum(counts.values()) or 1
-        not_de_shares.append(counts.get("not_de", 0) / total)
+        not_de_shares.append(counts.get(SHORT[NOT_DE], 0) / total)
         body += [f"### {name}", "",
                  f"{m.get('n_predicted')} examples ({', '.join(f'{k} {v}' for k, v in counts.items())}), "
                  f"probabilities: {m.get('probability_method')}", ""]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .answer import LABELS, LENIENT, SHORT, STRICT
+from .answer import LABELS, LENIENT, SHORT, SHORT_KEYS, STRICT
 from .ceiling import ceiling_lines
 from .metrics import ECE_BINS
 from .runs import write_text_atomic
@@ -39,9 +39,8 @@ def _row(name: str, m: dict) -> str:
     ci = m.get("ci") or {}
     pc = m["per_class"]
     cells = [name, str(m["n"]), fmt(m["accuracy"], ci.get("accuracy")), fmt(m["macro_f1"], ci.get("macro_f1")),
-             fmt(m["balanced_accuracy"], ci.get("balanced_accuracy")), fmt(pc["up"]["f1"]), fmt(pc["down"]["f1"]),
-             fmt(pc["not_de"]["f1"]), _fmt_auc(m, "de"), _fmt_auc(m, "dir"), fmt(m.get("ece")),
-             fmt(m["unparseable_rate"])]
+             fmt(m["balanced_accuracy"], ci.get("balanced_accuracy")), *(fmt(pc[k]["f1"]) for k in SHORT_KEYS),
+             _fmt_auc(m, "de"), _fmt_auc(m, "dir"), fmt(m.get("ece")), fmt(m["unparseable_rate"])]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -226,7 +225,7 @@ def write_figures(out: Path, metrics: dict, examples: pd.DataFrame, preds: dict[
     # Per-class F1: model vs every available baseline.
     rows = {f"{model_name}": overall}
     rows.update({k: b["overall"] for k, b in metrics["baselines"].items() if "overall" in b})
-    classes = ["up", "down", "not_de"]
+    classes = list(SHORT_KEYS)
     fig, ax = plt.subplots(figsize=(7, 3.8))
     width = 0.8 / len(rows)
     for k, (name, m) in enumerate(rows.items()):

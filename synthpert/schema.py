@@ -19,12 +19,12 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .answer import LABELS, SHORT, STRICT, check_label, format_answer
+from .answer import LABELS, RATINGS, SHORT, STRICT, check_label, format_answer
 from .errors import SynthpertError
 
 log = logging.getLogger("synthpert.schema")
 
-JUDGE_RATINGS: tuple[str, ...] = ("excellent", "good", "average", "bad", "terrible")
+JUDGE_RATINGS: tuple[str, ...] = RATINGS  # the rating vocabulary, owned by answer.py
 
 
 class Example(BaseModel):

@@ -37,7 +37,8 @@ SMOKE = {
     "train_tiny.yaml": "test_configs_smoke.py::test_train_config",
     "rl_tiny.yaml": "test_rl.py::test_grpo_moves_the_adapter_writes_the_manifest_and_resumes",
     "rl_8b_vllm.yaml": "test_rl.py::test_8b_vllm_config_loads_and_needs_a_gpu",
-    "local_llm.yaml": "test_real_model_serve.py::test_local_llm_config_runs_end_to_end_with_a_real_teacher_judge_and_student",
+    "local_llm.yaml":
+        "test_real_model_serve.py::test_local_llm_config_runs_end_to_end_with_a_real_teacher_judge_and_student",
 }
 
 # What a CPU machine without the hub substitutes in the recipe configs (see the module docstring).

@@ -125,3 +125,29 @@ def test_the_graph_is_read():
     assert "synthpert.rewards" in GRAPH["synthpert.rl"]
     assert "synthpert.cli.run" in GRAPH["synthpert.cli.main"]
     assert "synthpert.pipeline" in GRAPH["synthpert.cli.run"]
+
+
+# The class and rating vocabularies live in answer.py alone. "up" / "down" are also a DE screen's fold-change
+# directions (screen counts, the synthetic screen's truth), so only the screen modules may spell those two.
+VOCABULARY = {"upregulated", "downregulated", "not differentially expressed", "not_de", "not DE",
+              "excellent", "good", "average", "bad", "terrible"}
+DIRECTIONS = {"up", "down"}
+SCREEN_MODULES = {"screen.py", "screen_synth.py", "screen_de.py", "cli/screen.py"}
+
+
+def spelled_vocabulary(source: str, name: str) -> list[str]:
+    """String constants in ``source`` (module ``name``, relative to the package) that spell a class or rating."""
+    words = VOCABULARY | (set() if name in SCREEN_MODULES else DIRECTIONS)
+    return [f"{name}:{n.lineno} {n.value!r}" for n in ast.walk(ast.parse(source))
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value in words]
+
+
+def test_only_answer_py_spells_the_labels_and_the_ratings():
+    found = [hit for path in sorted(PKG.rglob("*.py")) if path.name != "answer.py"
+             for hit in spelled_vocabulary(path.read_text(), path.relative_to(PKG).as_posix())]
+    assert found == []
+    # the check sees a hand-spelled key, and a rating inside a Literal
+    assert spelled_vocabulary('probs.get("not_de")', "report.py") == ["report.py:1 'not_de'"]
+    assert spelled_vocabulary('x: Literal["good", "bad"]', "config/judge.py") == [
+        "config/judge.py:1 'good'", "config/judge.py:1 'bad'"]
+    assert spelled_vocabulary('totals = {"up": 0}', "screen.py") == []

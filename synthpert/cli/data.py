@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from ..answer import DISPLAY, SHORT_KEYS
 from ..config import load_section
 from ..config.data import DataConfig
 
@@ -64,11 +65,10 @@ def data_build(
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
-    short = {"upregulated": "up", "downregulated": "down", "not differentially expressed": "not DE"}
     typer.echo(f"{summary['setting']}: train {', '.join(summary['train_cells'])} → test "
                f"{', '.join(summary['test_cells'])} ({summary['protocol']} protocol, seed {summary['seed']})")
     for name, split in summary["splits"].items():
-        by = ", ".join(f"{short.get(k, k)} {v:,}" for k, v in split.get("by_class", {}).items())
+        by = ", ".join(f"{DISPLAY.get(k, k)} {v:,}" for k, v in split.get("by_class", {}).items())
         typer.echo(f"{name}: {split['n']:,} triples, {split.get('perturbations', 0):,} perturbations ({by})")
     typer.echo(f"written: {out / 'dataset'} (details: {out / 'summary.json'})")
 
@@ -109,7 +109,7 @@ def metrics_rows(results: dict[str, dict], stratum: str = "overall"):
         if src is None:
             continue
         rows.append({"predictor": name, "n": src["n"], **{k: src.get(k) for k in TABLE_METRICS},
-                     **{f"f1_{c}": src["per_class"][c]["f1"] for c in ("up", "down", "not_de")},
+                     **{f"f1_{c}": src["per_class"][c]["f1"] for c in SHORT_KEYS},
                      **{f"{k}_ci": (src.get("ci") or {}).get(k) for k in TABLE_METRICS}, "note": ""})
     return pd.DataFrame(rows)
 

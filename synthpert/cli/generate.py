@@ -19,6 +19,7 @@ from pathlib import Path
 
 import typer
 
+from ..answer import DISPLAY
 from ..config import load_section
 from ..config.generate import JudgeConfig, TeacherConfig
 from ..errors import SynthpertError
@@ -53,7 +54,7 @@ def _usd(x) -> str:
 
 
 def _short(label: str) -> str:
-    return {"not differentially expressed": "not DE"}.get(label, label)
+    return DISPLAY.get(label, label)
 
 
 def _pct(x) -> str:

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ..answer import canonical_class
+from ..answer import GOOD, RATINGS, canonical_class
 from ..schema import JUDGE_RATINGS
 from .client import ClientConfig, SamplingConfig
 from .data import SubsampleConfig
@@ -65,8 +65,8 @@ class JudgeConfig(ClientConfig):
         "answer's share; cocoa: confidence x agreement (CoCoA), confidence = the mean over the majority-answer "
         "samples of exp(mean token log-probability); needs teacher.sampling.logprobs=true and a server that "
         "returns them (the offline teacher has none)")
-    threshold: Literal["excellent", "good", "average", "bad", "terrible"] = Field(
-        "good", description="keep traces rated at least this (SynthPert's main run kept only 'excellent')")
+    threshold: Literal[RATINGS] = Field(
+        GOOD, description="keep traces rated at least this (SynthPert's main run kept only 'excellent')")
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.0,
                                                                             max_completion_tokens=512))
     system_prompt: str | None = Field("judge_system.txt", description="system prompt file in prompts/ (null: none)")
@@ -95,7 +95,7 @@ class JudgeConfig(ClientConfig):
             raise ValueError(f"judge.rank_by={self.rank_by} applies to judge.kind=consistency only")
         if self.class_quota and self.kind != "consistency":
             raise ValueError("judge.class_quota applies to judge.kind=consistency only")
-        if self.kind == "rules" and JUDGE_RATINGS.index(self.threshold) < JUDGE_RATINGS.index("good"):
+        if self.kind == "rules" and JUDGE_RATINGS.index(self.threshold) < JUDGE_RATINGS.index(GOOD):
             raise ValueError(f"the rules judge rates at most 'good' (it checks form, not biology); threshold "
                              f"{self.threshold!r} would keep nothing. Use judge.threshold=good or an LLM judge")
         return self
