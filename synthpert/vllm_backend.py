@@ -81,6 +81,13 @@ class VLLMBackend(Backend):
         if adapter_dir is not None:
             from vllm.lora.request import LoRARequest
 
+            # vLLM reads the tokenizer folder as a model config too, and an adapter folder has none: two ERROR
+            # lines on every start. Prompts reach it as token ids, so its tokenizer only turns generated ids into
+            # text: the base model's does the same whenever the vocabularies are equal (the adapter's template
+            # differs, its tokens do not).
+            if self.engine_args["tokenizer"] != str(model_dir) and _same_vocabulary(self.tokenizer, model_dir):
+                self.engine_args["tokenizer"] = str(model_dir)
+
             self.engine_args.update(enable_lora=True, max_loras=1,
                                     max_lora_rank=vllm_lora_rank(adapter_rank(adapter_dir)))
             # A unique name per adapter version: vLLM caches adapters by name/id.
@@ -140,6 +147,14 @@ class VLLMBackend(Backend):
             except Exception:
                 pass
             self.llm = None
+
+
+def _same_vocabulary(tokenizer, model_dir: Path) -> bool:
+    try:
+        base = load_tokenizer(model_dir, pad_with_eos=True)
+    except SynthpertError:  # a base model without a chat template of its own: keep the adapter's tokenizer
+        return False
+    return base.get_vocab() == tokenizer.get_vocab() and base.all_special_ids == tokenizer.all_special_ids
 
 
 def merged_copy(model_dir: Path, adapter_dir: Path) -> Path:

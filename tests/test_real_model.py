@@ -188,7 +188,7 @@ def test_merged_and_unmerged_adapter_agree(real_adapter, peft_backend, tmp_path)
 
 
 @pytest.mark.vllm
-def test_vllm_cpu_and_transformers_give_the_same_greedy_answers(real_adapter, peft_backend):
+def test_vllm_cpu_and_transformers_give_the_same_greedy_answers(real_adapter, peft_backend, capfd):
     """vLLM loads the real Llama with the LoRA adapter unmerged and generates what transformers generates; merged
     (inference.merge_adapter), its class probabilities are within 0.01 of transformers'. Unmerged, vllm-cpu 0.32
     cannot score prompt log-probabilities of this model: a clear error says to merge, never a kernel traceback."""
@@ -203,7 +203,11 @@ def test_vllm_cpu_and_transformers_give_the_same_greedy_answers(real_adapter, pe
     gh = [g[0].text for g in hf.generate([hf.prepare(m) for m in _questions()], max_new_tokens=12)]
     ph = _class_probs(hf, _questions())
     settings = dict(backend="vllm", model=NAME, adapter=str(adapter), max_model_len=1024, batch_size=4)
+    capfd.readouterr()
     lora = make_backend(InferenceConfig(**settings))
+    started = capfd.readouterr()
+    # the adapter folder is no model config: vLLM gets the base's tokenizer (same vocabulary) and logs no errors
+    assert "Error parsing config" not in started.out + started.err
     try:
         assert lora.describe()["engine"]["enable_lora"] is True
         assert lora.prepare(_questions()[0]).prompt_ids == hf.prepare(_questions()[0]).prompt_ids

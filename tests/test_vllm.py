@@ -32,6 +32,9 @@ def vllm_backend(tiny_model_dir, tiny_adapter_dir):
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     backend = make_backend(InferenceConfig(backend="vllm", model=str(tiny_model_dir), adapter=str(tiny_adapter_dir),
                                            max_new_tokens=MAX_NEW, max_model_len=1024, batch_size=8))
+    # the adapter's tokenizer has the base's vocabulary, so vLLM detokenizes with the base folder's (an adapter
+    # folder read as a model config made vLLM log two errors on every start)
+    assert backend.engine_args["tokenizer"] == str(tiny_model_dir)
     yield backend
     backend.close()
 
