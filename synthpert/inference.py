@@ -240,6 +240,28 @@ def answer_record(p: Prediction, decision, stats=None, return_reasoning: bool = 
             "completion_tokens": p.completion_tokens}
 
 
+@dataclass
+class Student:
+    """What answering a triple needs beside the question: the predictor, the training statistics the evidence
+    block and the warnings are read from (None without an evidence dataset), and the decision rule."""
+    predictor: Predictor
+    stats: object | None
+    decision: object
+
+
+def load_student(cfg) -> Student:
+    """predict's and serve's set-up from a ServeConfig, in one order: the evidence setting checked against the
+    adapter, the training statistics, the decision rule, then the model (last: the checks fail before it loads)."""
+    from .decision import decision_for
+    from .evidence import dataset_training_stats
+
+    adapter = cfg.inference.adapter
+    check_evidence_setting(adapter, cfg.evidence_dataset)
+    stats = dataset_training_stats(cfg.evidence_dataset) if cfg.evidence_dataset else None
+    decision = decision_for(cfg.decision, adapter, stats)
+    return Student(load_predictor(cfg), stats, decision)
+
+
 def load_predictor(cfg) -> Predictor:
     """A Predictor over the backend ``cfg.inference`` (a ServeConfig) describes."""
     from .backends import make_backend

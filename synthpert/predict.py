@@ -11,10 +11,9 @@ import pandas as pd
 from .answer import SHORT_KEYS
 from .cells import get_cell_line
 from .config.serve import ServeConfig
-from .decision import decision_for
 from .errors import SynthpertError
 from .evidence import dataset_training_stats
-from .inference import Triple, answer_record, check_evidence_setting, load_predictor, triple_warnings
+from .inference import Triple, answer_record, load_student, triple_warnings
 from .lookup import adapter_lookup, evidence_blocks
 from .schema import SYMBOL_PATTERN, Example
 
@@ -63,12 +62,10 @@ def read_triples(path: str | Path) -> pd.DataFrame:
 def predict_triples(cfg: ServeConfig, triples: pd.DataFrame, return_reasoning: bool = False,
                     chunk: int = 64) -> list[dict]:
     """One answer record per triple, in input order, through the same predictor and decision as the endpoint."""
-    adapter = cfg.inference.adapter
-    check_evidence_setting(adapter, cfg.evidence_dataset)
-    stats = dataset_training_stats(cfg.evidence_dataset) if cfg.evidence_dataset else None
-    decision = decision_for(cfg.decision, adapter, stats)
-    evidence = evidence_blocks(stats, triples, adapter_lookup(adapter))  # the whole file at once: the lookup's fit
-    predictor = load_predictor(cfg)
+    student = load_student(cfg)
+    predictor, stats, decision = student.predictor, student.stats, student.decision
+    # the whole file at once: the lookup's fit
+    evidence = evidence_blocks(stats, triples, adapter_lookup(cfg.inference.adapter))
     out = []
     try:
         for start in range(0, len(triples), chunk):

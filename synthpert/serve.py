@@ -48,10 +48,8 @@ from starlette.requests import Request as HTTPRequest
 
 from .cells import get_cell_line
 from .config.serve import ServeConfig, ServeSettings
-from .decision import decision_for
 from .errors import SynthpertError, scrub
-from .evidence import dataset_training_stats
-from .inference import Triple, answer_record, check_evidence_setting, load_predictor
+from .inference import Triple, answer_record, load_student
 from .lookup import adapter_lookup, evidence_block
 from .schema import SYMBOL_PATTERN, Example
 from .serve_http import BodyLimit, BodyTooLarge, Envelope, Gate, JsonBody, error_response, too_large
@@ -419,11 +417,9 @@ def serve(cfg: ServeConfig) -> None:
     import uvicorn
 
     settings = cfg
-    check_evidence_setting(cfg.inference.adapter, settings.evidence_dataset)
-    stats = dataset_training_stats(settings.evidence_dataset) if settings.evidence_dataset else None
-    decision = decision_for(settings.decision, cfg.inference.adapter, stats)
-    predictor = load_predictor(cfg)
-    app = create_app(predictor, settings, stats, decision)
+    student = load_student(cfg)
+    predictor = student.predictor
+    app = create_app(predictor, settings, student.stats, student.decision)
     if settings.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding %s: the endpoint is reachable from other machines%s", settings.host,
                     "" if os.environ.get(settings.api_key_env) else f" and has NO API key (set {settings.api_key_env})")
