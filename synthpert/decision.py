@@ -29,9 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .answer import LABELS
 from .errors import SynthpertError
+from .metric_table import objectives
 
 RULES = ("argmax", "prior", "tuned")
-OBJECTIVES = ("macro_f1", "balanced_accuracy", "accuracy")
 DECISION_FILE = "decision.json"
 _EPS = 1e-12
 
@@ -194,10 +194,11 @@ def fit_tuned(validation: ValidationRows, objective: str = "macro_f1", start: De
     never returns something worse than it on these rows."""
     if not isinstance(validation, ValidationRows):
         raise SynthpertError("fit_tuned takes ValidationRows (validation split only), not raw arrays")
-    if objective not in OBJECTIVES:
-        guess = difflib.get_close_matches(objective, OBJECTIVES, n=1)
+    known = objectives()  # the metric table's (metric_table.py)
+    if objective not in known:
+        guess = difflib.get_close_matches(objective, known, n=1)
         raise SynthpertError(f"unknown objective {objective!r}" + (f" (did you mean {guess[0]!r}?)" if guess else "")
-                             + f"; objectives: {', '.join(OBJECTIVES)}")
+                             + f"; objectives: {', '.join(known)}")
     grid = np.linspace(-6, 6, 121) if grid is None else np.asarray(grid, dtype=float)
     y = np.array([LABELS.index(lab) for lab in validation.labels])
     logp = np.log(np.clip(validation.probs, _EPS, None))

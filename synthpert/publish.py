@@ -17,8 +17,9 @@ import re
 import shutil
 from pathlib import Path
 
-from .answer import LABELS, NOT_DE, SHORT, SHORT_KEYS
+from .answer import LABELS, NOT_DE, SHORT
 from .errors import SynthpertError
+from .metric_table import PER_CLASS, class_f1s, metrics
 from .models import shipped_model
 from .runs import ADAPTER_MANIFEST, is_full_model
 
@@ -100,14 +101,15 @@ def _metrics_table(m: dict) -> list[str]:
     if (m.get("model") or {}).get("decided"):
         rows.append(("model (decision rule)", m["model"]["decided"]))
     rows += [(f"baseline: {n}", b) for n, b in (m.get("baselines") or {}).items() if "overall" in b]
-    lines = ["| predictor | accuracy | macro-F1 [95% CI] | balanced acc. | AUROC DE per gene | F1 up / down / not DE |",
-             "|---|---|---|---|---|---|"]
+    shown = metrics("card")  # the metric table's model-card columns
+    names = ["predictor"] + [("F1 up / down / not DE" if m.key == PER_CLASS else m.report)
+                             + (" [95% CI]" if m.headline and m.interval else "") for m in shown]
+    lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
     for name, res in rows:
         o = (res or {}).get("overall") or {}
-        pc = o.get("per_class") or {}
-        f1s = " / ".join(_num((pc.get(c) or {}).get("f1")) for c in SHORT_KEYS)
-        lines.append(f"| {name} | {_num(o.get('accuracy'))} | {_with_ci(o, 'macro_f1')} | "
-                     f"{_num(o.get('balanced_accuracy'))} | {_num(o.get('auroc_de_per_gene'))} | {f1s} |")
+        cells = [" / ".join(_num(f1) for f1 in class_f1s(o)) if m.key == PER_CLASS
+                 else _with_ci(o, m.key) if m.headline and m.interval else _num(o.get(m.key)) for m in shown]
+        lines.append("| " + " | ".join([name, *cells]) + " |")
     strata = {k: v for k, v in ((m.get("model") or {}).get("strict") or {}).items() if k != "overall"}
     if strata:
         lines += ["", "Model (strict) by stratum — was the perturbation seen in a training cell line?", "",

@@ -10,7 +10,9 @@ import numpy as np
 import pandas as pd
 
 from .answer import LABELS, LENIENT, SHORT, SHORT_KEYS, STRICT
+from . import metric_table
 from .ceiling import ceiling_lines
+from .metric_table import PER_CLASS, Metric, class_f1s, headers
 from .metrics import ECE_BINS
 from .runs import write_text_atomic
 from .schema import HARD_LABEL, Prediction
@@ -28,24 +30,24 @@ def fmt(x, ci=None) -> str:
     return s
 
 
-def _fmt_auc(m: dict, task: str) -> str:
-    """Per-gene AUROC with the number of genes it averages (genes with one class in the sample are skipped)."""
-    value = m.get(f"auroc_{task}_per_gene")
-    genes = m.get(f"auroc_{task}_genes")
-    return fmt(value, (m.get("ci") or {}).get(f"auroc_{task}_per_gene")) + (f" ({genes} genes)" if genes else "")
+def metric_cells(m: dict, metric: Metric) -> list[str]:
+    """A row's cell(s) for one entry of the metric table: its value, its interval where it has one, and the
+    number of genes a per-gene mean averages (genes with one class in the sample are skipped)."""
+    if metric.key == PER_CLASS:
+        return [fmt(f1) for f1 in class_f1s(m)]
+    ci = (m.get("ci") or {}).get(metric.key) if metric.interval else None
+    genes = m.get(metric.genes) if metric.genes else None
+    return [fmt(m.get(metric.key), ci) + (f" ({genes} genes)" if genes else "")]
 
 
 def _row(name: str, m: dict) -> str:
-    ci = m.get("ci") or {}
-    pc = m["per_class"]
-    cells = [name, str(m["n"]), fmt(m["accuracy"], ci.get("accuracy")), fmt(m["macro_f1"], ci.get("macro_f1")),
-             fmt(m["balanced_accuracy"], ci.get("balanced_accuracy")), *(fmt(pc[k]["f1"]) for k in SHORT_KEYS),
-             _fmt_auc(m, "de"), _fmt_auc(m, "dir"), fmt(m.get("ece")), fmt(m["unparseable_rate"])]
+    cells = [name, str(m["n"])] + [c for metric in metric_table.metrics() for c in metric_cells(m, metric)]
     return "| " + " | ".join(cells) + " |"
 
 
-TABLE_HEAD = ("| predictor | n | accuracy | macro-F1 | balanced acc. | F1 up | F1 down | F1 not DE | AUROC DE "
-              "(per gene) | AUROC dir (per gene) | ECE | unparseable |\n|" + "---|" * 12)
+def table_head() -> str:
+    names = ["predictor", "n"] + [h for metric in metric_table.metrics() for h in headers(metric, "report")]
+    return "| " + " | ".join(names) + " |\n|" + "---|" * len(names)
 
 
 MODEL_ROWS = {  # metrics["model"] key -> how the report names the row
@@ -63,7 +65,7 @@ def _row_name(mode: str, metrics: dict) -> str:
 
 
 def metrics_table(metrics: dict, model_name: str, stratum: str) -> str | None:
-    lines = [TABLE_HEAD]
+    lines = [table_head()]
     for mode in MODEL_ROWS:
         m = metrics["model"].get(mode, {}).get(stratum)
         if m:

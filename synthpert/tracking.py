@@ -14,6 +14,7 @@ import importlib.util
 from pathlib import Path
 
 from .errors import SynthpertError
+from .metric_table import scalar_keys
 
 TRACKERS = ("none", "tensorboard", "trackio", "wandb", "mlflow")
 # the module each tracker needs; the pip extra of the same name installs it (pip install 'synthpert[NAME]')
@@ -100,8 +101,7 @@ def flat_eval_metrics(metrics: dict) -> dict[str, float]:
     out: dict[str, float] = {}
 
     def add(prefix: str, overall: dict) -> None:
-        for k in ("accuracy", "macro_f1", "balanced_accuracy", "unparseable_rate", "auroc_de_per_gene",
-                  "auroc_dir_per_gene"):
+        for k in scalar_keys():  # every single-number entry of the metric table
             v = overall.get(k)
             if isinstance(v, (int, float)) and v == v:  # NaN: nothing to plot
                 out[f"{prefix}/{k}"] = float(v)

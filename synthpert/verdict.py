@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 
 from .answer import STRICT
+from .metric_table import headline_keys
 
-HEADLINE_METRICS = ("macro_f1", "balanced_accuracy", "auroc_de_per_gene", "auroc_dir_per_gene")
 MIN_AUROC_GENES = 10  # per-gene AUROC enters the verdict only when averaged over at least this many genes
 DECIDED = "decided"  # the model row scored with the decision rule
 LOOKUP_BASELINE = "combined"  # the baseline whose probabilities the evidence lookup line states (lookup.py)
@@ -53,7 +53,7 @@ def verdict(m: dict) -> dict:
         return res
     model_ci = model.get("ci") or {}
     lookup = bool(m.get("evidence_lookup"))
-    for metric in HEADLINE_METRICS:
+    for metric in headline_keys():  # the metric table's headline entries
         best_name, best = None, None
         for name, b in m["baselines"].items():
             v = _value(b, metric)

@@ -38,7 +38,7 @@ SHARED = {
     "batch_files", "data", "fetch", "evidence", "lookup", "metrics",
     "baselines", "decision", "offline", "inference", "backends", "transformers_backend", "vllm_backend",
     "openai_backend", "tracking", "checkpoints", "models", "ceiling", "run_folder", "model_check", "sampling",
-    "precision",
+    "precision", "metric_table",
 }
 TOP = {"pipeline"}
 

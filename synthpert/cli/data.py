@@ -8,16 +8,13 @@ from pathlib import Path
 import typer
 
 from ..answer import DISPLAY, SHORT_KEYS
+from ..metric_table import PER_CLASS, class_f1s, headers, metrics, scalar_keys
 from ..config import load_section
 from ..config.data import DataConfig
 
 data_app = typer.Typer(help="Fetch PerturbQA, turn your own screen (.h5ad) into triples, build three-class examples.",
                        no_args_is_help=True)
 
-SHORT_HEADERS = {"accuracy": "acc", "macro_f1": "macroF1", "balanced_accuracy": "balAcc",
-                 "auroc_de_per_gene": "AUROC DE", "auroc_dir_per_gene": "AUROC dir", "f1_up": "F1 up",
-                 "f1_down": "F1 down", "f1_not_de": "F1 notDE"}
-TABLE_METRICS = ("accuracy", "macro_f1", "balanced_accuracy", "auroc_de_per_gene", "auroc_dir_per_gene")
 
 
 def data_fetch(
@@ -100,17 +97,18 @@ def metrics_rows(results: dict[str, dict], stratum: str = "overall"):
     """One row per predictor (a DataFrame); ``results`` maps name -> flat metrics (with optional 'strata')."""
     import pandas as pd
 
+    keys = scalar_keys("cli")
     rows = []
     for name, m in results.items():
         if "unavailable" in m:
-            rows.append({"predictor": name, **{k: None for k in TABLE_METRICS}, "note": m["unavailable"]})
+            rows.append({"predictor": name, **{k: None for k in keys}, "note": m["unavailable"]})
             continue
         src = m if stratum == "overall" else m.get("strata", {}).get(stratum)
         if src is None:
             continue
-        rows.append({"predictor": name, "n": src["n"], **{k: src.get(k) for k in TABLE_METRICS},
-                     **{f"f1_{c}": src["per_class"][c]["f1"] for c in SHORT_KEYS},
-                     **{f"{k}_ci": (src.get("ci") or {}).get(k) for k in TABLE_METRICS}, "note": ""})
+        rows.append({"predictor": name, "n": src["n"], **{k: src.get(k) for k in keys},
+                     **{f"f1_{c}": f1 for c, f1 in zip(SHORT_KEYS, class_f1s(src))},
+                     **{f"{k}_ci": (src.get("ci") or {}).get(k) for k in keys}, "note": ""})
     return pd.DataFrame(rows)
 
 
@@ -135,15 +133,20 @@ def baseline_table(result: dict, n_bootstrap: int = 0) -> None:
         df = metrics_rows(result["baselines"], stratum)
         table = Table(title=f"baselines — {stratum}", show_lines=False)
         table.add_column("predictor", no_wrap=True)
-        for col in ["n", *TABLE_METRICS, "f1_up", "f1_down", "f1_not_de"]:
-            table.add_column(SHORT_HEADERS.get(col, col), justify="right", no_wrap=True)
+        shown = metrics("cli")  # the metric table's command-line columns, in its order
+        for col in ["n", *(h for m in shown for h in headers(m, "cli"))]:
+            table.add_column(col, justify="right", no_wrap=True)
         for _, r in df.iterrows():
             if r.get("note"):
-                table.add_row(r["predictor"], "", *["—"] * 8)
+                table.add_row(r["predictor"], "", *["—"] * (len(table.columns) - 2))
                 continue
-            table.add_row(r["predictor"], f"{int(r['n']):,}",
-                          *[fmt(r[c], _interval(r.get(f"{c}_ci"))) for c in TABLE_METRICS],
-                          *[fmt(r[c]) for c in ("f1_up", "f1_down", "f1_not_de")])
+            cells = []
+            for m in shown:
+                if m.key == PER_CLASS:
+                    cells += [fmt(r[f"f1_{c}"]) for c in SHORT_KEYS]
+                else:
+                    cells.append(fmt(r[m.key], _interval(r.get(f"{m.key}_ci")) if m.interval else None))
+            table.add_row(r["predictor"], f"{int(r['n']):,}", *cells)
         console.print(table)
     if with_ci:
         console.print(f"[dim]Brackets: 95% bootstrap intervals ({n_bootstrap} resamples "

@@ -11,6 +11,7 @@ import typer
 from ..config import load_section
 from ..config.run import RunConfig
 from ..errors import SynthpertError
+from ..metric_table import metrics
 
 
 def run_cmd(
@@ -145,7 +146,7 @@ def _glance(name: str, result: Path) -> list[str]:
         return []
     m = json.loads(path.read_text())
     lines = []
-    for key, label in (("macro_f1", "macro-F1"), ("auroc_de_per_gene", "per-gene AUROC DE")):
+    for key, label in ((metric.key, metric.glance) for metric in metrics("glance")):
         v = m.get("verdict", {}).get(key)
         if v is None:
             continue
