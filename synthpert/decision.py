@@ -250,7 +250,7 @@ def load_decision(path: str | Path, adapter_hash: str | None = None) -> Decision
     except json.JSONDecodeError as e:
         raise SynthpertError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); {refit}") from None
     except ValidationError as e:
-        from .config import describe_problems
+        from .config.base import describe_problems
 
         first = e.errors()[0]
         if first["type"] == "literal_error" and first["loc"] == ("rule",):

@@ -249,7 +249,7 @@ class Pipeline:
             if inf.backend == "openai" and inf.api_key_env and not os.environ.get(inf.api_key_env):
                 problems.append(("eval", f"eval.inference: environment variable {inf.api_key_env} is not set"))
             if inf.backend == "vllm" and importlib.util.find_spec("vllm") is None:
-                from .vllm_backend import VLLM_MISSING
+                from .backends.vllm import VLLM_MISSING
 
                 problems.append(("eval", f"eval.inference.backend=vllm: {VLLM_MISSING}"))
         if cfg.rl is not None and cfg.rl.use_vllm and self._will_run("rl", stages, forced) and not _cuda():

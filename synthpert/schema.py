@@ -226,7 +226,7 @@ def read_jsonl(path: Path, model: type[BaseModel] | None = None) -> Iterator:
             try:
                 yield model.model_validate(obj)
             except ValidationError as e:
-                from .config import describe_problems
+                from .config.base import describe_problems
 
                 raise SynthpertError(f"{path}:{i}: not a valid {model.__name__} record: "
                                      + "; ".join(describe_problems(e))) from None

@@ -63,7 +63,7 @@ def test_one_prefill_for_generation_and_scoring_equals_the_two_passes(peft_backe
     """generate_and_score shares the prompt's forward pass: same texts as generate, and the answer blocks'
     log-probabilities of answer_logprobs, whether a row's generation starts at its answer (scored from the
     shared cache, a subset of the batch selected out of it) or with reasoning (scored after it)."""
-    import synthpert.transformers_backend as backends
+    import synthpert.backends.transformers as backends
 
     from synthpert.prompting import student_messages
 
@@ -94,7 +94,7 @@ def test_answers_read_off_the_scored_blocks_equal_decoding(peft_backend, monkeyp
     count, finish reason and scores equal the decoding path's, and only the other rows are decoded. The tiny
     adapter does not answer at once, so the block here is its own greedy output, cut where an extra
     end-of-turn token is declared (both paths stop there)."""
-    import synthpert.transformers_backend as backends
+    import synthpert.backends.transformers as backends
     from synthpert.backends import answer_continuations
     from synthpert.prompting import student_messages
 
@@ -208,7 +208,7 @@ def test_missing_vllm_or_folder_gives_clear_errors(tmp_path):
     from synthpert.errors import SynthpertError
     from synthpert.backends import adapter_rank, make_backend
     from synthpert.config.evaluate import InferenceConfig
-    from synthpert.vllm_backend import vllm_lora_rank
+    from synthpert.backends.vllm import vllm_lora_rank
 
     with pytest.raises(SynthpertError, match="does not exist"):
         make_backend(InferenceConfig(model=str(tmp_path / "nope")))

@@ -36,9 +36,8 @@ SHARED = {
     "__init__", "errors", "resources", "answer", "schema", "config", "cells", "prompting", "runs", "tokenizer",
     "chat", "cache", "accounting", "budget", "ratelimit", "progress", "client", "request_pool", "batch",
     "batch_files", "data", "fetch", "evidence", "lookup", "metrics",
-    "baselines", "decision", "offline", "inference", "backends", "transformers_backend", "vllm_backend",
-    "openai_backend", "tracking", "checkpoints", "models", "ceiling", "run_folder", "model_check", "sampling",
-    "precision", "metric_table",
+    "baselines", "decision", "offline", "inference", "backends", "tracking", "checkpoints", "models", "ceiling",
+    "run_folder", "model_check", "sampling", "precision", "metric_table",
 }
 TOP = {"pipeline"}
 
@@ -68,10 +67,14 @@ def _imports(path: Path) -> set[str]:
                 target = node.module or ""
             if target.split(".")[0] != "synthpert":
                 continue
-            out.add(target)
-            for alias in node.names:  # `from . import data` names a module
-                if (PKG.parent / Path(*f"{target}.{alias.name}".split("."))).with_suffix(".py").exists():
-                    out.add(f"{target}.{alias.name}")
+            # `from . import data` names a module: an import of that module (the package is the one already
+            # being imported); `from .config import load_section` imports the package itself
+            submodules = [f"{target}.{alias.name}" for alias in node.names
+                          if (PKG.parent / Path(*f"{target}.{alias.name}".split("."))).with_suffix(".py").exists()
+                          or (PKG.parent / Path(*f"{target}.{alias.name}".split("."))).is_dir()]
+            out.update(submodules)
+            if len(submodules) < len(node.names):
+                out.add(target)
     return out
 
 
@@ -151,3 +154,44 @@ def test_only_answer_py_spells_the_labels_and_the_ratings():
     assert spelled_vocabulary('x: Literal["good", "bad"]', "config/judge.py") == [
         "config/judge.py:1 'good'", "config/judge.py:1 'bad'"]
     assert spelled_vocabulary('totals = {"up": 0}', "screen.py") == []
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Groups of modules that import one another, directly or round a loop (Tarjan's strongly connected
+    components), lazy imports included: each group is a circle."""
+    edges = {m: sorted(t for t in deps if t in graph and t != m) for m, deps in graph.items()}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                circles.append(sorted(group))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return circles
+
+
+def test_no_module_imports_itself_back_round_a_circle():
+    assert import_circles(GRAPH) == []
+    # the check sees a circle through a lazy import, as schema -> config -> config.generate -> schema was
+    injected = {**GRAPH, "synthpert.answer": GRAPH["synthpert.answer"] | {"synthpert.metric_table"}}
+    assert import_circles(injected) == [["synthpert.answer", "synthpert.metric_table"]]

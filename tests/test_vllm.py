@@ -161,7 +161,7 @@ def vllm_openai_server(tiny_model_dir, tiny_adapter_dir, tmp_path):
     import time
 
     from synthpert.backends import adapter_rank
-    from synthpert.vllm_backend import vllm_lora_rank
+    from synthpert.backends.vllm import vllm_lora_rank
 
     port = _free_port()
     cmd = documented_server_command()

@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import Field
 
 from ..errors import SynthpertError
-from . import StrictModel
+from .base import StrictModel
 
 
 class ModelPrice(StrictModel):

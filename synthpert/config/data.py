@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from . import StrictModel
+from .base import StrictModel
 
 
 class SubsampleConfig(StrictModel):

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from . import StrictModel, format_validation_error, validate_config
+from .base import StrictModel, format_validation_error, validate_config
 from .client import ClientConfig
 
 

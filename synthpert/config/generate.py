@@ -7,7 +7,6 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from ..answer import GOOD, RATINGS, canonical_class
-from ..schema import JUDGE_RATINGS
 from .client import ClientConfig, SamplingConfig
 from .data import SubsampleConfig
 
@@ -95,7 +94,7 @@ class JudgeConfig(ClientConfig):
             raise ValueError(f"judge.rank_by={self.rank_by} applies to judge.kind=consistency only")
         if self.class_quota and self.kind != "consistency":
             raise ValueError("judge.class_quota applies to judge.kind=consistency only")
-        if self.kind == "rules" and JUDGE_RATINGS.index(self.threshold) < JUDGE_RATINGS.index(GOOD):
+        if self.kind == "rules" and RATINGS.index(self.threshold) < RATINGS.index(GOOD):
             raise ValueError(f"the rules judge rates at most 'good' (it checks form, not biology); threshold "
                              f"{self.threshold!r} would keep nothing. Use judge.threshold=good or an LLM judge")
         return self

@@ -8,7 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ..answer import canonical_class
 from ..tracking import TRACKERS, check_report_to
-from . import StrictModel
+from .base import StrictModel
 
 
 class RewardSettings(StrictModel):

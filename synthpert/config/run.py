@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from . import StrictModel
+from .base import StrictModel
 from .data import DataConfig
 from .evaluate import EvalConfig
 from .generate import JudgeConfig, TeacherConfig

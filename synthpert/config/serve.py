@@ -6,7 +6,7 @@ import re
 
 from pydantic import Field, field_validator, model_validator
 
-from . import StrictModel
+from .base import StrictModel
 from .evaluate import InferenceConfig
 
 

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from ..tracking import TRACKERS, check_report_to
-from . import StrictModel
+from .base import StrictModel
 
 
 class LoraSettings(StrictModel):

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .backends import Backend, Generation, adapter_rank, adapter_version, student_dirs
-from .config.evaluate import InferenceConfig
-from .errors import SynthpertError
-from .tokenizer import load_tokenizer, tokenizer_dir
+from .base import Backend, Generation, adapter_rank, adapter_version, student_dirs
+from ..config.evaluate import InferenceConfig
+from ..errors import SynthpertError
+from ..tokenizer import load_tokenizer, tokenizer_dir
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks
 
@@ -162,7 +162,7 @@ def merged_copy(model_dir: Path, adapter_dir: Path) -> Path:
     two engines from writing it at once). PEFT's merge: the same weights as base + adapter, to float precision."""
     from filelock import FileLock
 
-    from .models import models_cache_dir
+    from ..models import models_cache_dir
 
     out = models_cache_dir() / "merged" / f"{adapter_dir.name}-{adapter_version(adapter_dir)}"
     done = out / "config.json"

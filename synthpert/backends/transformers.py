@@ -4,10 +4,10 @@ a merged model, on CPU or GPU; answer blocks scored from one shared prefill, and
 from __future__ import annotations
 
 
-from .answer import reasoning_context
-from .backends import Backend, Generation, Query, answer_continuations, student_dirs
-from .config.evaluate import InferenceConfig
-from .tokenizer import load_tokenizer, tokenizer_dir
+from ..answer import reasoning_context
+from .base import Backend, Generation, Query, answer_continuations, student_dirs
+from ..config.evaluate import InferenceConfig
+from ..tokenizer import load_tokenizer, tokenizer_dir
 
 
 def _torch_device(spec: str) -> str:

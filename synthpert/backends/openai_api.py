@@ -1,11 +1,11 @@
 """The OpenAI-compatible backend: evaluation requests through the shared ChatEngine (cache, retries, cost
-accounting), class probabilities as vote shares. A module of its own, as vllm_backend.py is."""
+accounting), class probabilities as vote shares. A module of its own, as vllm.py is."""
 
 from __future__ import annotations
 
-from .backends import Backend, Generation
-from .config.evaluate import InferenceConfig
-from .errors import SynthpertError
+from .base import Backend, Generation
+from ..config.evaluate import InferenceConfig
+from ..errors import SynthpertError
 
 
 class OpenAIBackend(Backend):
@@ -31,7 +31,7 @@ class OpenAIBackend(Backend):
         self.last_stats: dict = {}
 
     def _generate(self, queries, n, max_new_tokens, temperature, top_p, seed):
-        from .client import ChatEngine, ChatRequest
+        from ..client import ChatEngine, ChatRequest
 
         sampling = {"temperature": temperature, "max_tokens": max_new_tokens, "seed": seed}
         if top_p != 1.0:

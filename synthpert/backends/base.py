@@ -1,11 +1,5 @@
-"""The model backends behind one interface (the base class and ``make_backend`` here; each backend in its
-own module). They take rendered prompts and return generations and answer log-probabilities.
-
-* ``transformers`` (transformers_backend.py): batched ``generate`` with left padding; a base model, base +
-  PEFT adapter, or a merged model. Works on CPU and GPU.
-* ``vllm`` (vllm_backend.py): ``vllm.LLM`` with the adapter as a ``LoRARequest``.
-* ``openai`` (openai_backend.py): any OpenAI-compatible endpoint (a frontier model, a remote vLLM server)
-  through the shared client engine (cache, retries, cost).
+"""The interface every model backend implements (``Backend``; ``make_backend`` in the package's __init__ picks
+one). They take rendered prompts and return generations and answer log-probabilities.
 
 Prompts are tokenised HERE, with the chat template stored beside the adapter (or the model), and the local
 backends receive token ids, so transformers and vLLM see byte-identical prompts.
@@ -19,12 +13,12 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .answer import LABELS, format_answer, reasoning_context
-from .config.evaluate import InferenceConfig
-from .errors import SynthpertError
-from .resources import hash_file_into, sha256_text
-from .runs import is_full_model, student_weight_files
-from .tokenizer import render_prompt_ids
+from ..answer import LABELS, format_answer, reasoning_context
+from ..config.evaluate import InferenceConfig
+from ..errors import SynthpertError
+from ..resources import hash_file_into, sha256_text
+from ..runs import is_full_model, student_weight_files
+from ..tokenizer import render_prompt_ids
 
 BACKENDS = ("transformers", "vllm", "openai")
 
@@ -84,7 +78,7 @@ def check_dir(path: str | None, what: str) -> Path:
 def model_folder(name: str | None) -> Path:
     """The folder of a local model: ``name`` as a folder, or a shipped model's short name (converted on first
     use, see models.py)."""
-    from .models import resolve_model
+    from ..models import resolve_model
 
     return check_dir(resolve_model(name), "model")
 
@@ -181,19 +175,3 @@ class Backend:
 
     def close(self) -> None:
         pass
-
-
-def make_backend(cfg: InferenceConfig) -> Backend:
-    if cfg.backend == "transformers":
-        from .transformers_backend import TransformersBackend
-
-        return TransformersBackend(cfg)
-    if cfg.backend == "vllm":
-        from .vllm_backend import VLLMBackend
-
-        return VLLMBackend(cfg)
-    if cfg.backend == "openai":
-        from .openai_backend import OpenAIBackend
-
-        return OpenAIBackend(cfg)
-    raise SynthpertError(f"unknown backend {cfg.backend!r}; choose one of {BACKENDS}")
