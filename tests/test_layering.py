@@ -24,7 +24,7 @@ STAGES = {
     "evaluate": {"evaluate", "evaluate_ray"},
     "publish": {"publish"},
     "report": {"report", "verdict"},
-    "serve": {"serve", "serve_http", "serve_stream"},
+    "serve": {"serve"},
     "predict": {"predict"},
     "screen": {"screen", "screen_de", "screen_synth"},  # a user's .h5ad screen to PerturbQA-format CSVs
 }

@@ -17,7 +17,7 @@ MAX_BODY = 20_000
 
 def test_body_limit_stops_reading_a_chunked_body_at_the_cap():
     """Unit level: the middleware raises after ~cap bytes, so a 30 MB stream is never read whole."""
-    from synthpert.serve_http import BodyLimit, BodyTooLarge
+    from synthpert.serve.http import BodyLimit, BodyTooLarge
 
     chunk = b"x" * 65536
     calls = {"n": 0}

@@ -137,7 +137,7 @@ def test_client_disconnect_stops_generation(server, name, predictor, monkeypatch
 
 
 def test_stream_deltas_keep_tags_and_characters_whole(tiny_model_dir):
-    from synthpert.serve_stream import _Deltas
+    from synthpert.serve.stream import _Deltas
     from synthpert.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tiny_model_dir)

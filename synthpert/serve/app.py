@@ -46,14 +46,14 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HTTPRequest
 
-from .cells import get_cell_line
-from .config.serve import ServeConfig, ServeSettings
-from .errors import SynthpertError, scrub
-from .inference import Triple, answer_record, load_student
-from .lookup import adapter_lookup, evidence_block
-from .schema import SYMBOL_PATTERN, Example
-from .serve_http import BodyLimit, BodyTooLarge, Envelope, Gate, JsonBody, error_response, too_large
-from .serve_stream import _sse, _token_stream, _whole_stream
+from ..cells import get_cell_line
+from ..config.serve import ServeConfig, ServeSettings
+from ..errors import SynthpertError, scrub
+from ..inference import Triple, answer_record, load_student
+from ..lookup import adapter_lookup, evidence_block
+from ..schema import SYMBOL_PATTERN, Example
+from .http import BodyLimit, BodyTooLarge, Envelope, Gate, JsonBody, error_response, too_large
+from .stream import _sse, _token_stream, _whole_stream
 
 log = logging.getLogger("synthpert.serve")
 
@@ -407,7 +407,7 @@ def create_app(predictor, settings: ServeSettings | None = None, evidence_stats=
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 
-from .answer import open_tag_suffix
-from .serve_http import _error_body, log, request_id_of
+from ..answer import open_tag_suffix
+from .http import _error_body, log, request_id_of
 
 # Event sources yield ("delta", text, [logprob entries] | None), then ("end", finish_reason, prompt, completion).
 

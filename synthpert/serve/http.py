@@ -15,7 +15,7 @@ from fastapi import HTTPException as FastAPIHTTPException
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 
-from .errors import scrub
+from ..errors import scrub
 
 log = logging.getLogger("synthpert.serve")
 
