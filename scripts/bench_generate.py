@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from synthpert.chat import ChatRequest  # noqa: E402
-from synthpert.client import ChatEngine  # noqa: E402
+from synthpert.chat.client import ChatEngine  # noqa: E402
 from synthpert.config.client import ClientConfig  # noqa: E402
 
 

@@ -34,7 +34,7 @@ from .errors import SynthpertError
 from .evidence import training_stats
 from .inference import Predictor, Triple
 from .lookup import LOOKUP_SEED, adapter_lookup, evidence_blocks
-from .progress import count_progress
+from .chat.progress import count_progress
 from .prompting import student_prompt_hash
 from .report import write_figures, write_report
 from .tracking import log_eval_metrics

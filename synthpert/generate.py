@@ -25,7 +25,7 @@ import pandas as pd
 
 from .answer import LABELS, LENIENT, OUTPUT_PROBLEMS, STRICT, format_answer, output_problems, parse_answer
 from .chat import ChatRequest, ChatResult, choice_logprobs, sequence_confidence
-from .client import engine_for
+from .chat.client import engine_for
 from .config.generate import TeacherConfig
 from .data import load_examples
 from .evidence import dataset_training_stats, evidence_text

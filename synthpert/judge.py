@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .answer import LABELS, canonical_class, strip_reasoning
 from .chat import ChatRequest
-from .client import engine_for
+from .chat.client import engine_for
 from .config.generate import JudgeConfig
 from .errors import SynthpertError
 from .offline import RULES_JUDGE_MODEL, rules_backend

@@ -186,7 +186,7 @@ def test_a_kill_inside_the_submission_is_recovered_without_a_second_batch(datase
     creates it from the file already uploaded) instead of submitting the requests again."""
     from openai.resources.batches import Batches
 
-    from synthpert.cache import ResponseCache
+    from synthpert.chat.cache import ResponseCache
 
     def die(*a, **kw):
         raise KeyboardInterrupt  # what a kill looks like from here: nothing after this line runs
@@ -238,7 +238,7 @@ def test_export_then_import_through_an_external_runner_sends_nothing(dataset, se
 
 
 def test_input_files_split_by_bytes_and_by_model_and_an_oversized_request_is_refused():
-    from synthpert.batch_files import chunk_calls
+    from synthpert.chat.batch_files import chunk_calls
     from synthpert.chat import Call, ChatRequest
 
     def call(i: int, model: str, chars: int = 100) -> Call:

@@ -13,9 +13,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fake_openai_server import FakeOpenAIServer  # noqa: E402
 
 from synthpert.chat import ChatRequest  # noqa: E402
-from synthpert.client import ChatEngine  # noqa: E402
+from synthpert.chat.client import ChatEngine  # noqa: E402
 from synthpert.config.client import ClientConfig  # noqa: E402
-from synthpert.ratelimit import RateLimiter  # noqa: E402
+from synthpert.chat.ratelimit import RateLimiter  # noqa: E402
 from synthpert.errors import SynthpertError  # noqa: E402
 
 KEY_ENV = "SYNTHPERT_TEST_API_KEY"

@@ -34,8 +34,7 @@ ALLOWED_BETWEEN_STAGES = {("evaluate", "report")}
 # evidence. None of them may import a stage, the pipeline or the CLI.
 SHARED = {
     "__init__", "errors", "resources", "answer", "schema", "config", "cells", "prompting", "runs", "tokenizer",
-    "chat", "cache", "accounting", "budget", "ratelimit", "progress", "client", "request_pool", "batch",
-    "batch_files", "data", "fetch", "evidence", "lookup", "metrics",
+    "chat", "data", "fetch", "evidence", "lookup", "metrics",
     "baselines", "decision", "offline", "inference", "backends", "tracking", "checkpoints", "models", "ceiling",
     "run_folder", "model_check", "sampling", "precision", "metric_table",
 }

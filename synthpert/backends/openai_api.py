@@ -31,7 +31,7 @@ class OpenAIBackend(Backend):
         self.last_stats: dict = {}
 
     def _generate(self, queries, n, max_new_tokens, temperature, top_p, seed):
-        from ..client import ChatEngine, ChatRequest
+        from ..chat.client import ChatEngine, ChatRequest
 
         sampling = {"temperature": temperature, "max_tokens": max_new_tokens, "seed": seed}
         if top_p != 1.0:

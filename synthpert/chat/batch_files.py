@@ -9,8 +9,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .chat import Call, shape_problem
-from .errors import SynthpertError
+from .requests import Call, shape_problem
+from ..errors import SynthpertError
 from .ratelimit import RETRYABLE_STATUS
 
 log = logging.getLogger("synthpert.batch")

@@ -31,10 +31,10 @@ from pathlib import Path
 from .accounting import completion_cap, cost_of, estimate_prompt_tokens, price_for, usage_from_raw
 from .batch_files import ENDPOINT, chunk_calls, parse_batch_output
 from .cache import ResponseCache
-from .chat import Call, RunStats
-from .config.client import ClientConfig
-from .errors import SynthpertError, scrub
-from .runs import write_json_atomic
+from .requests import Call, RunStats
+from ..config.client import ClientConfig
+from ..errors import SynthpertError, scrub
+from ..runs import write_json_atomic
 
 log = logging.getLogger("synthpert.batch")
 

@@ -14,7 +14,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from .errors import SynthpertError
+from ..errors import SynthpertError
 
 # SQLITE_PERM, SQLITE_READONLY, SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN (primary codes): the folder is
 # read-only or full; the file itself may be fine

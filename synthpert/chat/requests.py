@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .schema import Usage
+from ..schema import Usage
 
 
 @dataclass

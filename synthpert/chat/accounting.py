@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import math
 
-from .config.client import ModelPrice
-from .schema import Usage
+from ..config.client import ModelPrice
+from ..schema import Usage
 
 
 def price_for(prices: dict[str, ModelPrice], model: str) -> ModelPrice | None:

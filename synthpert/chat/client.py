@@ -39,12 +39,12 @@ from .batch import BatchRunner
 from .budget import CostPlan
 from .batch_files import chunk_calls, import_batch_file, write_batch_file
 from .cache import ResponseCache, cache_key
-from .chat import Call, ChatRequest, ChatResult, EngineRun, RunStats
-from .config.client import ClientConfig
-from .errors import SynthpertError
+from .requests import Call, ChatRequest, ChatResult, EngineRun, RunStats
+from ..config.client import ClientConfig
+from ..errors import SynthpertError
 from .progress import CostProgress
 from .request_pool import RequestPool
-from .schema import Usage
+from ..schema import Usage
 
 log = logging.getLogger("synthpert.client")
 

@@ -16,9 +16,9 @@ from collections.abc import Callable
 from .accounting import completion_cap, cost_of, estimate_prompt_tokens, usage_from_raw
 from .budget import CostPlan
 from .cache import ResponseCache
-from .chat import Call, ChatRequest, RunStats, local_response, shape_problem
-from .config.client import ClientConfig
-from .errors import SynthpertError, scrub
+from .requests import Call, ChatRequest, RunStats, local_response, shape_problem
+from ..config.client import ClientConfig
+from ..errors import SynthpertError, scrub
 from .progress import CostProgress
 from .ratelimit import HINTS, RETRYABLE_STATUS, RateLimiter, Retryable, retry_after, server_message
 

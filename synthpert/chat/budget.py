@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 from .accounting import completion_cap, cost_of, estimate_prompt_tokens, price_for
-from .chat import Call
-from .config.client import ClientConfig, ModelPrice
-from .errors import SynthpertError
-from .schema import Usage
+from .requests import Call
+from ..config.client import ClientConfig, ModelPrice
+from ..errors import SynthpertError
+from ..schema import Usage
 
 
 class CostPlan:
