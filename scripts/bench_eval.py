@@ -153,7 +153,7 @@ def _labels(text: str) -> dict:
 
 def _k562_pairs(run: Path, n: int):
     """The first n test pairs of the run's first evaluation set, with the evidence its adapter was trained on."""
-    from synthpert.data import load_built
+    from synthpert.dataset import load_built
     from synthpert.evidence import dataset_training_stats, evidence_text
     from synthpert.runs import adapter_manifest
 

@@ -228,7 +228,7 @@ def measured(cmd: list[str], log: Path, env: dict | None = None) -> tuple[int, f
 
 
 def _test_and_probs(run: Path, eval_set: str, result: str):
-    from synthpert.data import load_built
+    from synthpert.dataset import load_built
     from synthpert.evaluate import read_predictions
 
     test = load_built(run / "eval" / eval_set / "data", "test").to_pandas()
@@ -240,7 +240,7 @@ def _test_and_probs(run: Path, eval_set: str, result: str):
 def _prior_row(run: Path, eval_set: str, result: str, adapter: str) -> dict:
     """The prior-shift rule on the same predictions (the run itself applied the tuned rule)."""
     from synthpert.baselines import score_predictions
-    from synthpert.data import built_config
+    from synthpert.dataset import built_config
     from synthpert.decision import decision_for
     from synthpert.evidence import training_stats
 

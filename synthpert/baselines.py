@@ -27,10 +27,7 @@ import numpy as np
 import pandas as pd
 
 from .answer import LABELS
-from .ceiling import noise_ceilings
-from .config.data import DataConfig
-from .data import build_frames, load_lines, setting_name
-from .evidence import TrainingStats, training_stats
+from .evidence import TrainingStats
 
 GENE_PRIOR_PSEUDOCOUNT = 5.0
 CROSS_DE_PSEUDOCOUNT = 20.0  # pseudo-genes pulling a perturbation's DE share towards the global DE rate
@@ -230,22 +227,3 @@ def baseline_report(stats: TrainingStats, test: pd.DataFrame, train_cells: list[
         else:
             out[name] = score_predictions(test, res["pred"], res["probs"], n_bootstrap, seed)
     return out
-
-
-def run_baselines(cfg: DataConfig, n_bootstrap: int = 0) -> dict:
-    """`synthpert baselines`: every baseline on the test split of ``cfg``, overall and per seen/unseen stratum."""
-    lines = load_lines(cfg)
-    test = build_frames(cfg.model_copy(update={"val_fraction": 0.0}), lines)["test"]
-    stats = training_stats(cfg, lines)
-    rows = baseline_report(stats, test, list(cfg.train_cells), n_bootstrap=n_bootstrap, seed=cfg.seed)
-    flat = {}
-    for name, res in rows.items():
-        if "unavailable" in res:
-            flat[name] = res
-            continue
-        flat[name] = {**res["overall"], "strata": {k: v for k, v in res.items() if k != "overall"}}
-    seen = int((test["pert_seen_in_train_lines"].map(len) > 0).sum())
-    return {"setting": setting_name(cfg), "train_cells": list(cfg.train_cells), "test_cells": list(cfg.test_cells),
-            "protocol": cfg.protocol, "n": len(test), "n_pert_seen_in_train_lines": seen,
-            "class_counts": test["label"].value_counts().to_dict(), "baselines": flat,
-            **({"noise_ceiling": c} if (c := noise_ceilings(cfg)) else {})}

@@ -17,7 +17,7 @@ def screen_json_name(key: str) -> str:
 
 def noise_ceilings(cfg: DataConfig) -> dict[str, dict]:
     """{test line: its split-half ceiling} for the test lines whose folder holds one (none for PerturbQA's)."""
-    from .data import line_csvs
+    from .dataset import line_csvs
 
     out = {}
     for key in cfg.test_cells:

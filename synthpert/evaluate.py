@@ -28,7 +28,7 @@ from .baselines import baseline_report, score_predictions
 from .ceiling import noise_ceilings
 from .config.data import SubsampleConfig
 from .config.evaluate import EvalConfig, InferenceConfig
-from .data import built_config, load_examples
+from .dataset import built_config, load_examples
 from .decision import Decision, decision_for
 from .errors import SynthpertError
 from .evidence import training_stats
@@ -400,7 +400,7 @@ def fit_decision(cfg: EvalConfig, out_dir: str | Path, objective: str = "macro_f
         raise SynthpertError("a decision rule is fitted for an adapter: pass --adapter DIR")
     if cfg.split != "validation":
         raise SynthpertError(f"decision rules are fitted on the validation split, not {cfg.split!r}")
-    from .data import load_built
+    from .dataset import load_built
 
     if not cfg.dataset or len(load_built(Path(cfg.dataset), "validation")) == 0:
         raise SynthpertError(f"the dataset {cfg.dataset} has no validation rows to fit a decision rule on (built with "

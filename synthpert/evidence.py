@@ -31,7 +31,7 @@ import pandas as pd
 
 from .answer import LABELS
 from .config.data import DataConfig
-from .data import built_config, line_csvs, source_for_lines, training_rows
+from .dataset import built_config, line_csvs, source_for_lines, training_rows
 from .schema import EXAMPLE_FOLDS, perturbation_fold
 
 _IDX = {lab: i for i, lab in enumerate(LABELS)}

@@ -27,7 +27,7 @@ from .answer import LABELS, LENIENT, OUTPUT_PROBLEMS, STRICT, format_answer, out
 from .chat import ChatRequest, ChatResult, choice_logprobs, sequence_confidence
 from .chat.client import engine_for
 from .config.generate import TeacherConfig
-from .data import load_examples
+from .dataset import load_examples
 from .evidence import dataset_training_stats, evidence_text
 from .offline import EVIDENCE_TEMPLATE, OFFLINE_EVIDENCE_MODEL, evidence_backend
 from .runs import write_json_atomic, write_jsonl_atomic

@@ -97,13 +97,14 @@ class Pipeline:
 
     # -- stages -----------------------------------------------------------------------------------------
     def _data(self, folder: Path, resume: bool) -> dict:
-        from .data import build, load_lines
+        from .dataset import load_lines
+        from .data import build
 
         _, summary = build(self.cfg.data, folder / "train", load_lines(self.cfg.data))
         return summary
 
     def _base_model(self, folder: Path, resume: bool) -> dict:
-        from .data import source_for_lines
+        from .dataset import source_for_lines
         from .tiny import build_tiny_model
 
         # the tiny model's vocabulary reads PerturbQA's gene names when they are at hand, else a built-in list
@@ -166,7 +167,8 @@ class Pipeline:
     def _eval(self, folder: Path, resume: bool) -> dict:
         """Each eval set is built with the run's training lines, then scored (predictions resume)."""
         from .backends import make_backend
-        from .data import build, load_lines
+        from .dataset import load_lines
+        from .data import build
         from .evaluate import fit_decision, run_eval
 
         out = {}
@@ -280,7 +282,8 @@ class Pipeline:
     def dry_run(self, until: str | None = None) -> dict:
         """Build the data (free), then say per stage what a real run would do: requests and cost at the
         configured prices, training examples and steps, evaluation pairs. Sends nothing, loads no model."""
-        from .data import build_frames, load_examples, load_lines
+        from .dataset import load_examples, load_lines
+        from .data import build_frames
         from .generate import run_generate
         from .judge import estimate_judge
 
@@ -389,7 +392,7 @@ class Pipeline:
 
     def _csv_fingerprint(self, names: set[str]) -> dict:
         """Size and mtime of the CSVs a stage reads (cheap; a changed file reruns the stage)."""
-        from .data import line_csvs, source_for_lines
+        from .dataset import line_csvs, source_for_lines
 
         src = source_for_lines(self.cfg.data, names)
         out = {}

@@ -86,7 +86,7 @@ def predict_baseline(dataset: str | Path, triples: pd.DataFrame, name: str, seed
     """Model-free answers for one's own triples from a built dataset's training rows (the report's baselines,
     applied to new triples): records shaped like the model's, so the same CSV and JSON come out."""
     from .baselines import baseline_predictions
-    from .data import built_config
+    from .dataset import built_config
 
     if name not in BASELINES:
         raise SynthpertError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")

@@ -24,7 +24,7 @@ from . import tracking
 from .checkpoints import graceful_stop_callback, last_complete_checkpoint, quiet_progress, restore_signal
 from .config import dump_config
 from .config.rl import RLConfig
-from .data import load_built
+from .dataset import load_built
 from .decision import class_shares
 from .errors import SynthpertError
 from .evidence import dataset_training_stats

@@ -74,7 +74,7 @@ def register_cell_lines_for(adapter: str | None = None, dataset: str | None = No
     """Make known the own cell lines an adapter was trained on (its manifest) and those of the dataset that
     gives the evidence (its data_config.json), so predict and serve accept them."""
     from .cells import register_cell_line
-    from .data import built_config
+    from .dataset import built_config
 
     for key, line in (adapter_manifest(adapter).get("extra_cell_lines") or {}).items():
         register_cell_line(key, line.get("name"), line.get("description") or "", line.get("source") or "")
@@ -108,7 +108,7 @@ def resolve_model_paths(run: str | Path | None, model: str | None, adapter: str 
 def own_cell_lines(dataset: str | None) -> dict:
     """The user's own cell lines of a built dataset, for the adapter's manifest: each with its prompt text and
     the folder its CSVs (and so its evidence) come from. {} without a dataset or own lines."""
-    from .data import built_config
+    from .dataset import built_config
 
     if not dataset or not any((f / "data_config.json").exists() for f in (Path(dataset), Path(dataset).parent)):
         return {}

@@ -318,7 +318,7 @@ def _write_csvs(out: Path, key: str, perts, gene_names, calls: Calls, exclude, t
     """Both CSVs, written a block of perturbations at a time (a genome-wide screen has ~80M pairs)."""
     import pandas as pd
 
-    from .data import csv_name
+    from .dataset import csv_name
 
     genes = np.asarray(gene_names, dtype=object)
     totals = {"pairs": 0, "de": 0, "up": 0, "down": 0}

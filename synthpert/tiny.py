@@ -73,7 +73,7 @@ def _gene_symbols(source: str | Path | None, limit: int = 4000, seed: int = 0) -
     folder = Path(source).expanduser() if source else None
     # Only the cell lines' own files: other CSVs that happen to sit in the folder (PerturbQA's k562_set-*)
     # would change the corpus, and so the tokenizer, of a model that must be the same everywhere.
-    from .data import PERTURBQA_LINES, csv_name
+    from .dataset import PERTURBQA_LINES, csv_name
 
     files = [folder / csv_name(k, "de") for k in PERTURBQA_LINES] if folder and folder.is_dir() else []
     files = [f for f in files if f.exists()]
@@ -100,7 +100,7 @@ def _gene_symbols(source: str | Path | None, limit: int = 4000, seed: int = 0) -
 
 def _has_csvs(source: str | Path | None) -> bool:
     """Whether ``source`` holds a cell line's CSVs, i.e. whether _gene_symbols reads the data or falls back."""
-    from .data import PERTURBQA_LINES, csv_name
+    from .dataset import PERTURBQA_LINES, csv_name
 
     folder = Path(source).expanduser() if source else None
     return bool(folder and any((folder / csv_name(k, "de")).exists() for k in PERTURBQA_LINES))

@@ -18,7 +18,7 @@ import pandas as pd
 
 from .answer import format_answer
 from .config.train import TrainConfig
-from .data import load_built
+from .dataset import load_built
 from .errors import SynthpertError
 from .evidence import dataset_training_stats
 from .lookup import evidence_blocks

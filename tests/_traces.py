@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from synthpert.data import load_built
+from synthpert.dataset import load_built
 from synthpert.schema import JudgeVerdict, TraceRecord, write_jsonl
 
 REASONING = ("Knocking down {pert} in {cell} cells changes the programmes it controls. "

@@ -313,7 +313,7 @@ def _csvs(pairs) -> tuple[str, str]:
 
 
 def _load_line(folder: Path, de: str | bytes, d: str | bytes):
-    from synthpert.data import load_cell_line
+    from synthpert.dataset import load_cell_line
 
     folder.mkdir(parents=True, exist_ok=True)
     for name, text in (("k562-de.csv", de), ("k562-dir.csv", d)):

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 from synthpert.answer import LABELS
-from synthpert.baselines import baseline_predictions, baseline_report, crosscell_probabilities, run_baselines
+from synthpert.baselines import baseline_predictions, baseline_report, crosscell_probabilities
+from synthpert.data import run_baselines
 from synthpert.config.data import DataConfig
-from synthpert.data import build_frames, load_lines
+from synthpert.dataset import load_lines
+from synthpert.data import build_frames
 from synthpert.evidence import TrainingStats, evidence_text
 
 ALL = ["k562", "rpe1", "hepg2", "jurkat"]

@@ -33,7 +33,7 @@ def _message(fn) -> str:
 
 
 def test_baselines_table_shows_bootstrap_intervals(perturbqa_dir, capsys):
-    from synthpert.baselines import run_baselines
+    from synthpert.data import run_baselines
     from synthpert.cli.data import baseline_table
 
     result = run_baselines(DataConfig(source=str(perturbqa_dir), train_cells=["hepg2"], test_cells=["hepg2"]),

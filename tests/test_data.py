@@ -6,7 +6,8 @@ import pytest
 
 from synthpert.answer import DOWN, NOT_DE, UP
 from synthpert.config.data import DataConfig, SubsampleConfig
-from synthpert.data import build, build_frames, load_cell_line, load_lines, training_rows
+from synthpert.dataset import load_cell_line, load_lines, training_rows
+from synthpert.data import build, build_frames
 from synthpert.fetch import fetch
 from synthpert.errors import SynthpertError
 
@@ -187,7 +188,7 @@ def test_build_saves_datasetdict_and_summary(tmp_path, lines, cfg):
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["splits"]["test"]["by_class"] == {UP: 2530, DOWN: 589, NOT_DE: 20093}
     assert saved["splits"]["train"]["n"] == 60
-    from synthpert.data import load_built
+    from synthpert.dataset import load_built
     back = load_built(tmp_path, "test")
     assert back[0]["id"].startswith("k562:") and isinstance(back[0]["pert_seen_in_train_lines"], list)
 
@@ -285,7 +286,7 @@ def test_built_config_restores_a_users_own_cell_line(tmp_path):
     """Later stages (generate, train, eval, serve) read the dataset folder, not the user's YAML: the cell
     line declared at build time must resolve there too."""
     from synthpert import cells
-    from synthpert.data import built_config
+    from synthpert.dataset import built_config
     from synthpert.evidence import dataset_training_stats
 
     _write_line(tmp_path, "myscreen2", GOOD_DE, GOOD_DIR)
@@ -304,7 +305,7 @@ def test_built_config_restores_a_users_own_cell_line(tmp_path):
 
 def test_val_fraction_zero_round_trips_through_save_and_load(tmp_path, lines, cfg):
     """The published recipe keeps no validation split: the empty split saves and loads back, typed."""
-    from synthpert.data import load_built
+    from synthpert.dataset import load_built
 
     dd, summary = build(cfg(val_fraction=0.0, train_subsample=SubsampleConfig(n=40)), tmp_path, lines)
     assert summary["splits"]["validation"]["n"] == 0
@@ -317,7 +318,7 @@ def test_val_fraction_zero_round_trips_through_save_and_load(tmp_path, lines, cf
 def test_empty_test_split_round_trips_and_empty_train_split_fails_at_build(tmp_path):
     """A user's screen with no test rows builds (the test split is empty and loads back); one whose
     training rows are all filtered away fails at build time, naming why, not in a later stage."""
-    from synthpert.data import load_built
+    from synthpert.dataset import load_built
 
     train_rows = ([r for r in GOOD_DE if r[3] == "train"], [r for r in GOOD_DIR if r[3] == "train"])
     _write_line(tmp_path, "trainonly", *train_rows)
@@ -336,7 +337,7 @@ def test_empty_test_split_round_trips_and_empty_train_split_fails_at_build(tmp_p
 
 
 def test_an_unreadable_built_dataset_is_a_clear_error(tmp_path, lines, cfg):
-    from synthpert.data import load_built
+    from synthpert.dataset import load_built
 
     build(cfg(train_subsample=SubsampleConfig(n=10)), tmp_path, lines)
     for f in (tmp_path / "dataset" / "train").glob("*.arrow"):

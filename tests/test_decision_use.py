@@ -96,7 +96,7 @@ def test_decide_then_eval_and_serve_apply_the_same_rule(tiny_model_dir, tiny_ada
 
 def test_prior_rule_from_the_trained_class_shares(tiny_model_dir, tiny_adapter_dir, tiny_built_dataset, tmp_path):
     from synthpert.config.evaluate import EvalConfig
-    from synthpert.data import built_config
+    from synthpert.dataset import built_config
     from synthpert.decision import prior_shift
     from synthpert.evaluate import read_predictions, run_eval
     from synthpert.evidence import training_stats

@@ -97,7 +97,7 @@ def _strip_times(m):
 def test_metrics_json_equals_recomputation_from_predictions(tiny_built_dataset, tmp_path, monkeypatch):
     from synthpert.baselines import baseline_report, score_predictions
     from synthpert.config.data import SubsampleConfig
-    from synthpert.data import load_built
+    from synthpert.dataset import load_built
     from synthpert.sampling import subsample
     from synthpert.evaluate import run_eval
     from synthpert.evidence import dataset_training_stats

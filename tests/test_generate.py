@@ -267,7 +267,7 @@ def test_worked_examples_are_earlier_turns_in_the_runs_own_format(dataset):
     from synthpert.answer import parse_answer
     from synthpert.generate import _messages
     from synthpert.judge import _judge_messages, parse_verdict
-    from synthpert.data import load_built
+    from synthpert.dataset import load_built
 
     row = next(load_built(dataset, "train").to_pandas().itertuples(index=False))
     plain = TeacherConfig(prompt="teacher_rationalise_short.j2", system_prompt="teacher_system_short.txt")

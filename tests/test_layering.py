@@ -15,6 +15,7 @@ PKG = Path(__file__).resolve().parents[1] / "synthpert"
 # Each stage is a group of modules that may import one another; no group imports another group, with one
 # exception: evaluation writes its report.
 STAGES = {
+    "data": {"data"},  # builds datasets; dataset.py (shared) reads PerturbQA and built datasets for every stage
     "generate": {"generate"},
     "judge": {"judge"},
     "train": {"train", "train_data", "loss_mask"},
@@ -34,7 +35,7 @@ ALLOWED_BETWEEN_STAGES = {("evaluate", "report")}
 # evidence. None of them may import a stage, the pipeline or the CLI.
 SHARED = {
     "__init__", "errors", "resources", "answer", "schema", "config", "cells", "prompting", "runs", "tokenizer",
-    "chat", "data", "fetch", "evidence", "lookup", "metrics",
+    "chat", "dataset", "fetch", "evidence", "lookup", "metrics",
     "baselines", "decision", "offline", "inference", "backends", "tracking", "checkpoints", "models", "ceiling",
     "run_folder", "model_check", "sampling", "precision", "metric_table",
 }

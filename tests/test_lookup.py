@@ -11,7 +11,8 @@ import pytest
 
 from synthpert.answer import LABELS
 from synthpert.config.data import DataConfig
-from synthpert.data import build_frames, load_lines
+from synthpert.dataset import load_lines
+from synthpert.data import build_frames
 from synthpert.evidence import TrainingStats
 from synthpert.lookup import evidence_blocks, lookup_line, lookup_probabilities
 from synthpert.schema import perturbation_fold

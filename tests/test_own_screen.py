@@ -67,7 +67,7 @@ def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 
 def test_a_missing_screen_folder_names_the_screen_not_data_fetch(tmp_path):
     from synthpert.config.data import DataConfig
-    from synthpert.data import load_lines
+    from synthpert.dataset import load_lines
 
     cfg = DataConfig(train_cells=["myscreen"], test_cells=["myscreen"], extra_cell_lines={
         "myscreen": {"description": "mine", "source": str(tmp_path / "typo")}})
@@ -93,7 +93,8 @@ def test_a_merge_file_can_replace_the_eval_sets(tmp_path):
 def test_own_screen_data_builds_without_perturbqa(tmp_path, monkeypatch):
     from synthpert.config import load_section
     from synthpert.config.run import RunConfig
-    from synthpert.data import build, load_lines
+    from synthpert.dataset import load_lines
+    from synthpert.data import build
 
     monkeypatch.setenv("SYNTHPERT_DATA", str(tmp_path / "no_perturbqa_here"))
     write_screen(tmp_path / "screen")

@@ -136,7 +136,7 @@ def test_run_fits_the_tuned_decision_on_validation_rows_before_eval(tmp_path, pe
     assert decision["fitted_on"]["n"] == 30
     fitted = [json.loads(line)["id"] for line in (run_dir / "eval" / "decision_fit" / "predictions.jsonl").open()]
     assert fitted and all(i.split(":")[0] in cfg["data"]["train_cells"] for i in fitted)  # training lines
-    from synthpert.data import load_built
+    from synthpert.dataset import load_built
 
     test_ids = set(load_built(run_dir / "eval" / "k562_test" / "data", "test")["id"])
     assert not test_ids & set(fitted)  # fitted on validation rows only, never on a test pair

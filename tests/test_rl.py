@@ -124,7 +124,7 @@ def _fake_sft_run(folder, base):
 
 def test_missing_or_foreign_sft_adapter_and_held_out_prompts_are_refused(tiny_model_dir, tiny_built_dataset,
                                                                           tmp_path):
-    from synthpert.data import load_built
+    from synthpert.dataset import load_built
     from synthpert.rl import check_vllm, prompt_rows, sft_run
 
     with pytest.raises(SynthpertError, match="not found"):
@@ -169,7 +169,7 @@ def test_8b_vllm_config_loads_and_needs_a_gpu(tiny_model_dir, tiny_built_dataset
 
 
 def test_prompts_are_the_students_with_the_adapters_evidence_and_task(tiny_built_dataset):
-    from synthpert.data import load_built
+    from synthpert.dataset import load_built
     from synthpert.evidence import dataset_training_stats, evidence_text
     from synthpert.prompting import student_messages
     from synthpert.rl import build_prompts
@@ -252,7 +252,7 @@ def test_toy_where_one_class_is_always_right_raises_mean_correctness(answer_adap
                                                                      tmp_path):
     """Every prompt's answer is "downregulated": the policy must learn to say it (the SFT adapter, trained
     on balanced classes, says it about a third of the time)."""
-    from synthpert.data import load_built
+    from synthpert.dataset import load_built
     from synthpert.rl import run_rl
 
     rows = [r for r in load_built(tiny_built_dataset, "train").to_list() if r["label"] == DOWN]

@@ -179,9 +179,10 @@ def test_split_half_ceiling_is_high_on_strong_effects_lower_on_weak_ones_and_gro
 def test_the_output_is_a_cell_line_that_builds_and_scores_baselines_with_no_perturbqa_folder(
         called, tmp_path, monkeypatch):
     """A user with only their own screen: data.source is the from-anndata folder, nothing else exists."""
-    from synthpert.baselines import run_baselines
+    from synthpert.data import run_baselines
     from synthpert.config.data import DataConfig
-    from synthpert.data import build, load_built
+    from synthpert.dataset import load_built
+    from synthpert.data import build
 
     out, summary, _ = called
     monkeypatch.setenv("SYNTHPERT_DATA", str(tmp_path / "no-perturbqa-here"))

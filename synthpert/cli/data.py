@@ -33,7 +33,7 @@ def _data_config(config: Path | None, overrides: list[str], **flags) -> DataConf
     """Data settings from an optional YAML (its `data:` section or the whole file) + CLI flags + overrides.
     Cell lists given as flags are checked once the config's own cell lines are registered."""
     from ..cells import parse_cell_list
-    from ..data import register_extra_lines
+    from ..dataset import register_extra_lines
 
     lists = {k: flags.pop(k) for k in ("train_cells", "test_cells") if flags.get(k) is not None}
     raw_lists = {k: [c.strip().lower() for c in v.split(",") if c.strip()] for k, v in lists.items()}
@@ -82,7 +82,7 @@ def baselines_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Score the model-free baselines (majority, per-gene prior, cross-cell transfer) on a test split."""
-    from ..baselines import run_baselines
+    from ..data import run_baselines
 
     cfg = _data_config(config, [], source=source, train_cells=train_cells, test_cells=test_cells,
                        protocol=protocol)
