@@ -31,7 +31,7 @@ class Metric:
 
 
 METRICS: tuple[Metric, ...] = (
-    Metric("accuracy", "accuracy", "acc", objective=True, card=True),
+    Metric("accuracy", "accuracy", "acc", objective=True),
     Metric("macro_f1", "macro-F1", "macroF1", headline=True, objective=True, glance="macro-F1"),
     Metric("balanced_accuracy", "balanced acc.", "balAcc", headline=True, objective=True),
     Metric(PER_CLASS, "F1", "F1", interval=False),

@@ -102,7 +102,7 @@ class TransformersBackend(Backend):
                 kwargs.update(return_dict_in_generate=True, output_logits=True)
             torch.manual_seed(seed + start)  # sampling is reproducible for a given batch composition
             with torch.inference_mode():
-                gen = self.model.generate(**self._generate_inputs(ids, mask, n_gen, kwargs), **kwargs)
+                gen = self.model.generate(**{**kwargs, **self._generate_inputs(ids, mask, n_gen)})
             logits = None
             if logprobs is not None:
                 logits, gen = torch.stack(gen.logits, 1), gen.sequences
@@ -116,7 +116,7 @@ class TransformersBackend(Backend):
                 out.append(samples)
         return out
 
-    def _generate_inputs(self, ids, mask, n: int, kwargs: dict) -> dict:
+    def _generate_inputs(self, ids, mask, n: int) -> dict:
         """``generate``'s inputs for n samples per prompt. generate() repeats each prompt n times and prefills
         every copy; here each prompt is prefilled once (all but its last token) and the cache is repeated
         instead: the same rows, the same random draws, half the prompt compute of a local teacher's two
@@ -128,8 +128,8 @@ class TransformersBackend(Backend):
                           position_ids=pos[:, :-1].to(self.device), use_cache=True, logits_to_keep=1)
         cache = head.past_key_values
         cache.batch_repeat_interleave(n)
-        kwargs["num_return_sequences"] = 1
-        return {"input_ids": ids.repeat_interleave(n, 0).to(self.device),
+        return {"num_return_sequences": 1,  # the rows are already repeated
+                "input_ids": ids.repeat_interleave(n, 0).to(self.device),
                 "attention_mask": mask.repeat_interleave(n, 0).to(self.device), "past_key_values": cache}
 
     def stream(self, query: Query, emit, cancel, max_new_tokens: int | None = None, temperature: float | None = None,
